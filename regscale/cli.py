@@ -1,0 +1,73 @@
+"""`regscale VERB ...`: parses arguments and calls one function per verb.
+
+Heavy imports (torch, mlflow, submitit) happen inside the verbs, so `regscale config` is instant.
+A `ConfigError` (or any `UserError`) is printed as one line and exits 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from regscale.config import config_hash, load_config, to_yaml
+from regscale.errors import UserError
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved configuration and its hash."""
+    cfg = load_config(args.recipe, args.overrides)
+    sys.stdout.write(to_yaml(cfg))
+    print(f"# config hash: {config_hash(cfg)}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit training (+ chained evaluation); with --dry-run, print the plan only."""
+    from regscale.config import check_paths_for_training
+    from regscale.launch.plan import format_plan, make_plan
+
+    cfg = load_config(args.recipe, args.overrides)
+    check_paths_for_training(cfg)
+    if args.dry_run:
+        print(format_plan(cfg, make_plan(cfg)))
+        print(f"config hash    {config_hash(cfg)}")
+        print("dry run: nothing submitted")
+        return 0
+    raise UserError("submitting jobs arrives with the training and SLURM issues; use --dry-run for now")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="regscale",
+        description="Train SiT diffusion transformers with REG at cluster scale.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def recipe_verb(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help)
+        p.add_argument("recipe", metavar="RECIPE", help="recipe YAML (see recipes/)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.lr=2e-4")
+        p.set_defaults(fn=fn)
+        return p
+
+    recipe_verb("config", cmd_config, "print the resolved configuration and its hash")
+    submit = recipe_verb("submit", cmd_submit, "submit a training run (SLURM or local) with its evaluation")
+    submit.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as err:
+        print(f"regscale {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"regscale {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

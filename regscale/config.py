@@ -1,0 +1,502 @@
+"""The typed run configuration: defaults <- recipe YAML <- dotlist overrides, validated, hashed.
+
+Every section is a dataclass; OmegaConf merges a recipe and `key=value` overrides onto it and
+checks keys and types. `validate` then refuses impossible values with the reason. All errors
+raise `ConfigError`, whose message names the offending key or file; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from regscale.errors import UserError
+
+
+class ConfigError(UserError):
+    """A recipe, override or value that cannot be run; the message says which and why."""
+
+
+# Published SiT sizes: depth, hidden width, heads, patch. Encoder depth (1-based block whose output
+# feeds the REPA projector) follows REG_SPEC: 4 for S and B, 8 for L and XL.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2, encoder_depth=4),
+    "B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, encoder_depth=4),
+    "L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2, encoder_depth=8),
+    "XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=8),
+}
+
+REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "az://", "hf://", "sftp://", "dbfs:/")
+
+
+@dataclass
+class ModelConfig:
+    """SiT + REG class token + REPA projector. depth/hidden_size/num_heads/encoder_depth
+    override the published size when set (the smoke recipe uses a tiny custom width)."""
+
+    size: str = "XL/2"
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    encoder_depth: Optional[int] = None
+    patch_size: Optional[int] = None
+    input_size: int = 32  # latent side: 256 px / 8
+    in_channels: int = 4
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    projector_dim: int = 2048
+    cls_token_dim: int = 768  # DINOv2 ViT-B/14 width: the class token and REPA targets
+    qk_norm: bool = False
+    fused_attn: bool = True
+
+    def resolved(self) -> dict[str, int]:
+        """Depth, width, heads, patch and encoder depth after applying overrides to the size."""
+        base = dict(MODEL_SIZES[self.size])
+        for key in base:
+            value = getattr(self, key)
+            if value is not None:
+                base[key] = value
+        return base
+
+
+@dataclass
+class EncoderConfig:
+    """Frozen representation encoder (DINOv2 ViT-B/14, no registers, via timm)."""
+
+    name: str = "vit_base_patch14_dinov2"
+    weights: Optional[str] = None  # local file/folder; None: the timm / Hugging Face cache
+    random_init: bool = False  # smoke and tests only: no pretrained weights, results meaningless
+    random_depth: int = 2  # random_init only: blocks of the small encoder (width: model.cls_token_dim)
+    resolution: int = 224
+
+
+@dataclass
+class VAEConfig:
+    """SD-VAE through diffusers: sd-vae-ft-mse encodes the data, sd-vae-ft-ema decodes samples."""
+
+    encoder: str = "stabilityai/sd-vae-ft-mse"  # HF repo id in the local cache, or a local folder
+    decoder: str = "stabilityai/sd-vae-ft-ema"
+    scale: float = 0.18215
+    random_init: bool = False  # smoke and tests only: a tiny randomly initialised AutoencoderKL
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop. batch_size is global, whatever the number of GPUs."""
+
+    batch_size: int = 256
+    micro_batch_size: Optional[int] = None  # per GPU; None: batch_size / world (no accumulation)
+    max_steps: int = 400_000
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ckpt_every: int = 10_000
+    keep_last: int = 2  # newest checkpoints kept
+    keep_every: int = 100_000  # and every Nth step kept for evaluation (0: none)
+    log_every: int = 100
+    sample_every: int = 10_000  # sample grid to MLflow (0: never)
+    seed: int = 0
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    tf32: bool = True
+    max_nonfinite_steps: int = 10  # consecutive skipped steps before rolling back
+
+
+@dataclass
+class LossConfig:
+    """L = L_img + proj_coeff * L_proj + cls_coeff * L_cls."""
+
+    proj_coeff: float = 0.5
+    cls_coeff: float = 0.03
+    time_sampling: str = "uniform"  # uniform | lognormal
+
+
+@dataclass
+class DataConfig:
+    """MDS shards of (image, VAE moments, label), local or remote."""
+
+    path: Optional[str] = None  # local directory or remote URI (s3://, gs://, ...)
+    local_cache: Optional[str] = None  # where remote shards are cached; None: a temp dir
+    num_workers: int = 4
+    shuffle: bool = True
+    shuffle_block_size: Optional[int] = None
+    synthetic: int = 0  # > 0: generate this many images + shards at data.path first (smoke only)
+
+
+@dataclass
+class EngineConfig:
+    """How the plain model is parallelised, compiled and checkpointed."""
+
+    kind: str = "fsdp"  # fsdp | deepspeed
+    zero_stage: int = 2  # deepspeed only: 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed only
+    compile: bool = False
+    activation_checkpointing: bool = False
+    async_checkpoint: bool = True
+
+
+@dataclass
+class SlurmConfig:
+    """Where and how the job runs. profile names slurm/<profile>.yaml (or a path to one)."""
+
+    cluster: str = "auto"  # auto | slurm | local
+    profile: str = "default"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 8
+    mem_gb: Optional[int] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_limit_min: int = 2880
+    signal_lead_s: int = 300  # SIGUSR2 this long before the limit: one step + a checkpoint save
+    max_requeues: int = 50
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: Optional[str] = None  # None: sqlite:///<run.dir>/mlflow.db
+    experiment: str = "regscale"
+
+
+@dataclass
+class EvalConfig:
+    """Sampling and ADM-protocol evaluation (defaults: the published XL/2 4M setting)."""
+
+    num_samples: int = 50_000
+    batch_size: int = 125  # per GPU
+    sampler: str = "sde"  # sde (Euler-Maruyama, published) | ode (Heun)
+    steps: int = 250
+    cfg_scale: float = 1.0
+    cls_cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    labels: str = "uniform"  # uniform | balanced
+    seed: int = 0
+    ref_batch: Optional[str] = None  # VIRTUAL_imagenet256_labeled.npz
+    inception: Optional[str] = None  # TF-ported Inception weights; None: the torch-fidelity cache
+    random_inception: bool = False  # smoke only: metrics are tagged as not comparable
+    at_steps: list[int] = field(default_factory=list)  # intermediate evaluations during training
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # None: the recipe's file name
+    dir: str = "runs"  # run directories live in <dir>/<name>
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def world_size(self) -> int:
+        """GPUs (processes) the job asks for."""
+        return self.slurm.nodes * self.slurm.gpus_per_node
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and merging
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(node):
+        value = getattr(node, f.name)
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        if is_dataclass(value):
+            keys += _valid_keys(value, name + ".")
+    return keys
+
+
+def _closest(key: str) -> str:
+    """' (did you mean: ...?)' naming valid keys close to an unknown one, or ''."""
+    valid = _valid_keys(Config())
+    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    if not near:  # a right leaf in the wrong section, or a typo in the leaf alone
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf: dict[str, list[str]] = {}
+        for v in valid:
+            by_leaf.setdefault(v.rsplit(".", 1)[-1], []).append(v)
+        for match in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.6):
+            near += by_leaf[match]
+    return f" (did you mean: {', '.join(near[:3])}?)" if near else ""
+
+
+def _expected_type(key: str) -> str:
+    node: Any = Config()
+    for part in key.split("."):
+        if not is_dataclass(node):
+            return "?"
+        hints = {f.name: f.type for f in fields(node)}
+        if part not in hints:
+            return "?"
+        last_type = hints[part]
+        node = getattr(node, part)
+    return str(last_type).replace("typing.", "")
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
+        return ConfigError(f"{source}: unknown key '{key}'{_closest(key)}")
+    if isinstance(err, ValidationError):
+        value = getattr(err, "value", None) if hasattr(err, "value") else None
+        msg = str(err).splitlines()[0]
+        return ConfigError(
+            f"{source}: '{key}' expects {_expected_type(key)}"
+            + (f", got {value!r}" if value is not None else "")
+            + f" ({msg})"
+        )
+    return ConfigError(f"{source}: {str(err).splitlines()[0]}")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: name the file, keep the parser's line
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _check_sections(node: DictConfig, schema: Any, source: str, prefix: str = "") -> None:
+    """A section given as something other than a mapping: name it before OmegaConf's merge does not."""
+    for key, value in node.items_ex(resolve=False):
+        sub = getattr(schema, str(key), None)
+        if is_dataclass(sub):
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"{source}: '{prefix}{key}' is a section and must be a mapping of "
+                                  f"keys, got {type(value).__name__}: {value}")
+            _check_sections(value, sub, source, f"{prefix}{key}.")
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not key=value (for example train.lr=2e-4)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
+
+
+def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Merge defaults <- recipe <- overrides into a validated `Config` (a frozen typed object)."""
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    if recipe is not None:
+        path = Path(recipe)
+        loaded = _load_yaml(path)
+        _check_sections(loaded, Config(), str(path))
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(path)) from None
+    try:
+        merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise _explain(err, "override") from None
+    if recipe is not None and merged.run.name is None:
+        merged.run.name = Path(recipe).stem
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved configuration as YAML, keys in schema order."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    """A short stable hash of the resolved configuration."""
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:12]
+
+
+def from_yaml_text(text: str) -> Config:
+    """Load a resolved configuration saved by `to_yaml` (a run directory's config.yaml)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    except OmegaConfBaseException as err:
+        raise _explain(err, "saved config") from None
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`a.b.c -> value` for every leaf (MLflow params, recipe diffs)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in fields(node):
+            value = getattr(node, f.name)
+            if is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = value
+
+    walk(cfg, "")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# validation of values
+
+
+def _choice(key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"'{key}' must be one of {', '.join(map(str, options))}; got {value!r}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'}; got {value}")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse values that cannot run, naming the key and the reason."""
+    m = cfg.model
+    _choice("model.size", m.size, tuple(MODEL_SIZES))
+    arch = m.resolved()
+    for key in ("depth", "hidden_size", "num_heads", "patch_size", "encoder_depth"):
+        _positive(f"model.{key}", arch[key])
+    if arch["hidden_size"] % arch["num_heads"]:
+        raise ConfigError(f"'model.hidden_size' ({arch['hidden_size']}) must be divisible by "
+                          f"'model.num_heads' ({arch['num_heads']})")
+    if arch["encoder_depth"] > arch["depth"]:
+        raise ConfigError(f"'model.encoder_depth' ({arch['encoder_depth']}) must be <= "
+                          f"'model.depth' ({arch['depth']}): the projector reads that block's output")
+    if m.input_size % arch["patch_size"]:
+        raise ConfigError(f"'model.input_size' ({m.input_size}) must be divisible by "
+                          f"'model.patch_size' ({arch['patch_size']})")
+    if not 0.0 <= m.class_dropout_prob < 1.0:
+        raise ConfigError(f"'model.class_dropout_prob' must be in [0, 1); got {m.class_dropout_prob}")
+    for key in ("num_classes", "in_channels", "input_size", "projector_dim", "cls_token_dim"):
+        _positive(f"model.{key}", getattr(m, key))
+
+    t = cfg.train
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.max_steps", t.max_steps)
+    _positive("train.lr", t.lr)
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {list(t.betas)}")
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"'train.ema_decay' must be in [0, 1); got {t.ema_decay}")
+    _positive("train.ckpt_every", t.ckpt_every)
+    _positive("train.keep_last", t.keep_last)
+    _positive("train.keep_every", t.keep_every, allow_zero=True)
+    _positive("train.log_every", t.log_every)
+    _positive("train.sample_every", t.sample_every, allow_zero=True)
+    _choice("train.precision", t.precision, ("bf16", "fp16", "fp32"))
+    _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    world = cfg.world_size
+    if t.batch_size % world:
+        raise ConfigError(f"'train.batch_size' ({t.batch_size}) must be divisible by the world size "
+                          f"({world} = slurm.nodes {cfg.slurm.nodes} x slurm.gpus_per_node "
+                          f"{cfg.slurm.gpus_per_node})")
+    if t.micro_batch_size is not None:
+        _positive("train.micro_batch_size", t.micro_batch_size)
+        per_rank = t.batch_size // world
+        if per_rank % t.micro_batch_size:
+            raise ConfigError(f"'train.micro_batch_size' ({t.micro_batch_size}) must divide the "
+                              f"per-GPU batch ({per_rank} = {t.batch_size} / {world} GPUs)")
+
+    _choice("loss.time_sampling", cfg.loss.time_sampling, ("uniform", "lognormal"))
+    _positive("loss.proj_coeff", cfg.loss.proj_coeff, allow_zero=True)
+    _positive("loss.cls_coeff", cfg.loss.cls_coeff, allow_zero=True)
+
+    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    _positive("data.synthetic", cfg.data.synthetic, allow_zero=True)
+
+    e = cfg.engine
+    _choice("engine.kind", e.kind, ("fsdp", "deepspeed"))
+    if e.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"'engine.zero_stage' must be 1, 2 or 3; got {e.zero_stage}")
+    if e.offload_optimizer and e.kind != "deepspeed":
+        raise ConfigError("'engine.offload_optimizer' needs engine.kind=deepspeed")
+
+    s = cfg.slurm
+    _choice("slurm.cluster", s.cluster, ("auto", "slurm", "local"))
+    for key in ("nodes", "gpus_per_node", "cpus_per_task", "time_limit_min"):
+        _positive(f"slurm.{key}", getattr(s, key))
+    _positive("slurm.signal_lead_s", s.signal_lead_s, allow_zero=True)
+    _positive("slurm.max_requeues", s.max_requeues, allow_zero=True)
+    if s.signal_lead_s >= s.time_limit_min * 60:
+        raise ConfigError(f"'slurm.signal_lead_s' ({s.signal_lead_s}) must be shorter than the time "
+                          f"limit ({s.time_limit_min} min)")
+
+    ev = cfg.eval
+    _positive("eval.num_samples", ev.num_samples)
+    _positive("eval.batch_size", ev.batch_size)
+    _choice("eval.sampler", ev.sampler, ("sde", "ode"))
+    if ev.steps < 2:
+        raise ConfigError(f"'eval.steps' must be >= 2; got {ev.steps}")
+    for key in ("cfg_scale", "cls_cfg_scale"):
+        _positive(f"eval.{key}", getattr(ev, key), allow_zero=True)
+    for key in ("guidance_low", "guidance_high"):
+        value = getattr(ev, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"'eval.{key}' must be in [0, 1] (a time on the interpolant); got {value}")
+    if ev.guidance_low > ev.guidance_high:
+        raise ConfigError(f"'eval.guidance_low' ({ev.guidance_low}) must be <= 'eval.guidance_high' "
+                          f"({ev.guidance_high})")
+    _choice("eval.labels", ev.labels, ("uniform", "balanced"))
+    for step in ev.at_steps:
+        if not 0 < step <= t.max_steps:
+            raise ConfigError(f"'eval.at_steps' entry {step} is outside (0, train.max_steps={t.max_steps}]")
+
+    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name.startswith("."):
+        raise ConfigError(f"'run.name' must be a plain directory name; got {cfg.run.name!r}")
+
+
+def check_paths_for_training(cfg: Config) -> None:
+    """Files the training job needs, checked before anything is submitted."""
+    path = cfg.data.path
+    if path is None:
+        raise ConfigError("'data.path' is required to train: a directory of MDS shards or a remote "
+                          "URI (s3://, gs://, ...); see `regscale prepare`")
+    if not cfg.data.synthetic and not is_remote(path):
+        if not Path(path).is_dir():
+            raise ConfigError(f"'data.path' does not exist: {path} (expected a directory of MDS "
+                              "shards with index.json; see `regscale prepare`)")
+        if not (Path(path) / "index.json").is_file():
+            raise ConfigError(f"'data.path' has no index.json: {path} (expected MDS shards "
+                              "written by `regscale prepare`)")
+    for key in ("encoder.weights", "eval.ref_batch", "eval.inception"):
+        section, leaf = key.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        if value is not None and not is_remote(value) and not Path(value).exists():
+            raise ConfigError(f"'{key}' does not exist: {value}")
