@@ -11,7 +11,13 @@ import sys
 from typing import Callable
 
 from regscale.config import config_hash, load_config, to_yaml
+from regscale.data import commands as data
 from regscale.errors import UserError
+from regscale.eval import commands as evaluation
+from regscale.launch import commands as launch
+from regscale.models import commands as models
+from regscale.track import commands as track
+from regscale.train import commands as train
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -54,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_verb("config", cmd_config, "print the resolved configuration and its hash")
     submit = recipe_verb("submit", cmd_submit, "submit a training run (SLURM or local) with its evaluation")
     submit.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
+    for area in (models, data, train, evaluation, launch, track):
+        area.register(verbs)
     return parser
 
 

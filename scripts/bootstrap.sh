@@ -7,9 +7,13 @@ venv="$root/.venv"
 py="${PYTHON:-python3}"
 want="$(cat "$root/pyproject.toml" "$root/constraints/cpu.txt" "$root/scripts/bootstrap.sh" \
         "$root/scripts/torchvision_cpu_shim.py" | sha256sum | cut -c1-16)"
-if [[ -f "$venv/.regscale-stamp" && "$(cat "$venv/.regscale-stamp")" == "$want" ]]; then
-    exit 0
-fi
+stamp_ok() { [[ -f "$venv/.regscale-stamp" && "$(cat "$venv/.regscale-stamp")" == "$want" ]]; }
+stamp_ok && exit 0
+# One installer at a time (parallel test runs, several shells): wait for the other, then re-check.
+mkdir -p "$venv"
+exec 9>"$venv/.bootstrap.lock"
+flock 9
+stamp_ok && exit 0
 echo "[bootstrap] setting up $venv (a few minutes the first time)" >&2
 [[ -x "$venv/bin/python" ]] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)

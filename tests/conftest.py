@@ -1,12 +1,13 @@
-import os
 from pathlib import Path
 
 import pytest
 
+# Each area keeps its shared fixtures in tests/fixtures/<area>.py.
+pytest_plugins = [f"tests.fixtures.{area}" for area in ("models", "data", "train", "eval", "slurm", "mlflow")]
+
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes"
 
 
 @pytest.fixture
 def recipes() -> Path:
-    return RECIPES
+    return REPO / "recipes"

@@ -1,0 +1,1 @@
+"""ImageNet to MDS shards (prepare) and the resumable training stream."""

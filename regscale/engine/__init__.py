@@ -1,0 +1,1 @@
+"""Parallelism engines behind one small interface: FSDP2 and DeepSpeed ZeRO."""

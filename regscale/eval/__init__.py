@@ -1,0 +1,1 @@
+"""Distributed sampling and ADM-protocol metrics (FID, sFID, IS, precision, recall)."""

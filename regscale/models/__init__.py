@@ -1,0 +1,1 @@
+"""The REG SiT model, its frozen encoders (DINOv2, SD-VAE) and official checkpoint import."""

@@ -1,0 +1,1 @@
+"""MLflow tracking across requeues, and run comparisons."""

@@ -1,0 +1,1 @@
+"""The per-process training entry: loop, checkpoints, preemption, health."""
