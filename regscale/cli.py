@@ -40,7 +40,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"config hash    {config_hash(cfg)}")
         print("dry run: nothing submitted")
         return 0
-    raise UserError("submitting jobs arrives with the training and SLURM issues; use --dry-run for now")
+    from regscale.launch.submit import submit
+
+    return submit(args.recipe, args.overrides, local=args.local, sweep=args.sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_verb("config", cmd_config, "print the resolved configuration and its hash")
     submit = recipe_verb("submit", cmd_submit, "submit a training run (SLURM or local) with its evaluation")
     submit.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
+    submit.add_argument("--local", action="store_true", help="run here through submitit's local executor")
+    submit.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
+                        help="one run per value (repeat for a grid); a SLURM job array")
     for area in (models, data, train, evaluation, launch, track):
         area.register(verbs)
     return parser

@@ -110,6 +110,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     tf32: bool = True
     max_nonfinite_steps: int = 10  # consecutive skipped steps before rolling back
+    watchdog_s: int = 900  # a step slower than this dumps every thread's stack (0: off)
 
 
 @dataclass
@@ -162,6 +163,7 @@ class SlurmConfig:
     time_limit_min: int = 2880
     signal_lead_s: int = 300  # SIGUSR2 this long before the limit: one step + a checkpoint save
     max_requeues: int = 50
+    max_failures_at_step: int = 3  # attempts in a row failing from one checkpoint before the run stops
 
 
 @dataclass
@@ -422,6 +424,7 @@ def validate(cfg: Config) -> None:
     _positive("train.sample_every", t.sample_every, allow_zero=True)
     _choice("train.precision", t.precision, ("bf16", "fp16", "fp32"))
     _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    _positive("train.watchdog_s", t.watchdog_s, allow_zero=True)
     world = cfg.world_size
     if t.batch_size % world:
         raise ConfigError(f"'train.batch_size' ({t.batch_size}) must be divisible by the world size "
@@ -454,6 +457,7 @@ def validate(cfg: Config) -> None:
         _positive(f"slurm.{key}", getattr(s, key))
     _positive("slurm.signal_lead_s", s.signal_lead_s, allow_zero=True)
     _positive("slurm.max_requeues", s.max_requeues, allow_zero=True)
+    _positive("slurm.max_failures_at_step", s.max_failures_at_step)
     if s.signal_lead_s >= s.time_limit_min * 60:
         raise ConfigError(f"'slurm.signal_lead_s' ({s.signal_lead_s}) must be shorter than the time "
                           f"limit ({s.time_limit_min} min)")

@@ -3,7 +3,58 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+EXIT_REQUEUE = 3  # "preempted" / "deadline": a checkpoint was saved, start me again
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """One training process (start one per GPU: srun, torchrun, or plain for one process)."""
+    from regscale.config import check_paths_for_training, load_config
+    from regscale.train.loop import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    check_paths_for_training(cfg)
+    run_dir = Path(cfg.run.dir) / str(cfg.run.name)
+    tracker = None
+    if not args.no_track and _rank() == 0:
+        from regscale.track.mlflow import Tracker
+
+        tracker = Tracker.open(cfg, run_dir)
+    status = train(cfg, run_dir, tracker)
+    print(f"regscale train: {status}")
+    return 0 if status == "completed" else EXIT_REQUEUE
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """One consolidated safetensors file from a run's checkpoint, whatever engine/world size."""
+    from regscale.train.checkpoint import export_safetensors
+
+    manifest = export_safetensors(args.run_dir, args.out, step=args.step, weights=args.weights)
+    print(f"wrote {args.out}: {args.weights} weights of step {manifest['step']} "
+          f"({manifest['engine']['kind']}, {manifest['world_size']} processes)")
+    return 0
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
     """Add this area's verbs to the `regscale` parser."""
+    p = verbs.add_parser("train", help="run one training process (per GPU; resumes by itself)",
+                         description=cmd_train.__doc__)
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.lr=2e-4")
+    p.add_argument("--no-track", action="store_true", help="no MLflow tracking (metrics.jsonl only)")
+    p.set_defaults(fn=cmd_train)
+
+    e = verbs.add_parser("export", help="write a checkpoint's weights as one safetensors file",
+                         description=cmd_export.__doc__)
+    e.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="runs/<name>")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest valid)")
+    e.add_argument("--weights", choices=("ema", "model"), default="ema")
+    e.add_argument("--out", type=Path, required=True, metavar="FILE.safetensors")
+    e.set_defaults(fn=cmd_export)

@@ -1,0 +1,105 @@
+"""Stale shared memory of a killed StreamingDataset must not break the next run on the node.
+
+StreamingDataset registers a numeric prefix per dataset on a node: /dev/shm/000NNN_* segments and
+<tmp>/000NNN_*_filelock files. A kill -9 leaves them behind (streaming's clean_stale_shared_memory
+does not remove them); the next run then skips the prefix, or refuses a reused local cache
+directory. So each run holds a shared flock on /dev/shm/regscale-stream-000NNN.lock while it
+uses prefix NNN (the kernel drops it when the process dies, however it dies) and stamps the lock's
+mtime when taking it. Before creating a dataset, the node's first rank removes a prefix when:
+its lock exists, nobody holds it, and its `locals` segment is not newer than the lock (a newer
+one belongs to a run that is registering the reused prefix right now); or it has no lock file
+and claims our own local directory (only a dead run can). Other programs' prefixes are left alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+SHM_DIR = Path("/dev/shm")
+PREFIX_RE = re.compile(r"^(\d{6})_")
+
+
+def _lock_dir() -> Path:
+    return SHM_DIR if SHM_DIR.is_dir() else Path(tempfile.gettempdir())
+
+
+def _lock_path(prefix: int) -> Path:
+    return _lock_dir() / f"regscale-stream-{prefix:06d}.lock"
+
+
+def _prefixes() -> set[int]:
+    found = set()
+    for folder in (SHM_DIR, Path(tempfile.gettempdir())):
+        if folder.is_dir():
+            found |= {int(m.group(1)) for name in os.listdir(folder) if (m := PREFIX_RE.match(name))}
+    return found
+
+
+def _locals_of(prefix: int) -> Optional[list[str]]:
+    """Local directories recorded in a prefix's `locals` segment (streaming's packing), or None."""
+    path = SHM_DIR / f"{prefix:06d}_locals"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    size = int.from_bytes(data[:4], "little")
+    return data[4:size].decode("utf-8", "replace").split("\0")[:-1]
+
+
+def _remove_prefix(prefix: int) -> list[str]:
+    removed = []
+    for folder in (SHM_DIR, Path(tempfile.gettempdir())):
+        if not folder.is_dir():
+            continue
+        for name in os.listdir(folder):
+            if name.startswith(f"{prefix:06d}_"):
+                try:
+                    os.unlink(folder / name)
+                    removed.append(str(folder / name))
+                except OSError:
+                    pass
+    return removed
+
+
+def _is_dead(prefix: int, our_locals: list[str]) -> bool:
+    lock = _lock_path(prefix)
+    if not lock.exists():
+        theirs = _locals_of(prefix)
+        return theirs is not None and bool(set(theirs) & set(our_locals))
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a live process holds it
+    finally:
+        os.close(fd)
+    try:
+        return (SHM_DIR / f"{prefix:06d}_locals").stat().st_mtime_ns <= lock.stat().st_mtime_ns
+    except FileNotFoundError:
+        return True
+
+
+def clean_stale(our_locals: list[str]) -> list[str]:
+    """Remove the shared memory and filelocks of dead runs; returns the paths removed."""
+    removed = []
+    for prefix in sorted(_prefixes()):
+        if _is_dead(prefix, our_locals):
+            removed += _remove_prefix(prefix)
+            _lock_path(prefix).unlink(missing_ok=True)
+    return removed
+
+
+def hold_prefix(prefix: int) -> int:
+    """Take a shared lock marking `prefix` as in use by this process; keep the fd open."""
+    fd = os.open(_lock_path(prefix), os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    os.utime(fd)
+    return fd

@@ -1,0 +1,203 @@
+"""DeepSpeed ZeRO stage 1, 2 or 3 with DeepSpeed's own sharded checkpoints.
+
+The client optimizer is torch AdamW (no JIT-built op), DeepSpeedCPUAdam with optimizer offload.
+Gradient clipping, accumulation and the non-finite check (a skipped step) are DeepSpeed's.
+The EMA shadows this rank's fp32 master fragments: a piece of every parameter's flattened fp32
+copy, at an offset, so it is partitioned like the optimizer (ZeRO-1/2) or the weights (ZeRO-3).
+Each rank writes its fragments to ema/rank*.pt; they are assembled by offset on load or export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, ContextManager, Optional
+
+import torch
+from torch import nn
+
+from regscale.config import Config
+from regscale.engine.base import DTYPES, Engine, StepResult, adamw, apply_block_options, trainable
+from regscale.train.dist import BatchPlan, DistEnv
+
+log = logging.getLogger(__name__)
+
+
+def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
+    """DeepSpeed's configuration for this recipe and batch plan."""
+    zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
+    if cfg.engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _fp32_fragment(param: nn.Parameter) -> Optional[tuple[int, torch.Tensor]]:
+    """(offset in the flattened parameter, live fp32 view) of this rank's master copy, or None."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: a contiguous partition of the padded flat parameter
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)
+        return param.ds_tensor.ds_numel * _rank(), local.view(-1)
+    mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2: a fragment of the fp32 partition
+    if mapping is None:
+        return None
+    return mapping.lp_fragment_address.start, mapping.hp_fragment.view(-1)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class DeepSpeedEngine(Engine):
+    kind = "deepspeed"
+
+    def __init__(self, cfg: Config, model: nn.Module, env: DistEnv, plan: BatchPlan) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.cfg = cfg
+        self.env = env
+        model.to(env.device)
+        apply_block_options(model, cfg)
+        named = trainable(model)
+        params = [p for _, p in named]
+        if cfg.engine.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            t = cfg.train
+            optimizer = DeepSpeedCPUAdam(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                         weight_decay=t.weight_decay, adamw_mode=True)
+        else:
+            optimizer = adamw(cfg, params, env.device)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(cfg, plan),
+            dist_init_required=False)
+        self.module = self.ds
+        self.names = [n for n, _ in named]
+        self.shapes = {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in named}
+        self.numels = {n: math.prod(s) for n, s in self.shapes.items()}
+        self._bind()
+        with torch.no_grad():
+            self.ema = {n: frag.detach().clone().float() for n, (_, frag) in self.fragments.items()}
+
+    def _bind(self) -> None:
+        """Find the live fp32 master fragments (again after a load, which may replace them)."""
+        self.fragments: dict[str, tuple[int, torch.Tensor]] = {}
+        for name, param in trainable(self.ds.module):
+            frag = _fp32_fragment(param)
+            if frag is not None:
+                self.fragments[name] = frag
+
+    def autocast(self) -> ContextManager:
+        dtype = DTYPES[self.cfg.train.precision]
+        return torch.autocast(self.env.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:
+        self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        if not last_micro:
+            self.ds.step()  # counts the micro-step; the update happens on the boundary
+
+    def step(self, lr: float) -> StepResult:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+        self.ds.step()
+        applied = bool(self.ds.was_step_applied())
+        norm = self.ds.get_global_grad_norm()
+        value = float(norm) if applied and norm is not None else math.nan
+        return StepResult(applied=applied, grad_norm=value)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        names = list(self.fragments)
+        torch._foreach_lerp_([self.ema[n] for n in names],
+                             [self.fragments[n][1].float() for n in names], 1.0 - decay)
+
+    def save(self, path: Path, *, blocking: bool) -> Optional[Future]:
+        self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        shard = {"fragments": {n: (off, self.ema[n].cpu()) for n, (off, _) in self.fragments.items()},
+                 "shapes": self.shapes}
+        ema_dir = path / "ema"
+        ema_dir.mkdir(exist_ok=True)
+        torch.save(shard, ema_dir / f"rank{self.env.rank:05d}.pt")
+        return None
+
+    def load(self, path: Path, manifest: dict[str, Any]) -> None:
+        same_world = manifest.get("world_size") == self.env.world_size
+        if same_world:
+            self.ds.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        else:
+            # DeepSpeed's own checkpoints are laid out per world size: bring back the weights,
+            # start the optimizer moments afresh, and say so
+            log.warning("DeepSpeed checkpoint %s was written by %s ranks, this run has %s: loading "
+                        "the weights and EMA only; Adam moments restart from zero",
+                        path.name, manifest.get("world_size"), self.env.world_size)
+            self.ds.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True,
+                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+            weights = consolidate(path, "model")
+            self._bind()
+            with torch.no_grad():
+                for name, (off, frag) in self.fragments.items():
+                    _copy_slice(frag, weights[name], off)
+        self._bind()
+        full = assemble_ema(path)
+        with torch.no_grad():
+            self.ema = {}
+            for name, (off, frag) in self.fragments.items():
+                self.ema[name] = torch.zeros_like(frag, dtype=torch.float32)
+                _copy_slice(self.ema[name], full[name], off)
+
+
+def _copy_slice(dst: torch.Tensor, full: torch.Tensor, offset: int) -> None:
+    """dst <- full.flatten()[offset : offset + len(dst)] (zero padding past the end)."""
+    flat = full.reshape(-1)
+    n = max(0, min(dst.numel(), flat.numel() - offset))
+    dst.zero_()
+    dst[:n].copy_(flat[offset:offset + n].to(dst.dtype))
+
+
+def assemble_ema(path: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 EMA tensors from every rank's fragments in `path/ema`."""
+    files = sorted((path / "ema").glob("rank*.pt"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no ema/rank*.pt files")
+    full: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        shard = torch.load(f, map_location="cpu", weights_only=True)
+        for name, shape in shard["shapes"].items():
+            shapes[name] = shape
+            full.setdefault(name, torch.zeros(math.prod(shape), dtype=torch.float32))
+        for name, (off, frag) in shard["fragments"].items():
+            flat = full[name]
+            n = max(0, min(frag.numel(), flat.numel() - off))
+            flat[off:off + n] = frag[:n]
+    return {n: t.view(shapes[n]) for n, t in full.items()}
+
+
+def consolidate(path: Path, weights: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights (EMA over them for weights='ema') from a DeepSpeed checkpoint directory."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # it prints progress
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    state = {k: v.float().contiguous() for k, v in state.items()}
+    if weights == "ema":
+        state.update(assemble_ema(path))
+    return state

@@ -1,0 +1,120 @@
+"""FSDP2: `fully_shard` per SiT block and at the root, checkpoints through torch.distributed.checkpoint.
+
+Parameters stay fp32 and sharded (the optimizer's master weights); MixedPrecisionPolicy gathers
+them in bf16 for compute and reduces gradients in fp32. The EMA is a set of DTensors with the
+parameters' placements, so it is sharded exactly like them and DCP saves and reshards it.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from regscale.config import Config, ConfigError
+from regscale.engine.base import Engine, StepResult, adamw, apply_block_options, trainable
+from regscale.train.dist import DistEnv
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class FSDPEngine(Engine):
+    kind = "fsdp"
+
+    def __init__(self, cfg: Config, model: nn.Module, env: DistEnv) -> None:
+        if cfg.train.precision == "fp16":
+            raise ConfigError("'train.precision' fp16 needs a loss scaler; with engine.kind=fsdp use "
+                              "bf16 (or fp32), or engine.kind=deepspeed for fp16")
+        self.cfg = cfg
+        self.device = env.device
+        model.to(env.device)
+        apply_block_options(model, cfg)
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cfg.train.precision == "bf16" else MixedPrecisionPolicy())
+        for block in model.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        self.module = model
+        named = trainable(model)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.optimizer = adamw(cfg, self.params, env.device)
+        with torch.no_grad():
+            self.ema = {n: p.detach().clone().float() for n, p in named}
+        # async saves write from a thread: give them their own gloo group so their collectives
+        # never interleave with the loop's
+        self._save_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+    def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:
+        self.module.set_requires_gradient_sync(last_micro)
+        (loss / accumulation).backward()
+
+    def step(self, lr: float) -> StepResult:
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm=clip if clip > 0 else math.inf)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        value = float(norm)
+        applied = math.isfinite(value)
+        if applied:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(applied=applied, grad_norm=value)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        ema = [_local(self.ema[n]) for n in self.names]
+        torch._foreach_lerp_(ema, [_local(p) for p in self.params], 1.0 - decay)
+
+    def _state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd, "ema": self.ema}
+
+    def save(self, path: Path, *, blocking: bool) -> Optional[Future]:
+        state = self._state()
+        if blocking:
+            dcp.save(state, checkpoint_id=str(path))
+            return None
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=self._save_group)
+
+    def load(self, path: Path, manifest: dict[str, Any]) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(path))  # DCP reshards to this world size by itself
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def close(self) -> None:
+        if self._save_group is not None:
+            dist.destroy_process_group(self._save_group)
+            self._save_group = None
+
+
+def consolidate(path: Path, weights: str) -> dict[str, torch.Tensor]:
+    """Full tensors of `model.*` (and `ema.*` over them for weights='ema') from a DCP checkpoint,
+    read in this process alone, whatever world size wrote it."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    wanted = ("model.", "ema.") if weights == "ema" else ("model.",)
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith(wanted) and isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    out = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if weights == "ema":
+        out.update({k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")})
+    return out

@@ -1,0 +1,150 @@
+"""Run-directory bookkeeping of the launcher: jobs.json (what was submitted) and attempts.jsonl
+(what each start of the training job did), plus the newest checkpoint step.
+
+jobs.json is rewritten atomically under a lock (the CLI and the running training job both add
+entries); attempts.jsonl is appended by rank 0 of the training job only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from regscale.config import Config, from_yaml_text
+from regscale.errors import UserError
+
+JOBS = "jobs.json"
+ATTEMPTS = "attempts.jsonl"
+STOP_REPORT = "stop_report.json"
+
+
+def run_dir_of(cfg: Config) -> Path:
+    """<run.dir>/<run.name>, absolute (jobs run from another working directory)."""
+    return (Path(cfg.run.dir) / str(cfg.run.name)).resolve()
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file and rename: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved configuration saved in a run directory."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    return from_yaml_text(path.read_text())
+
+
+def latest_step(run_dir: Path) -> int:
+    """Step of the newest complete checkpoint (checkpoints/latest names it), 0 when there is none."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return 0
+    name = latest.read_text().strip()
+    try:
+        return int(name.rsplit("_", 1)[-1])
+    except ValueError:
+        raise UserError(f"{latest}: expected a directory name like step_00001000, got {name!r}") from None
+
+
+@dataclass
+class JobRecord:
+    """One submitted job: kind is train or eval; step is the evaluated step (None: final)."""
+
+    id: str
+    kind: str
+    cluster: str
+    submitted_at: float = field(default_factory=time.time)
+    step: Optional[int] = None
+    depends_on: Optional[str] = None
+
+
+@contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    with open(run_dir / ".jobs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def read_jobs(run_dir: Path) -> list[JobRecord]:
+    """Every job submitted for this run, oldest first ([] before the first submission)."""
+    path = run_dir / JOBS
+    if not path.is_file():
+        return []
+    try:
+        return [JobRecord(**entry) for entry in json.loads(path.read_text())["jobs"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: unreadable job record ({err})") from None
+
+
+def add_jobs(run_dir: Path, records: list[JobRecord]) -> None:
+    """Append job records to jobs.json (atomic, safe against concurrent writers)."""
+    with _locked(run_dir):
+        jobs = read_jobs(run_dir) + records
+        atomic_write(run_dir / JOBS, json.dumps({"jobs": [asdict(j) for j in jobs]}, indent=1) + "\n")
+
+
+@dataclass
+class Attempt:
+    """One start of the training job and how it ended (end is None while running or if killed)."""
+
+    job_id: str
+    restart: int
+    start_step: int
+    started_at: float
+    end: Optional[str] = None
+    end_step: Optional[int] = None
+    ended_at: Optional[float] = None
+    error: Optional[str] = None
+
+
+def read_attempts(run_dir: Path) -> list[Attempt]:
+    """Attempts in order; an 'end' line completes the attempt started last by the same job."""
+    path = run_dir / ATTEMPTS
+    attempts: list[Attempt] = []
+    if not path.is_file():
+        return attempts
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        event = entry.pop("event")
+        if event == "start":
+            attempts.append(Attempt(**entry))
+        elif event == "resume":  # `regscale resume`: a fresh start, whatever failed before
+            attempts.append(Attempt("resume", 0, entry["step"], entry["at"], "resumed", entry["step"], entry["at"]))
+        elif attempts:
+            attempts[-1].end = entry["end"]
+            attempts[-1].end_step = entry["end_step"]
+            attempts[-1].ended_at = entry["ended_at"]
+            attempts[-1].error = entry.get("error")
+    return attempts
+
+
+def _append(run_dir: Path, entry: dict) -> None:
+    with open(run_dir / ATTEMPTS, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def record_start(run_dir: Path, job_id: str, restart: int, start_step: int) -> None:
+    _append(run_dir, dict(event="start", job_id=job_id, restart=restart, start_step=start_step,
+                          started_at=time.time()))
+
+
+def record_resume(run_dir: Path, step: int) -> None:
+    _append(run_dir, dict(event="resume", step=step, at=time.time()))
+
+
+def record_end(run_dir: Path, end: str, end_step: int, error: Optional[str] = None) -> None:
+    _append(run_dir, dict(event="end", end=end, end_step=end_step, ended_at=time.time(), error=error))

@@ -1,0 +1,360 @@
+"""Submitting runs: the executor from profile + recipe, the training job and its evaluation chain,
+sweeps as job arrays, resubmission of a stopped run, and the local executor chain.
+
+`python -m regscale.launch.submit eval-at RUN_DIR STEP` is what a running training job calls to
+submit an intermediate evaluation (see job.EvalWatcher).
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from regscale.config import Config, ConfigError, check_paths_for_training, load_config, to_yaml
+from regscale.errors import UserError
+from regscale.launch import runs
+from regscale.launch.profile import Profile, check_value, load_profile, sbatch_parameters, sbatch_test_args
+
+RESUME_KEYS = ("slurm.time_limit_min", "slurm.nodes", "slurm.partition")
+
+
+# ---------------------------------------------------------------------------------------------
+# where jobs run
+
+
+def require_slurm_tools() -> None:
+    """sbatch, squeue and scancel must be on PATH to use SLURM."""
+    for tool in ("sbatch", "squeue", "scancel"):
+        if shutil.which(tool) is None:
+            raise UserError(f"slurm.cluster=slurm but '{tool}' is not on PATH: install the SLURM "
+                            "client tools, or run here with --local (slurm.cluster=local)")
+
+
+def slurm_answers() -> bool:
+    """True when the SLURM tools are installed and the controller answers squeue."""
+    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
+        return False
+    try:
+        return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def choose_cluster(cfg: Config, local: bool) -> str:
+    """'slurm' or 'local' from --local and slurm.cluster (auto: SLURM when it answers)."""
+    if local or cfg.slurm.cluster == "local":
+        return "local"
+    if cfg.slurm.cluster == "slurm":
+        require_slurm_tools()
+        return "slurm"
+    if slurm_answers():
+        return "slurm"
+    print("no SLURM controller answers here: running on this machine (submitit's local executor)")
+    return "local"
+
+
+def preflight(params: dict[str, Any]) -> None:
+    """`sbatch --test-only` with the run's request: SLURM's own refusal, before anything is submitted."""
+    cmd = ["sbatch", "--test-only", *sbatch_test_args(params), "--wrap=true"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise UserError("sbatch --test-only did not answer within 60 s: is slurmctld up?") from None
+    if result.returncode != 0:
+        message = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
+        raise UserError(f"SLURM refused the job ({' '.join(cmd[2:-1])}): {message}; nothing was submitted")
+
+
+class Launcher:
+    """A submitit executor for one run (or sweep) on one cluster kind, with its sbatch parameters."""
+
+    def __init__(self, cfg: Config, cluster: str, folder: Path, profile: Optional[Profile] = None) -> None:
+        import submitit
+
+        self.cfg, self.cluster = cfg, cluster
+        s = cfg.slurm
+        check_value("job folder", str(folder))
+        self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
+                                              slurm_max_num_timeout=s.max_requeues,
+                                              local_max_num_timeout=s.max_requeues)
+        if cluster == "slurm":
+            self.params = sbatch_parameters(cfg, profile or load_profile(s.profile), str(cfg.run.name))
+        else:
+            if s.nodes != 1:
+                raise ConfigError(f"the local executor runs on one machine: slurm.nodes must be 1, got {s.nodes}")
+            self.params = dict(name=str(cfg.run.name), nodes=1, tasks_per_node=s.gpus_per_node,
+                               timeout_min=s.time_limit_min)
+
+    def check(self) -> None:
+        """SLURM's verdict on the request (partition, account, qos, resources); nothing on local."""
+        if self.cluster == "slurm":
+            preflight(self.params)
+
+    def submit(self, fn: Any, name: str, after: Optional[str] = None) -> Any:
+        """Submit one job; `after`: start only when that job completed (and die if it cannot)."""
+        import submitit
+
+        params = dict(self.params, name=name)
+        if after is not None and self.cluster == "slurm":
+            extra = dict(params.get("slurm_additional_parameters", {}), **{"kill-on-invalid-dep": "yes"})
+            params.update(slurm_dependency=f"afterok:{after}", slurm_additional_parameters=extra)
+        self.executor.update_parameters(**params)
+        try:
+            return self.executor.submit(fn)
+        except submitit.core.utils.FailedJobError as err:
+            raise UserError(f"sbatch refused the job: {' '.join(str(err).split())}") from None
+
+    def submit_array(self, fns: list[Any], name: str) -> list[Any]:
+        """Submit one SLURM job array (or, locally, one job per function)."""
+        self.executor.update_parameters(**dict(self.params, name=name))
+        with self.executor.batch():
+            jobs = [self.executor.submit(fn) for fn in fns]
+        return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# run directories
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create <run.dir>/<run.name> with config.yaml; refuse to reuse one that already ran."""
+    run_dir = runs.run_dir_of(cfg)
+    check_value("run directory", str(run_dir))
+    if runs.read_jobs(run_dir) or (run_dir / "checkpoints").exists():
+        raise UserError(f"run directory {run_dir} already holds a run: continue it with "
+                        f"`regscale resume {run_dir}`, or choose another run.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+    return run_dir
+
+
+def mlflow_run_id(cfg: Config, run_dir: Path) -> str:
+    """Create (or reopen) the run's MLflow run now, so its id can be printed at submit time."""
+    from regscale.launch.job import open_tracker
+
+    tracker = open_tracker(cfg, run_dir)
+    if tracker is None:
+        return "(MLflow tracking not installed)"
+    tracker.flush()
+    path = run_dir / "mlflow_run_id"
+    return path.read_text().strip() if path.is_file() else "(not created)"
+
+
+@dataclass
+class Submitted:
+    run_dir: Path
+    train: str
+    evals: list[str]
+    mlflow: str
+
+
+def _chain_evals(launcher: Launcher, cfg: Config, run_dir: Path, train_id: str) -> list[str]:
+    """The final evaluation job, afterok on training (intermediate ones are submitted by the job)."""
+    from regscale.launch.job import EvalJob
+
+    job = launcher.submit(EvalJob(str(run_dir)), f"{cfg.run.name}-eval", after=train_id)
+    runs.add_jobs(run_dir, [runs.JobRecord(job.job_id, "eval", "slurm", depends_on=train_id)])
+    return [job.job_id]
+
+
+def submit_slurm(cfg: Config, launcher: Launcher, run_dir: Path) -> Submitted:
+    """Training job + chained evaluation on SLURM; returns at once."""
+    from regscale.launch.job import TrainJob
+
+    mlflow = mlflow_run_id(cfg, run_dir)
+    job = launcher.submit(TrainJob(str(run_dir)), str(cfg.run.name))
+    runs.add_jobs(run_dir, [runs.JobRecord(job.job_id, "train", "slurm")])
+    return Submitted(run_dir, job.job_id, _chain_evals(launcher, cfg, run_dir, job.job_id), mlflow)
+
+
+def _wait_local(job: Any, what: str, run_dir: Path) -> bool:
+    """Wait for a local job; print where its log is and how it ended."""
+    import submitit
+
+    print(f"{what}: local job {job.job_id}, log {job.paths.stdout.parent}", flush=True)
+    try:
+        result = job.results()[0]
+    except KeyboardInterrupt:
+        job.cancel(check=False)  # the local processes must not outlive the command
+        raise
+    except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
+        lines = str(err).strip().splitlines()
+        print(f"{what} failed: {lines[-1] if lines else err}", file=sys.stderr)
+        report = run_dir / runs.STOP_REPORT
+        if report.is_file():
+            print(f"stop report: {report}", file=sys.stderr)
+        return False
+    print(f"{what}: {result if isinstance(result, str) else 'done'}", flush=True)
+    return True
+
+
+def run_local(cfg: Config, launcher: Launcher, run_dir: Path) -> Submitted:
+    """The same chain on this machine, one job after the other: train, intermediate evals, final eval."""
+    from regscale.launch.job import EvalJob, TrainJob
+
+    mlflow = mlflow_run_id(cfg, run_dir)
+    print(f"run dir    {run_dir}\nMLflow run {mlflow}", flush=True)
+    job = launcher.submit(TrainJob(str(run_dir)), str(cfg.run.name))
+    train_id = job.job_id
+    runs.add_jobs(run_dir, [runs.JobRecord(train_id, "train", "local")])
+    if not _wait_local(job, "training", run_dir):
+        raise UserError(f"training failed; logs under {job.paths.stdout.parent}; nothing evaluated")
+    evals = []
+    for step in [*cfg.eval.at_steps, None]:
+        if step is not None and not (run_dir / "checkpoints" / f"step_{step:08d}").is_dir():
+            print(f"eval @ step {step}: no checkpoint kept for that step (train.keep_every), skipped")
+            continue
+        job = launcher.submit(EvalJob(str(run_dir), step), f"{cfg.run.name}-eval")
+        runs.add_jobs(run_dir, [runs.JobRecord(job.job_id, "eval", "local", step=step)])
+        evals.append(job.job_id)
+        if not _wait_local(job, f"evaluation @ step {step or cfg.train.max_steps}", run_dir):
+            raise UserError(f"evaluation failed; logs under {job.paths.stdout.parent}")
+    return Submitted(run_dir, train_id, evals, mlflow)
+
+
+def report(sub: Submitted, cluster: str) -> None:
+    print(f"run dir     {sub.run_dir}")
+    print(f"train job   {sub.train} ({cluster})" if cluster == "slurm" else "train       completed")
+    for job_id in sub.evals:
+        print(f"eval job    {job_id}" + (f" (afterok:{sub.train}, kill on invalid dependency)"
+                                         if cluster == "slurm" else ""))
+    print(f"MLflow run  {sub.mlflow}")
+    print(f"next        regscale status {sub.run_dir}   |   regscale compare   |   regscale ui")
+
+
+# ---------------------------------------------------------------------------------------------
+# the verbs
+
+
+def parse_sweep(specs: list[str]) -> list[list[str]]:
+    """['train.lr=1e-4,2e-4', 'train.seed=0,1'] -> the cartesian product as lists of overrides."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or not key or not values or any(not v for v in values.split(",")):
+            raise UserError(f"--sweep '{spec}' must look like key=value1,value2 (for example "
+                            "train.lr=1e-4,2e-4)")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def _point_name(base: str, point: list[str]) -> str:
+    return base + "-" + "-".join(f"{o.split('=', 1)[0].rsplit('.', 1)[-1]}={o.split('=', 1)[1]}" for o in point)
+
+
+def submit(recipe: str, overrides: list[str], *, local: bool = False, sweep: Optional[list[str]] = None) -> int:
+    """`regscale submit`: one run, or one run per sweep point (a SLURM job array)."""
+    cfg = load_config(recipe, overrides)
+    check_paths_for_training(cfg)
+    profile = None if local or cfg.slurm.cluster == "local" else load_profile(cfg.slurm.profile)
+    points = parse_sweep(sweep) if sweep else None
+    cluster = choose_cluster(cfg, local)
+    if points:
+        return _submit_sweep(cfg, recipe, overrides, points, cluster)
+    run_dir = runs.run_dir_of(cfg)
+    launcher = Launcher(cfg, cluster, run_dir / "jobs", profile)
+    launcher.check()
+    run_dir = prepare_run_dir(cfg)
+    if cluster == "slurm":
+        report(submit_slurm(cfg, launcher, run_dir), cluster)
+    else:
+        report(run_local(cfg, launcher, run_dir), cluster)
+    return 0
+
+
+def _submit_sweep(base: Config, recipe: str, overrides: list[str], points: list[list[str]], cluster: str) -> int:
+    from regscale.launch.job import TrainJob
+
+    cfgs = []
+    for point in points:
+        cfg = load_config(recipe, [*overrides, *point, f"run.name={_point_name(str(base.run.name), point)}"])
+        check_paths_for_training(cfg)
+        cfgs.append(cfg)
+    folder = Path(base.run.dir).resolve() / f"{base.run.name}.sweep"
+    launcher = Launcher(cfgs[0], cluster, folder / "jobs")
+    launcher.check()
+    run_dirs = [prepare_run_dir(cfg) for cfg in cfgs]
+    if cluster == "local":
+        for cfg, run_dir in zip(cfgs, run_dirs):
+            print(f"--- sweep point {cfg.run.name}")
+            report(run_local(cfg, Launcher(cfg, cluster, run_dir / "jobs"), run_dir), cluster)
+        return 0
+    mlflow = [mlflow_run_id(cfg, d) for cfg, d in zip(cfgs, run_dirs)]
+    jobs = launcher.submit_array([TrainJob(str(d)) for d in run_dirs], f"{base.run.name}-sweep")
+    for cfg, run_dir, job, run_id in zip(cfgs, run_dirs, jobs, mlflow):
+        runs.add_jobs(run_dir, [runs.JobRecord(job.job_id, "train", "slurm")])
+        report(Submitted(run_dir, job.job_id, _chain_evals(launcher, cfg, run_dir, job.job_id), run_id), cluster)
+    print(f"sweep       job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} runs")
+    return 0
+
+
+def _active_jobs(run_dir: Path) -> list[str]:
+    """Job ids of this run that SLURM still holds (pending, running, requeued)."""
+    ids = [j.id for j in runs.read_jobs(run_dir) if j.cluster == "slurm"]
+    if not ids or shutil.which("squeue") is None:
+        return []
+    out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True,
+                         timeout=30)
+    return out.stdout.split()
+
+
+def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
+    """`regscale resume`: resubmit a stopped or failed run from its newest checkpoint."""
+    run_dir = run_dir.resolve()
+    runs.load_run_config(run_dir)
+    for item in overrides:
+        if item.partition("=")[0] not in RESUME_KEYS:
+            raise UserError(f"resume: '{item}' cannot change for a run that has started; allowed: "
+                            f"{', '.join(RESUME_KEYS)}")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    active = _active_jobs(run_dir)
+    if active:
+        raise UserError(f"{run_dir} still has jobs in SLURM ({', '.join(active)}): wait, or "
+                        f"`regscale cancel {run_dir}` first")
+    step = runs.latest_step(run_dir)
+    if step >= cfg.train.max_steps:
+        raise UserError(f"{run_dir} finished training (step {step}); nothing to resume")
+    cluster = choose_cluster(cfg, local)
+    launcher = Launcher(cfg, cluster, run_dir / "jobs")
+    launcher.check()
+    stop = run_dir / runs.STOP_REPORT
+    if stop.is_file():
+        stop.rename(run_dir / f"stop_report.{int(time.time())}.json")
+    runs.atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+    runs.record_resume(run_dir, step)
+    print(f"resuming {run_dir} from step {step}")
+    if cluster == "slurm":
+        report(submit_slurm(cfg, launcher, run_dir), cluster)
+    else:
+        report(run_local(cfg, launcher, run_dir), cluster)
+    return 0
+
+
+def submit_eval_at(run_dir: Path, step: int) -> str:
+    """Submit the evaluation of one intermediate checkpoint (called from inside the training job)."""
+    from regscale.launch.job import EvalJob
+
+    cfg = runs.load_run_config(run_dir)
+    launcher = Launcher(cfg, "slurm", run_dir / "jobs")
+    job = launcher.submit(EvalJob(str(run_dir), step), f"{cfg.run.name}-eval{step}")
+    runs.add_jobs(run_dir, [runs.JobRecord(job.job_id, "eval", "slurm", step=step)])
+    return job.job_id
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] != "eval-at":
+        print("usage: python -m regscale.launch.submit eval-at RUN_DIR STEP", file=sys.stderr)
+        return 2
+    job_id = submit_eval_at(Path(argv[1]), int(argv[2]))
+    print(f"regscale: submitted evaluation of step {argv[2]} as job {job_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,214 @@
+"""`regscale compare`: training runs side by side, from the same MLflow data the UI shows.
+
+One row per training run: the recipe keys on which the runs differ, the best FID and the training
+step it was measured at, the latest images/s and the lineage's GPU hours. `plot` draws FID and
+the loss against training iterations, one line per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from regscale.errors import UserError
+from regscale.track.mlflow import EVAL_PREFIX, GPU_HOURS, RUN_ID_FILE
+
+FID = EVAL_PREFIX + "fid"
+FID_NOT_COMPARABLE = FID + "_not_comparable"  # smoke runs: a random Inception network (marked *)
+# The loop's metric names (regscale.train.loop); the first one a run has is used.
+LOSS_KEYS = ("loss/total", "loss", "train/loss")
+THROUGHPUT_KEYS = ("images_per_s", "images/s", "throughput/images_per_s")
+IGNORED_PARAMS = ("run.name", "run.dir")  # the row label already says which run it is
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class RunSummary:
+    """What `compare` shows of one run."""
+
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    last_step: Optional[int] = None
+    best_fid: Optional[float] = None
+    best_fid_step: Optional[int] = None
+    images_per_s: Optional[float] = None
+    gpu_hours: Optional[float] = None
+    fid_curve: list[tuple[int, float]] = field(default_factory=list)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    loss_key: Optional[str] = None
+    fid_comparable: bool = True
+
+
+def _first(keys: tuple[str, ...], metrics: dict[str, float]) -> Optional[str]:
+    return next((k for k in keys if k in metrics), None)
+
+
+def _history(client: Any, run_id: str, key: Optional[str]) -> list[tuple[int, float]]:
+    if key is None:
+        return []
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def summarize(client: Any, run: Any) -> RunSummary:
+    """Read one run's params, best FID (and its step), throughput, GPU hours and curves."""
+    metrics = run.data.metrics
+    loss_key = _first(LOSS_KEYS, metrics)
+    fid_key = _first((FID, FID_NOT_COMPARABLE), metrics)
+    fid = _history(client, run.info.run_id, fid_key)
+    loss = _history(client, run.info.run_id, loss_key)
+    summary = RunSummary(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8],
+                         status=run.info.status, params=dict(run.data.params), fid_curve=fid,
+                         loss_curve=loss, loss_key=loss_key, fid_comparable=fid_key != FID_NOT_COMPARABLE)
+    if fid:
+        summary.best_fid_step, summary.best_fid = min(fid, key=lambda p: (p[1], p[0]))
+    throughput = _first(THROUGHPUT_KEYS, metrics)
+    summary.images_per_s = metrics.get(throughput) if throughput else None
+    summary.gpu_hours = metrics.get(GPU_HOURS)
+    progress = loss or _history(client, run.info.run_id, GPU_HOURS if GPU_HOURS in metrics else None)
+    summary.last_step = max(s for s, _ in progress) if progress else None
+    return summary
+
+
+def find_runs(client: Any, refs: list[str], experiment: str, filter_string: Optional[str]) -> list[Any]:
+    """The runs named by `refs` (run ids, run directories or run names), else every training run
+    of `experiment` matching `filter_string` (MLflow search syntax), oldest first."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if refs:
+        runs = []
+        for ref in refs:
+            if (Path(ref) / RUN_ID_FILE).is_file():
+                ref = (Path(ref) / RUN_ID_FILE).read_text().strip()
+            if _RUN_ID.match(ref):
+                try:
+                    runs.append(client.get_run(ref))
+                    continue
+                except MlflowException:
+                    pass
+            found = [] if exp is None else client.search_runs(
+                [exp.experiment_id], f"tags.mlflow.runName = '{ref}' and tags.`regscale.kind` = 'train'")
+            if not found:
+                raise UserError(f"run '{ref}': no such run id, run directory or run name in experiment "
+                                f"'{experiment}'")
+            runs.extend(found)
+        return runs
+    if exp is None:
+        raise UserError(f"experiment '{experiment}' not found in the tracking store")
+    query = "tags.`regscale.kind` = 'train'" + (f" and {filter_string}" if filter_string else "")
+    try:
+        runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"])
+    except MlflowException as err:
+        raise UserError(f"--filter {filter_string!r}: {str(err).splitlines()[0]}") from None
+    if not runs:
+        raise UserError(f"no training runs in experiment '{experiment}'"
+                        + (f" match {filter_string!r}" if filter_string else ""))
+    return runs
+
+
+def differing_params(summaries: list[RunSummary]) -> list[str]:
+    """Recipe keys whose values are not the same in every run, in the params' order."""
+    keys: dict[str, None] = {}
+    for s in summaries:
+        keys.update(dict.fromkeys(s.params))
+    return [k for k in keys if k not in IGNORED_PARAMS
+            and len({s.params.get(k, "") for s in summaries}) > 1]
+
+
+def _labels(summaries: list[RunSummary]) -> list[str]:
+    names = [s.name for s in summaries]
+    return [f"{s.name} ({s.run_id[:8]})" if names.count(s.name) > 1 else s.name for s in summaries]
+
+
+def _fmt(value: Optional[float], digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def rows(summaries: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """The comparison as a header and string rows (the terminal table and the CSV)."""
+    keys = differing_params(summaries)
+    header = ["run", "run id", *keys, "status", "step", "best FID", "at step", "images/s", "GPU hours"]
+    body = []
+    for label, s in zip(_labels(summaries), summaries):
+        body.append([label, s.run_id, *(s.params.get(k, "") for k in keys), s.status,
+                     "-" if s.last_step is None else str(s.last_step),
+                     _fmt(s.best_fid, 2) + ("" if s.fid_comparable or s.best_fid is None else "*"),
+                     "-" if s.best_fid_step is None else str(s.best_fid_step),
+                     _fmt(s.images_per_s, 1), _fmt(s.gpu_hours, 2)])
+    return header, body
+
+
+def render_table(summaries: list[RunSummary]) -> str:
+    """A rich table of `rows`, as text."""
+    from rich.console import Console
+    from rich.table import Table
+
+    header, body = rows(summaries)
+    comparable = all(s.fid_comparable for s in summaries)
+    table = Table(title=f"{len(summaries)} runs (recipe keys that differ; best FID at its step)",
+                  caption=None if comparable else "* random Inception network: not comparable")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="right" if i >= len(header) - 5 else "left", overflow="fold")
+    for row in body:
+        table.add_row(*[row[0], row[1][:8], *row[2:]])
+    out = io.StringIO()
+    Console(file=out, width=max(100, sum(len(h) + 4 for h in header)), color_system=None).print(table)
+    return out.getvalue()
+
+
+def write_csv(summaries: list[RunSummary], path: Path) -> None:
+    """The same rows as the table, full run ids, written atomically."""
+    header, body = rows(summaries)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(body)
+    os.replace(tmp, path)
+
+
+def plot(summaries: list[RunSummary], path: Path) -> None:
+    """FID and training loss against training iterations, one line per run, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_fid, ax_loss = fig.subplots(1, 2)
+    for i, (label, s) in enumerate(zip(_labels(summaries), summaries)):
+        color = f"C{i % 10}"  # the same colour for a run in both panels
+        if s.fid_curve:
+            steps, values = zip(*s.fid_curve)
+            ax_fid.plot(steps, values, marker="o", color=color, linestyle="-" if s.fid_comparable else "--",
+                        label=label if s.fid_comparable else f"{label} (not comparable)")
+        if s.loss_curve:
+            steps, values = zip(*s.loss_curve)
+            ax_loss.plot(steps, values, label=label, linewidth=1.2, color=color)
+    ax_fid.set(title="FID (lower is better)", xlabel="training iteration", ylabel="FID")
+    loss_keys = sorted({s.loss_key for s in summaries if s.loss_key})
+    ax_loss.set(title="training loss", xlabel="training iteration", ylabel=" / ".join(loss_keys) or "loss")
+    for ax, empty in ((ax_fid, "no evaluations yet"), (ax_loss, "no loss logged yet")):
+        if ax.has_data():
+            ax.legend(fontsize="small")
+            ax.grid(alpha=0.3)
+        else:
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="gray")
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def compare(uri: str, refs: list[str], experiment: str,
+            filter_string: Optional[str] = None) -> list[RunSummary]:
+    """Summaries of the selected runs in the store at `uri`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return [summarize(client, run) for run in find_runs(client, refs, experiment, filter_string)]

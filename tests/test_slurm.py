@@ -1,0 +1,309 @@
+"""`regscale submit` against the real single-host SLURM cluster (slurm/start.sh: 2 fake nodes),
+with the real training loop and evaluation job. Four runs of the smoke recipe on 2 nodes x 1 task
+go in together and one driver loop acts on them while they run:
+
+  base     trains to the end; its chained evaluation (afterok) starts only after training ended
+  preempt  gets `scancel --signal=USR2` mid-training: saves, requeues itself, resumes, same weights
+  limit    a 2-minute time limit: the loop stops before it (deadline from SLURM's end time, or
+           SLURM's USR2 at limit - signal_lead_s), saves, requeues, resumes, same weights
+  broken   training fails (corrupt dataset) twice from the same step: the run stops with a report,
+           the job fails and SLURM cancels its evaluation job (kill-on-invalid-dependency)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from regscale.config import load_config
+from regscale.launch import runs
+from tests.fixtures.slurm import HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, scontrol_field, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "recipes" / "smoke.yaml")
+REQUEUE_ENDS = ("preempted", "deadline")
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    train: str
+    eval: str
+
+
+def submit_async(common: list[str], name: str, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "regscale.cli", "submit", SMOKE, *common, f"run.name={name}",
+                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def submitted(proc: subprocess.Popen) -> Run:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return parse_submit(out)
+
+
+def submit(common: list[str], name: str, *overrides: str) -> Run:
+    return parse_submit(regscale("submit", SMOKE, *common, f"run.name={name}", *overrides).stdout)
+
+
+def parse_submit(out: str) -> Run:
+    train = re.search(r"^train job\s+(\S+)", out, re.M)
+    evaluation = re.search(r"^eval job\s+(\S+)", out, re.M)
+    run_dir = re.search(r"^run dir\s+(\S+)", out, re.M)
+    assert train and evaluation and run_dir and "MLflow run" in out, out
+    return Run(Path(run_dir.group(1)), train.group(1), evaluation.group(1))
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def scenario_root() -> Iterator[Path]:
+    """A directory of our own: pytest's basetemp of another session by the same user may be rotated
+    away while these jobs still write to it."""
+    root = Path(tempfile.mkdtemp(prefix="regscale-slurm-tests-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
+    from regscale.data.synthetic import ensure_synthetic_dataset
+
+    root = scenario_root
+    common = [f"run.dir={root / 'runs'}", f"data.path={root / 'data'}", "data.synthetic=32",
+              "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=2",
+              "slurm.gpus_per_node=1", "eval.num_samples=8", "eval.batch_size=8", "eval.steps=2"]
+    ensure_synthetic_dataset(load_config(SMOKE, common))  # once, before four jobs read it
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "index.json").write_text('{"version": 2, "shards": "not a list"}')
+
+    base = submit(common, "base")  # first: it creates the runs' MLflow store
+    seen: dict = {"signal_at": None, "signal_step": None, "limit_extended": False, "resumed": None}
+    preempt = submit(common, "preempt", "train.log_every=1")
+
+    def preempt_mid_training() -> None:
+        while last_step(preempt.run_dir) < 2 and job_state(preempt.train) not in TERMINAL:
+            time.sleep(0.2)
+        result = subprocess.run(["scancel", "--signal=USR2", preempt.train], capture_output=True, text=True)
+        seen["signal_at"], seen["signal_step"] = time.time(), last_step(preempt.run_dir)
+        seen["signal_result"] = (result.returncode, result.stderr)
+
+    signaller = threading.Thread(target=preempt_mid_training, daemon=True)
+    signaller.start()
+    others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45"),
+              submit_async(common, "broken", f"data.path={broken}", "data.synthetic=0",
+                           "slurm.max_failures_at_step=2")]
+    limit, failing = (submitted(p) for p in others)
+    # the local executor chain (what `regscale submit recipes/smoke.yaml` does without SLURM) runs
+    # beside the SLURM scenarios
+    local_cmd = [sys.executable, "-m", "regscale.cli", "submit", SMOKE, "run.name=local",
+                 *[o for o in common if not o.startswith("slurm.")], "--local"]
+    local = subprocess.Popen(local_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # only base's and broken's evaluation chains are under test: fewer processes on a small machine
+    subprocess.run(["scancel", preempt.eval, limit.eval], check=True, timeout=30)
+
+    def drive() -> bool:
+        if not seen["limit_extended"] and int(scontrol_field(limit.train, "Restarts") or 0) >= 1:
+            # the limit was hit and the job requeued: let the next attempt run to the end
+            subprocess.run(["scontrol", "update", f"JobId={limit.train}", "TimeLimit=30"], check=True, timeout=30)
+            seen["limit_extended"] = True
+        if seen["resumed"] is None and all(job_state(j) in TERMINAL for j in (failing.train, failing.eval)):
+            # the user fixes the dataset, then resumes the stopped run
+            shutil.copytree(root / "data", broken, dirs_exist_ok=True)
+            out = regscale("resume", str(failing.run_dir), "slurm.time_limit_min=20").stdout
+            seen["resume_out"] = out
+            seen["resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
+            subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
+        jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"])
+        return all(j is not None and job_state(j) in TERMINAL for j in jobs)
+
+    try:
+        wait_until(drive, "the four scenario runs to finish")
+        signaller.join(timeout=60)
+        local_out, _ = local.communicate(timeout=HANG_GUARD_S)
+    finally:
+        if local.poll() is None:  # the CLI cancels its local job on SIGINT
+            local.send_signal(signal.SIGINT)
+            local.wait(timeout=60)
+    return dict(base=base, preempt=preempt, limit=limit, broken=failing, local=(local.returncode, local_out),
+                local_dir=root / "runs" / "local", **seen)
+
+
+def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from regscale.train.checkpoint import load_consolidated
+
+    return {w: load_consolidated(run_dir, weights=w)[0] for w in ("model", "ema")}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    for which in ("model", "ema"):
+        assert wa[which].keys() == wb[which].keys()
+        for key in wa[which]:
+            assert torch.equal(wa[which][key], wb[which][key]), f"{which} {key} differs: {a} vs {b}"
+
+
+def assert_resumed_chain(run: Run) -> list[runs.Attempt]:
+    """Each attempt after the first started from the checkpoint the previous one saved."""
+    attempts = runs.read_attempts(run.run_dir)
+    assert len(attempts) >= 2, attempts
+    assert attempts[0].end in REQUEUE_ENDS and attempts[0].end_step > 0, attempts
+    for before, after in zip(attempts, attempts[1:]):
+        assert after.start_step == before.end_step > 0, attempts
+        assert after.restart == before.restart + 1
+    assert attempts[-1].end == "completed" and attempts[-1].end_step == 40
+    return attempts
+
+
+def test_smoke_trains_on_two_nodes_and_completes(scenarios: dict) -> None:
+    base = scenarios["base"]
+    assert job_state(base.train) == "COMPLETED"
+    assert sacct(base.train, "NNodes,NodeList") == ["2", "n[1-2]"]
+    attempts = runs.read_attempts(base.run_dir)
+    assert [(a.start_step, a.end, a.end_step) for a in attempts] == [(0, "completed", 40)]
+    assert runs.latest_step(base.run_dir) == 40
+    jobs = runs.read_jobs(base.run_dir)
+    assert [(j.id, j.kind) for j in jobs] == [(base.train, "train"), (base.eval, "eval")]
+    status = regscale("status", str(base.run_dir)).stdout
+    assert "COMPLETED" in status and "40/40" in status and base.eval in status
+
+
+def test_chained_eval_runs_only_after_training_completed(scenarios: dict) -> None:
+    base = scenarios["base"]
+    assert job_state(base.eval) == "COMPLETED"
+    train_end = sacct(base.train, "End")[0]
+    eval_start = sacct(base.eval, "Start")[0]
+    assert eval_start >= train_end, (train_end, eval_start)  # ISO times compare as strings
+    assert f"afterok:{base.train}" in (base.run_dir / "jobs" / f"{base.eval}_submission.sh").read_text()
+    record = json.loads((base.run_dir / "eval" / "step_00000040" / "eval_record.json").read_text())
+    assert record["step"] == 40
+
+
+def test_usr2_preemption_requeues_and_resumes_to_the_same_weights(scenarios: dict) -> None:
+    run = scenarios["preempt"]
+    assert scenarios["signal_result"] == (0, ""), scenarios["signal_result"]
+    assert job_state(run.train) == "COMPLETED"
+    attempts = assert_resumed_chain(run)
+    assert attempts[0].end == "preempted" and attempts[0].end_step >= scenarios["signal_step"]
+    assert_same_weights(run.run_dir, scenarios["base"].run_dir)
+
+
+def test_time_limit_requeues_and_resumes_to_the_same_weights(scenarios: dict) -> None:
+    run = scenarios["limit"]
+    assert job_state(run.train) == "COMPLETED"
+    assert_resumed_chain(run)
+    assert_same_weights(run.run_dir, scenarios["base"].run_dir)
+
+
+def test_failing_training_stops_with_a_report_and_cancels_eval(scenarios: dict) -> None:
+    run = scenarios["broken"]
+    assert job_state(run.train) == "FAILED"
+    assert job_state(run.eval) == "CANCELLED"
+    attempts = runs.read_attempts(run.run_dir)
+    assert [(a.start_step, a.end) for a in attempts[:2]] == [(0, "failed"), (0, "failed")]
+    assert attempts[1].error and "Error" in attempts[1].error
+    reports = list(run.run_dir.glob("stop_report.*.json"))  # `regscale resume` set it aside
+    assert len(reports) == 1
+    assert "2 attempts in a row failed from the checkpoint at step 0" in json.loads(reports[0].read_text())["reason"]
+
+
+def test_resume_after_the_fix_finishes_the_stopped_run(scenarios: dict) -> None:
+    run = scenarios["broken"]
+    assert "resuming" in scenarios["resume_out"] and job_state(scenarios["resumed"]) == "COMPLETED"
+    attempts = runs.read_attempts(run.run_dir)
+    assert [a.end for a in attempts] == ["failed", "failed", "resumed", "completed"]
+    assert load_config(run.run_dir / "config.yaml").slurm.time_limit_min == 20
+    assert [j.id for j in runs.read_jobs(run.run_dir) if j.kind == "train"] == [run.train, scenarios["resumed"]]
+    assert_same_weights(run.run_dir, scenarios["base"].run_dir)
+    again = regscale("resume", str(run.run_dir), check=False)
+    assert again.returncode == 2 and "finished training (step 40)" in again.stderr
+
+
+def test_partition_slurm_refuses_shows_slurms_message(slurm_cluster: str, tmp_path: Path) -> None:
+    result = regscale("submit", SMOKE, f"run.dir={tmp_path}", f"data.path={tmp_path / 'd'}",
+                      "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=1",
+                      "slurm.partition=nosuchpart", check=False)
+    assert result.returncode == 2
+    assert "SLURM refused the job" in result.stderr and "invalid partition" in result.stderr.lower()
+    assert "Traceback" not in result.stderr and not (tmp_path / "smoke").exists()
+
+
+def test_unsafe_value_refused_before_submitting(slurm_cluster: str, tmp_path: Path) -> None:
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    result = regscale("submit", SMOKE, f"run.dir={tmp_path}", f"data.path={tmp_path / 'd'}",
+                      "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=1",
+                      "slurm.account='x\n#SBATCH --wrap=touch /tmp/pwned'", check=False)
+    assert result.returncode == 2 and "not allowed in a batch script" in result.stderr
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_intermediate_eval_is_submitted_when_its_checkpoint_exists(scenarios: dict) -> None:
+    """What the training job's watcher does for eval.at_steps: one evaluation job per step, once."""
+    from regscale.launch.job import EvalWatcher
+
+    base = scenarios["base"]
+    cfg = load_config(base.run_dir / "config.yaml", ["eval.at_steps=[20]"])
+    watcher = EvalWatcher(base.run_dir, cfg)
+    watcher.poll()
+    watcher.poll()  # already submitted: nothing new
+    evals = [j for j in runs.read_jobs(base.run_dir) if j.kind == "eval" and j.step == 20]
+    assert len(evals) == 1
+    try:
+        assert job_state(evals[0].id) in ("PENDING", "RUNNING", "CONFIGURING")
+        assert "EvalJob" in (base.run_dir / "jobs" / f"{evals[0].id}_submitted.pkl").read_bytes().decode("latin1")
+    finally:
+        subprocess.run(["scancel", evals[0].id], timeout=30)
+
+
+def test_local_executor_runs_train_then_eval(scenarios: dict) -> None:
+    code, out = scenarios["local"]
+    run_dir = scenarios["local_dir"]
+    assert code == 0, out
+    assert out.index("training: completed") < out.index("evaluation @ step 40: local job")
+    assert "regscale status" in out and "regscale ui" in out and "MLflow run" in out
+    jobs = runs.read_jobs(run_dir)
+    assert [(j.kind, j.cluster) for j in jobs] == [("train", "local"), ("eval", "local")]
+    assert runs.read_attempts(run_dir)[-1].end == "completed"
+    assert json.loads((run_dir / "eval" / "step_00000040" / "eval_record.json").read_text())["step"] == 40
+    assert_same_weights(run_dir, scenarios["base"].run_dir)  # 1 node x 2 tasks = 2 nodes x 1 task
+
+
+def test_sweep_is_one_job_array_and_cancel_stops_it(slurm_cluster: str, tmp_path: Path) -> None:
+    out = regscale("submit", SMOKE, f"run.dir={tmp_path}", f"data.path={tmp_path / 'd'}", "data.synthetic=32",
+                   "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=1",
+                   "slurm.gpus_per_node=1", "--sweep", "train.lr=1e-4,2e-4").stdout
+    array = re.search(r"^sweep\s+job array (\d+): 2 runs", out, re.M)
+    assert array, out
+    try:
+        for i, name in enumerate(("smoke-lr=1e-4", "smoke-lr=2e-4")):
+            run_dir = tmp_path / name
+            assert load_config(run_dir / "config.yaml").train.lr == (1e-4, 2e-4)[i]
+            train, evaluation = runs.read_jobs(run_dir)
+            assert (train.id, train.kind, evaluation.depends_on) == (f"{array.group(1)}_{i}", "train", train.id)
+            assert "cancelled" in regscale("cancel", str(run_dir)).stdout
+            wait_until(lambda: job_state(train.id) in TERMINAL and job_state(evaluation.id) in TERMINAL,
+                       f"the cancelled jobs of {name} to end")
+            assert job_state(train.id) == "CANCELLED"
+    finally:
+        subprocess.run(["scancel", array.group(1)], timeout=30)

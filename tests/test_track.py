@@ -1,0 +1,287 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1 (tests/fixtures/mlflow.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from regscale.cli import main
+from regscale.config import load_config
+from regscale.errors import UserError
+from regscale.track.mlflow import RUN_ID_FILE, Tracker, config_params, register_run
+from tests.fixtures.mlflow import free_port
+from tests.fixtures.train import TORCHRUN
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "recipes" / "smoke.yaml"
+
+
+def make_cfg(tmp_path: Path, uri: str, experiment: str, *overrides: str):
+    return load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}",
+                               f"mlflow.experiment={experiment}", *overrides])
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def grid_png(path: Path, color: tuple[int, int, int]) -> Path:
+    Image.new("RGB", (64, 32), color).save(path)
+    return path
+
+
+@pytest.fixture
+def experiment() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def test_run_logs_params_metrics_tags_and_artifacts(mlflow_server, tmp_path, experiment):
+    cfg = make_cfg(tmp_path, mlflow_server.url, experiment)
+    run_dir = tmp_path / "runs" / "smoke"
+    with Tracker.open(cfg, run_dir) as tracker:
+        for step in (5, 10, 15):
+            tracker.log_metrics({"loss": 1.0 / step, "lr": 1e-4, "images_per_s": 100.0 + step,
+                                 "grad_norm": math.nan if step == 5 else 0.5}, step)
+        tracker.log_image(grid_png(tmp_path / "grid.png", (255, 0, 0)), 10)
+        tracker.set_tags({"resumed_from": ""})
+    client = MlflowClient(mlflow_server.url)
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    assert run_id == tracker.run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "smoke"
+    assert run.data.params == config_params(cfg)
+    assert run.data.params["model.hidden_size"] == "64" and run.data.params["train.betas"] == "[0.9, 0.999]"
+    assert steps_of(client, run_id, "loss") == [5, 10, 15]
+    assert client.get_metric_history(run_id, "loss")[-1].value == pytest.approx(1 / 15)
+    assert steps_of(client, run_id, "gpu_hours") == [5, 10, 15]
+    assert math.isnan(client.get_metric_history(run_id, "grad_norm")[0].value)
+    tags = run.data.tags
+    assert tags["world_size"] == "2" and tags["engine"] == "fsdp" and tags["requeue_count"] == "0"
+    assert tags["regscale.attempt"] == "1" and len(tags["mlflow.source.git.commit"]) == 40
+    artifacts = {a.path for d in ("config", "samples") for a in client.list_artifacts(run_id, d)}
+    assert artifacts == {"config/config.yaml", "samples/step_00000010.png"}
+    image = Path(client.download_artifacts(run_id, "samples/step_00000010.png", str(tmp_path)))
+    assert Image.open(image).getpixel((0, 0)) == (255, 0, 0)
+    # one run in the experiment: the lineage is never found (or duplicated) by name
+    exp = client.get_experiment_by_name(experiment)
+    assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+KILLED_ATTEMPT = """
+import sys, time
+from pathlib import Path
+from regscale.config import load_config
+from regscale.track.mlflow import Tracker
+cfg = load_config(sys.argv[1], sys.argv[3:])
+tracker = Tracker.open(cfg, Path(sys.argv[2]))
+for step in range(5, 35, 5):
+    tracker.log_metrics({"loss": 1.0 / step}, step)
+assert tracker.flush(60)
+print("logged", flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_and_resumed_run_continues_the_same_run(mlflow_server, tmp_path, experiment, monkeypatch):
+    overrides = [f"run.dir={tmp_path / 'runs'}", f"mlflow.tracking_uri={mlflow_server.url}",
+                 f"mlflow.experiment={experiment}"]
+    run_dir = tmp_path / "runs" / "smoke"
+    client = MlflowClient(mlflow_server.url)
+    # `regscale submit` registers the run before the job starts, to print its id
+    run_id = register_run(make_cfg(tmp_path, mlflow_server.url, experiment), run_dir)
+    assert client.get_run(run_id).info.status == "SCHEDULED"
+    env = dict(os.environ, SLURM_JOB_ID="101", PYTHONPATH=str(REPO))
+    first = subprocess.Popen([sys.executable, "-c", KILLED_ATTEMPT, str(SMOKE), str(run_dir), *overrides],
+                             stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert first.stdout.readline().strip() == "logged"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert (run_dir / RUN_ID_FILE).read_text().strip() == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"  # killed: nobody could say otherwise
+
+    # the requeued job: its checkpoint was at step 20, so steps 25 and 30 are replayed
+    cfg = make_cfg(tmp_path, mlflow_server.url, experiment, "train.max_steps=80")
+    with pytest.raises(UserError, match=r"'train.lr' was '0.0001', now '0.0002'"):
+        Tracker.open(make_cfg(tmp_path, mlflow_server.url, experiment, "train.lr=2e-4"), run_dir)
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    tracker = Tracker.open(cfg, run_dir)
+    assert tracker.run_id == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    for step in range(25, 55, 5):
+        tracker.log_metrics({"loss": 2.0 / step}, step)
+    tracker.finish("completed")
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == list(range(5, 55, 5))  # monotonic, no duplicates
+    assert {m.step: m.value for m in history}[30] == pytest.approx(1 / 30)  # first attempt's value kept
+    assert run.data.params["train.max_steps"] == "40"  # params are logged once
+    assert run.data.tags["changed.train.max_steps"] == "80"
+    assert run.data.tags["regscale.attempt"] == "2" and run.data.tags["requeue_count"] == "1"
+    assert run.data.tags["slurm.job_ids"] == "101"
+    exp = client.get_experiment_by_name(experiment)
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [run_id]
+
+
+def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experiment):
+    cfg = make_cfg(tmp_path, mlflow_server.url, experiment)
+    run_dir = tmp_path / "runs" / "smoke"
+    tracker = Tracker.open(cfg, run_dir)
+    tracker.log_metrics({"loss": 0.5}, 40)
+    result = {"fid": 30.5, "sfid": 12.0, "is": 4.5, "precision": 0.6, "recall": 0.4}
+    tracker.log_eval(result, 20, {"num_samples": 64, "cfg_scale": 1.5, "weights": "ema"})
+    tracker.finish("FINISHED")
+    # a later evaluation job adds to the finished run without touching its status; its retry
+    # of an identical record makes no second child and no duplicate point
+    evaluation = Tracker.attach(cfg, run_dir)
+    evaluation.log_eval(dict(result, fid=25.0), 40, {"num_samples": 64, "cfg_scale": 1.5, "weights": "ema"})
+    evaluation.log_eval(dict(result, fid=25.0), 40, {"num_samples": 64, "cfg_scale": 1.5, "weights": "ema"})
+    evaluation.finish()
+
+    client = MlflowClient(mlflow_server.url)
+    parent = client.get_run(tracker.run_id)
+    assert parent.info.status == "FINISHED"
+    fid = client.get_metric_history(tracker.run_id, "eval/fid")
+    assert [(m.step, m.value) for m in fid] == [(20, 30.5), (40, 25.0)]
+    assert steps_of(client, tracker.run_id, "eval/recall") == [20, 40]
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{tracker.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    assert [c.data.tags["regscale.step"] for c in children] == ["20", "40"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert children[0].data.metrics == result
+    assert children[1].data.params == {"num_samples": "64", "cfg_scale": "1.5", "weights": "ema"}
+
+
+def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, capsys):
+    for name, lr, fids, base in (("reg-a", "1e-4", {100: 40.0, 200: 20.0, 300: 22.0}, 1.0),
+                                 ("reg-b", "2e-4", {100: 35.0, 200: 28.0}, 0.8)):
+        cfg = make_cfg(tmp_path, mlflow_server.url, experiment, f"run.name={name}", f"train.lr={lr}")
+        with Tracker.open(cfg, tmp_path / "runs" / name) as tracker:
+            for step in range(10, 310, 10):
+                tracker.log_metrics({"loss": base / (1 + step / 100), "images_per_s": 500.0 * base,
+                                     "gpu_hours": step * base / 100}, step)
+            for step, fid in fids.items():
+                tracker.log_eval({"fid": fid}, step, {"num_samples": 64})
+    out_png, out_csv = tmp_path / "cmp.png", tmp_path / "cmp.csv"
+    code = main(["compare", "--tracking-uri", mlflow_server.url, "--experiment", experiment,
+                 "--plot", str(out_png), "--csv", str(out_csv)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "train.lr" in text and "model.depth" not in text and "run.name" not in text
+    with out_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["reg-a", "reg-b"]
+    assert [(r["train.lr"], r["best FID"], r["at step"]) for r in rows] == [
+        ("0.0001", "20.00", "200"), ("0.0002", "28.00", "200")]
+    assert [(r["step"], r["images/s"], r["GPU hours"]) for r in rows] == [
+        ("300", "500.0", "3.00"), ("300", "400.0", "2.40")]
+    assert set(rows[0]) == {"run", "run id", "train.lr", "status", "step", "best FID", "at step",
+                            "images/s", "GPU hours"}
+    with Image.open(out_png) as image:
+        assert image.format == "PNG" and image.size == (1200, 480)
+    # one run by name, and a filter on a param
+    assert main(["compare", "reg-b", "--tracking-uri", mlflow_server.url, "--experiment", experiment]) == 0
+    assert "reg-b" in capsys.readouterr().out
+    assert main(["compare", "--tracking-uri", mlflow_server.url, "--experiment", experiment,
+                 "--filter", "params.`train.lr` = '0.0001'", "--csv", str(out_csv)]) == 0
+    with out_csv.open() as f:
+        assert [r["run"] for r in csv.DictReader(f)] == ["reg-a"]
+    assert main(["compare", "nope", "--tracking-uri", mlflow_server.url, "--experiment", experiment]) == 2
+
+
+def test_server_outage_does_not_stop_training(mlflow_server, tmp_path, experiment, caplog):
+    caplog.set_level(logging.WARNING, logger="regscale.track")
+    cfg = make_cfg(tmp_path, mlflow_server.url, experiment)
+    tracker = Tracker.open(cfg, tmp_path / "runs" / "smoke")
+    tracker.log_metrics({"loss": 1.0}, 5)
+    assert tracker.flush(60)
+    mlflow_server.stop()
+    try:
+        for step in range(10, 60, 5):  # the loop goes on: nothing raises, nothing blocks for long
+            tracker.log_metrics({"loss": 1.0 / step}, step)
+        tracker.log_image(grid_png(tmp_path / "grid.png", (0, 0, 255)), 50)
+        tracker.log_eval({"fid": 33.0}, 50, {"num_samples": 64})
+        assert not tracker.flush(3)
+        # a run that starts while the server is away, then ends before it is back
+        late_cfg = make_cfg(tmp_path, mlflow_server.url, experiment, "run.name=late")
+        late = Tracker.open(late_cfg, tmp_path / "runs" / "late")
+        assert late.run_id is None
+        late.log_metrics({"loss": 0.25}, 5)
+        late.finish("FINISHED", timeout=2)
+        assert list((tmp_path / "runs" / "late").glob("mlflow_pending*.json"))
+    finally:  # back on the same port and store, through `regscale ui`
+        mlflow_server.start(via_ui=True)
+    assert mlflow_server.banner.startswith(f"MLflow UI at {mlflow_server.url} ")
+    assert tracker.flush(120)
+    tracker.finish("FINISHED")
+    client = MlflowClient(mlflow_server.url)
+    assert steps_of(client, tracker.run_id, "loss") == list(range(5, 60, 5))
+    assert steps_of(client, tracker.run_id, "eval/fid") == [50]
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "samples")] == ["samples/step_00000050.png"]
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    warned = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warned) >= 1 and any("is back" in r.getMessage() for r in caplog.records)
+    # the late run's buffered entries are delivered by the next open of its run directory
+    late = Tracker.open(late_cfg, tmp_path / "runs" / "late")
+    assert late.flush(60)
+    late.finish("FINISHED")
+    assert steps_of(client, late.run_id, "loss") == [5]
+    assert not list((tmp_path / "runs" / "late").glob("mlflow_pending*.json"))
+
+
+def test_default_store_is_sqlite_in_run_dir(tmp_path, experiment):
+    cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"mlflow.experiment={experiment}"])
+    with Tracker.open(cfg, tmp_path / "runs" / "smoke") as tracker:
+        tracker.log_metrics({"loss": 1.0}, 5)
+    assert tracker.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client = MlflowClient(tracker.uri)
+    assert steps_of(client, tracker.run_id, "loss") == [5]
+    artifacts = client.get_run(tracker.run_id).info.artifact_uri
+    assert artifacts.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
+    # no store there: `compare` and `ui` say so in one line (exit 2)
+    assert main(["compare", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
+    assert main(["ui", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
+    assert (tmp_path / "runs" / "mlartifacts").is_dir()
+
+
+def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, experiment):
+    """`regscale train` on 2 gloo processes (smoke recipe): rank 0 alone tracks, one run."""
+    overrides = [f"run.dir={tmp_path / 'runs'}", "run.name=tracked", f"data.path={smoke_data}",
+                 f"mlflow.tracking_uri={mlflow_server.url}", f"mlflow.experiment={experiment}",
+                 "train.max_steps=2", "train.log_every=1", "train.ckpt_every=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                           "--master-port", str(free_port()), "-m", "regscale.cli", "train", str(SMOKE),
+                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_id == (tmp_path / "runs" / "tracked" / RUN_ID_FILE).read_text().strip()
+    assert run.info.status == "FINISHED"
+    assert run.data.params == config_params(load_config(SMOKE, overrides))
+    assert run.data.tags["world_size"] == "2" and run.data.tags["engine"] == "fsdp"
+    jsonl = [json.loads(line) for line in (tmp_path / "runs" / "tracked" / "metrics.jsonl").open()]
+    logged = {row["step"]: row["loss"] for row in jsonl if "loss" in row}
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert {m.step: m.value for m in history} == logged and sorted(logged) == [1, 2]
+    for key in ("loss/img", "loss/proj", "loss/cls", "grad_norm", "lr", "images_per_s", "data_wait_s"):
+        assert steps_of(client, run.info.run_id, key) == [1, 2], key

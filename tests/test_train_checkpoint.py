@@ -1,0 +1,139 @@
+"""Checkpoint publication, verification, fallback and retention; the distributed environment,
+batch plan, stop flag and deadline; step generators. In-process and fast (no training)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from regscale.config import ConfigError, load_config
+from regscale.train.checkpoint import (CheckpointStore, find_valid, published, step_name, verify,
+                                       write_atomic)
+from regscale.train.dist import batch_plan, read_env
+from regscale.train.loop import step_generator
+from regscale.train.preempt import Deadline, StopFlag, job_deadline
+
+
+def _save(store: CheckpointStore, step: int, payload: bytes = b"weights") -> Path:
+    tmp = store.tmp_dir(step)
+    (tmp / "shard").mkdir(parents=True)
+    (tmp / "shard" / "rank0.bin").write_bytes(payload + bytes([step % 256]))
+    return store.publish(tmp, {"step": step, "images": step * 8})
+
+
+def test_publish_writes_manifest_and_latest(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=2, keep_every=0)
+    final = _save(store, 5)
+    assert final.name == "step_00000005" and not store.tmp_dir(5).exists()
+    assert (tmp_path / "latest").read_text().strip() == "step_00000005"
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["files"]["shard/rank0.bin"]["size"] == 8 and manifest["total_bytes"] == 8
+    assert verify(final) is None
+
+
+def test_broken_newest_falls_back_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = CheckpointStore(tmp_path, keep_last=5, keep_every=0)
+    _save(store, 2)
+    _save(store, 4)
+    newest = _save(store, 6)
+    (newest / "shard" / "rank0.bin").write_bytes(b"weightsX")  # same size, other bytes
+    store.tmp_dir(8).mkdir()  # an unfinished write: never a candidate
+    with caplog.at_level(logging.WARNING):
+        path, manifest = find_valid(tmp_path, quarantine=True)
+    assert path.name == "step_00000004" and manifest["step"] == 4
+    assert f"checkpoint {newest} is broken (shard/rank0.bin does not match its sha256)" in caplog.text
+    assert not newest.exists() and list(tmp_path.glob("step_00000006.broken-*"))
+    (tmp_path / "step_00000004" / "manifest.json").unlink()
+    assert find_valid(tmp_path)[0].name == "step_00000002"
+    assert "no manifest.json" in caplog.text
+    store.clean_stale()
+    assert not store.tmp_dir(8).exists()
+
+
+def test_retention_keeps_last_every_nth_protected_and_newest(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=2, keep_every=4, protect=(3,))
+    for step in range(1, 10):
+        _save(store, step)
+    assert [p.name for p in published(tmp_path)] == [step_name(s) for s in (9, 8, 4, 3)]
+    store = CheckpointStore(tmp_path, keep_last=1, keep_every=0)
+    newest = _save(store, 10)
+    assert [p.name for p in published(tmp_path)] == [newest.name]
+
+
+def test_write_atomic_replaces_whole(tmp_path: Path) -> None:
+    target = tmp_path / "latest"
+    write_atomic(target, b"one")
+    write_atomic(target, b"two")
+    assert target.read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_batch_plan_keeps_the_global_batch(recipes: Path) -> None:
+    cfg = load_config(recipes / "smoke.yaml", ["train.batch_size=16", "train.micro_batch_size=2"])
+    plan = batch_plan(cfg, 4)
+    assert (plan.per_rank, plan.micro, plan.accumulation) == (4, 2, 2)
+    assert batch_plan(cfg, 2).accumulation == 4
+    with pytest.raises(ConfigError, match="divisible by the number of processes"):
+        batch_plan(cfg, 3)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        batch_plan(cfg, 16)
+
+
+def test_read_env_prefers_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(key, raising=False)
+    assert read_env() == (0, 0, 1, "single")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert read_env() == (5, 1, 8, "slurm")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert read_env()[::3] == (2, "torchrun")
+
+
+def test_signal_only_sets_a_flag() -> None:
+    flag = StopFlag().install()
+    try:
+        assert not flag.raised
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag.raised and flag.signum == signal.SIGUSR2
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGUSR2) is not flag._handler
+
+
+def test_deadline_leaves_room_for_a_step_and_a_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REGSCALE_DEADLINE", "1000")
+    assert job_deadline() == 1000.0
+    deadline = Deadline(job_deadline(), margin_s=10)
+    deadline.observe(step_s=5, save_s=20)
+    assert not deadline.reached(now=1000 - 5 - 30 - 10 - 1)
+    assert deadline.reached(now=1000 - 5 - 30 - 10 + 1)
+    assert not Deadline(None).reached()
+
+
+def test_step_generators_depend_on_seed_step_rank_micro_only() -> None:
+    cpu = torch.device("cpu")
+    draw = lambda *key: torch.rand(4, generator=step_generator(*key, cpu))  # noqa: E731
+    assert torch.equal(draw(0, 7, 1, 0), draw(0, 7, 1, 0))
+    others = [draw(1, 7, 1, 0), draw(0, 8, 1, 0), draw(0, 7, 0, 0), draw(0, 7, 1, 1)]
+    assert all(not torch.equal(draw(0, 7, 1, 0), o) for o in others)
+
+
+def test_watchdog_dumps_every_stack_when_a_step_hangs(tmp_path: Path) -> None:
+    import time
+
+    from regscale.train.health import Watchdog
+
+    dog = Watchdog(tmp_path / "stacks" / "rank00000.txt", timeout_s=0.2)
+    dog.arm()
+    time.sleep(0.6)  # a "hung" step
+    dog.disarm()
+    dump = (tmp_path / "stacks" / "rank00000.txt").read_text()
+    assert "Timeout" in dump and "test_watchdog_dumps_every_stack_when_a_step_hangs" in dump
