@@ -4,8 +4,8 @@ go in together and one driver loop acts on them while they run:
 
   base     trains to the end; its chained evaluation (afterok) starts only after training ended
   preempt  gets `scancel --signal=USR2` mid-training: saves, requeues itself, resumes, same weights
-  limit    a 2-minute time limit: the loop stops before it (deadline from SLURM's end time, or
-           SLURM's USR2 at limit - signal_lead_s), saves, requeues, resumes, same weights
+  limit    a 2-minute time limit inside a 200-step run: SLURM's USR2 at limit - signal_lead_s (or
+           the loop's deadline from SLURM's end time) -> save, requeue (a timeout), resume, finish
   broken   training fails (corrupt dataset) twice from the same step: the run stops with a report,
            the job fails and SLURM cancels its evaluation job (kill-on-invalid-dependency)
 """
@@ -76,12 +76,16 @@ def last_step(run_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def scenario_root() -> Iterator[Path]:
+def scenario_root(request: pytest.FixtureRequest) -> Iterator[Path]:
     """A directory of our own: pytest's basetemp of another session by the same user may be rotated
-    away while these jobs still write to it."""
+    away while these jobs still write to it. Kept (with the job logs) when a test failed."""
     root = Path(tempfile.mkdtemp(prefix="regscale-slurm-tests-"))
+    failed_before = request.session.testsfailed
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"\nSLURM test runs and job logs kept in {root}")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +114,9 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
 
     signaller = threading.Thread(target=preempt_mid_training, daemon=True)
     signaller.start()
-    others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45"),
+    # long enough (200 steps) that the 2-minute limit always falls inside training, whatever the load
+    others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45",
+                           "train.max_steps=200"),
               submit_async(common, "broken", f"data.path={broken}", "data.synthetic=0",
                            "slurm.max_failures_at_step=2")]
     limit, failing = (submitted(p) for p in others)
@@ -163,7 +169,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
             assert torch.equal(wa[which][key], wb[which][key]), f"{which} {key} differs: {a} vs {b}"
 
 
-def assert_resumed_chain(run: Run) -> list[runs.Attempt]:
+def assert_resumed_chain(run: Run, max_steps: int = 40) -> list[runs.Attempt]:
     """Each attempt after the first started from the checkpoint the previous one saved."""
     attempts = runs.read_attempts(run.run_dir)
     assert len(attempts) >= 2, attempts
@@ -171,7 +177,7 @@ def assert_resumed_chain(run: Run) -> list[runs.Attempt]:
     for before, after in zip(attempts, attempts[1:]):
         assert after.start_step == before.end_step > 0, attempts
         assert after.restart == before.restart + 1
-    assert attempts[-1].end == "completed" and attempts[-1].end_step == 40
+    assert attempts[-1].end == "completed" and attempts[-1].end_step == max_steps
     return attempts
 
 
@@ -208,11 +214,13 @@ def test_usr2_preemption_requeues_and_resumes_to_the_same_weights(scenarios: dic
     assert_same_weights(run.run_dir, scenarios["base"].run_dir)
 
 
-def test_time_limit_requeues_and_resumes_to_the_same_weights(scenarios: dict) -> None:
+def test_time_limit_requeues_and_resumes(scenarios: dict) -> None:
     run = scenarios["limit"]
     assert job_state(run.train) == "COMPLETED"
-    assert_resumed_chain(run)
-    assert_same_weights(run.run_dir, scenarios["base"].run_dir)
+    attempts = assert_resumed_chain(run, max_steps=200)
+    assert 0 < attempts[0].end_step < 200
+    log = (run.run_dir / "jobs" / f"{run.train}_0_log.out").read_text()
+    assert "this job is timed-out" in log  # submitit counted it against slurm.max_requeues as a timeout
 
 
 def test_failing_training_stops_with_a_report_and_cancels_eval(scenarios: dict) -> None:
@@ -291,19 +299,20 @@ def test_local_executor_runs_train_then_eval(scenarios: dict) -> None:
 
 def test_sweep_is_one_job_array_and_cancel_stops_it(slurm_cluster: str, tmp_path: Path) -> None:
     out = regscale("submit", SMOKE, f"run.dir={tmp_path}", f"data.path={tmp_path / 'd'}", "data.synthetic=32",
-                   "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=1",
-                   "slurm.gpus_per_node=1", "--sweep", "train.lr=1e-4,2e-4").stdout
+                   "train.max_steps=5000", "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}",
+                   "slurm.nodes=1", "slurm.gpus_per_node=1", "--sweep", "train.lr=1e-4,2e-4").stdout
     array = re.search(r"^sweep\s+job array (\d+): 2 runs", out, re.M)
     assert array, out
     try:
+        jobs = []
         for i, name in enumerate(("smoke-lr=1e-4", "smoke-lr=2e-4")):
             run_dir = tmp_path / name
             assert load_config(run_dir / "config.yaml").train.lr == (1e-4, 2e-4)[i]
             train, evaluation = runs.read_jobs(run_dir)
             assert (train.id, train.kind, evaluation.depends_on) == (f"{array.group(1)}_{i}", "train", train.id)
             assert "cancelled" in regscale("cancel", str(run_dir)).stdout
-            wait_until(lambda: job_state(train.id) in TERMINAL and job_state(evaluation.id) in TERMINAL,
-                       f"the cancelled jobs of {name} to end")
-            assert job_state(train.id) == "CANCELLED"
+            jobs += [train.id, evaluation.id]
+        wait_until(lambda: all(job_state(j) in TERMINAL for j in jobs), "the cancelled sweep jobs to end")
+        assert all(job_state(j) in ("CANCELLED", "GONE") for j in jobs)
     finally:
         subprocess.run(["scancel", array.group(1)], timeout=30)

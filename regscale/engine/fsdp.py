@@ -8,6 +8,7 @@ parameters' placements, so it is sharded exactly like them and DCP saves and res
 from __future__ import annotations
 
 import math
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Optional
@@ -113,7 +114,9 @@ def consolidate(path: Path, weights: str) -> dict[str, torch.Tensor]:
     wanted = ("model.", "ema.") if weights == "ema" else ("model.",)
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
              if k.startswith(wanted) and isinstance(m, TensorStorageMetadata)}
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     out = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if weights == "ema":
         out.update({k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")})

@@ -20,7 +20,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.no_track and _rank() == 0:
         from regscale.track.mlflow import Tracker
 
-        tracker = Tracker.open(cfg, run_dir)
+        tracker = Tracker.open(cfg, run_dir, recipe=Path(args.recipe))
     status = train(cfg, run_dir, tracker)
     print(f"regscale train: {status}")
     return 0 if status == "completed" else EXIT_REQUEUE

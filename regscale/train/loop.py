@@ -70,6 +70,8 @@ def train(cfg: Config, run_dir: Path, tracker: Any = None) -> str:
     finally:
         if trainer is not None:
             trainer.close(status)
+        elif tracker is not None and env.is_main:
+            tracker.finish(status)  # the trainer never started: the run must not stay RUNNING
         if owns_group:
             dist.teardown()
 
