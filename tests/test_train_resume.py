@@ -98,6 +98,7 @@ def _export_and_reshard(run: Path, data: Path, tmp_path: Path) -> None:
     """`regscale export` writes the consolidated weights; the 2-process FSDP checkpoint resumes on
     1 process (a reshard, reported as not bit-exact)."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from regscale.cli import main
@@ -106,6 +107,8 @@ def _export_and_reshard(run: Path, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ema.safetensors"
     assert main(["export", str(run), "--out", str(out)]) == 0
     exported = load_file(str(out))
+    with safe_open(str(out), "pt") as f:  # the export carries its config: sampling needs no recipe
+        assert f.metadata()["config"] == (run / "config.yaml").read_text()
     state, manifest = load_consolidated(run)
     assert manifest["step"] == 8 and exported.keys() == state.keys()
     assert all(torch.equal(exported[k], state[k]) for k in state)

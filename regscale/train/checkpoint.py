@@ -263,6 +263,9 @@ def export_safetensors(run_dir: Path | str, out: Path | str, step: Optional[int]
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     meta = {"step": str(manifest["step"]), "images": str(manifest["images"]), "weights": weights,
             "config_hash": str(manifest["config_hash"]), "engine": manifest["engine"]["kind"]}
+    config = Path(run_dir) / "config.yaml"
+    if config.is_file():  # lets `regscale sample FILE.safetensors` rebuild the model without a recipe
+        meta["config"] = config.read_text()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     _fsync_file(tmp)
     os.replace(tmp, out)
