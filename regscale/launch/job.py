@@ -104,13 +104,9 @@ def export_deadline() -> None:
 
 def open_tracker(cfg: Config, run_dir: Path, *, attach: bool = False) -> Any:
     """The run's MLflow tracker (rank 0 only): `attach` adds to the training run without owning it
-    (evaluation jobs). None when the tracking module is not installed."""
-    try:
-        from regscale.track.mlflow import Tracker
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("regscale.track"):
-            return None
-        raise
+    (evaluation jobs)."""
+    from regscale.track.mlflow import Tracker
+
     return Tracker.attach(cfg, run_dir) if attach else Tracker.open(cfg, run_dir)
 
 

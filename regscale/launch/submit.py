@@ -135,15 +135,10 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 def mlflow_run_id(cfg: Config, run_dir: Path) -> str:
-    """Create (or reopen) the run's MLflow run now, so its id can be printed at submit time."""
-    from regscale.launch.job import open_tracker
+    """Register the run's MLflow run now (SCHEDULED until its job starts), so submit can print its id."""
+    from regscale.track.mlflow import register_run
 
-    tracker = open_tracker(cfg, run_dir)
-    if tracker is None:
-        return "(MLflow tracking not installed)"
-    tracker.flush()
-    path = run_dir / "mlflow_run_id"
-    return path.read_text().strip() if path.is_file() else "(not created)"
+    return register_run(cfg, run_dir) or "(tracking server unreachable: the job will create the run)"
 
 
 @dataclass
