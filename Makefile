@@ -4,8 +4,9 @@
 venv:
 	@bash scripts/bootstrap.sh
 
+# Each smoke run gets its own name, so the command can be repeated (runs are never overwritten).
 smoke: venv
-	.venv/bin/regscale submit recipes/smoke.yaml
+	.venv/bin/regscale submit recipes/smoke.yaml run.name=smoke-$$(date +%Y%m%d-%H%M%S)
 
 test: venv
 	bash scripts/test.sh
