@@ -41,7 +41,7 @@ def _write_shards(out: Path, n: int) -> Path:
     return out
 
 
-def test_tiny_chain_with_random_networks(tmp_path, eval_one_thread):
+def test_tiny_chain_with_random_networks(tmp_path, one_thread):
     from regscale.eval.job import RECORD, evaluate
 
     data = _write_shards(tmp_path / "data", 4)
@@ -67,7 +67,7 @@ def test_tiny_chain_with_random_networks(tmp_path, eval_one_thread):
     assert tracker.artifacts == [(tmp_path / "eval" / RECORD, "eval/step_00000020")]
 
 
-def test_precomputed_reference_statistics_are_used_as_they_are(tmp_path, eval_one_thread):
+def test_precomputed_reference_statistics_are_used_as_they_are(tmp_path, one_thread):
     from regscale.eval.features import extract
     from regscale.eval.inception import load_inception
     from regscale.eval.job import Reference, score

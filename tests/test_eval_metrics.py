@@ -195,7 +195,7 @@ def test_missing_or_wrong_inception_weights_are_named(tmp_path, monkeypatch):
         load_inception(str(tmp_path / "w.pth"))
 
 
-def test_inception_outputs_and_the_sfid_tap(eval_one_thread):
+def test_inception_outputs_and_the_sfid_tap(one_thread):
     from regscale.eval.inception import load_inception
 
     net = load_inception(random_init=True, seed=1)

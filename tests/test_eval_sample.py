@@ -50,7 +50,7 @@ def _arrays(npz: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.timeout(300)
-def test_two_gloo_processes_give_the_single_process_samples(tmp_path, eval_one_thread):
+def test_two_gloo_processes_give_the_single_process_samples(tmp_path, one_thread):
     cfg = tiny_eval_config()
     single = _generate(cfg, tiny_state(cfg), tmp_path / "one")
     # fork: the children inherit the imports (spawn costs ~20 s of imports each on a loaded box);
@@ -87,7 +87,7 @@ def test_pending_chunks_fill_the_gaps_between_shards():
     assert pending_chunks([(0, 4), (4, 10)], 10, 4) == []
 
 
-def test_preempted_sampling_resumes_from_its_shards(tmp_path, eval_one_thread):
+def test_preempted_sampling_resumes_from_its_shards(tmp_path, one_thread):
     from regscale.models.encoders import decode_latents, load_vae
 
     cfg = tiny_eval_config()

@@ -262,6 +262,13 @@ class Tracker:
         return tracker
 
     def _start(self) -> None:
+        err = self._try_connect()
+        if err is not None:
+            self._failed(err)  # the server is away: the worker connects when it is back
+        self._worker.start()
+
+    def _try_connect(self) -> Optional[Exception]:
+        """Connect now: a permanent refusal raises UserError, a transient failure is returned."""
         try:
             self._connect()
         except UserError:
@@ -269,8 +276,8 @@ class Tracker:
         except Exception as err:
             if _permanent(err):
                 raise UserError(f"MLflow at {self.uri}: {str(err).splitlines()[0]}") from None
-            self._failed(err)  # the server is away: the worker connects when it is back
-        self._worker.start()
+            return err
+        return None
 
     def _connect(self) -> None:
         """Create or reopen the run: params checked and logged, tags set, last steps read back."""
@@ -619,13 +626,8 @@ def register_run(cfg: Config, run_dir: Path, *, recipe: Optional[Path] = None) -
     `Tracker.open` does; returns None when the server is unreachable (the job creates the run)."""
     tracker = Tracker._owner_of(cfg, run_dir, recipe)
     tracker._scheduled = True
-    try:
-        tracker._connect()
-    except UserError:
-        raise
-    except Exception as err:
-        if _permanent(err):
-            raise UserError(f"MLflow at {tracker.uri}: {str(err).splitlines()[0]}") from None
+    err = tracker._try_connect()
+    if err is not None:
         log.warning("MLflow at %s unreachable (%s); the training job will create the run",
                     tracker.uri, (str(err).splitlines() or [type(err).__name__])[0][:300])
         return None
