@@ -186,6 +186,9 @@ class EvalConfig:
     guidance_high: float = 1.0
     labels: str = "uniform"  # uniform | balanced
     seed: int = 0
+    precision: str = "fp32"  # the model while sampling: fp32 (published) | bf16 (autocast)
+    compile: bool = False  # torch.compile the model for sampling
+    pr_distances: str = "float16"  # precision/recall distances: float16 (ADM) | float32
     ref_batch: Optional[str] = None  # VIRTUAL_imagenet256_labeled.npz
     inception: Optional[str] = None  # TF-ported Inception weights; None: the torch-fidelity cache
     random_inception: bool = False  # smoke only: metrics are tagged as not comparable
@@ -478,6 +481,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'eval.guidance_low' ({ev.guidance_low}) must be <= 'eval.guidance_high' "
                           f"({ev.guidance_high})")
     _choice("eval.labels", ev.labels, ("uniform", "balanced"))
+    _choice("eval.precision", ev.precision, ("fp32", "bf16"))
+    _choice("eval.pr_distances", ev.pr_distances, ("float16", "float32"))
     for step in ev.at_steps:
         if not 0 < step <= t.max_steps:
             raise ConfigError(f"'eval.at_steps' entry {step} is outside (0, train.max_steps={t.max_steps}]")

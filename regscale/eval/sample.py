@@ -26,6 +26,7 @@ from regscale.errors import UserError
 from regscale.eval.npz import NpzArray, npz_members, write_npz
 
 SETTINGS = "sampling.json"
+Progress = Callable[[int, int], None]  # (samples this rank has drawn, samples this rank draws)
 _SHARD = re.compile(r"^(\d{8})_(\d{8})\.npz$")
 
 
@@ -51,8 +52,8 @@ def sampling_settings(cfg: Config, weights_id: str) -> dict[str, Any]:
     return {"weights": weights_id, "num_samples": ev.num_samples, "seed": ev.seed, "labels": ev.labels,
             "num_classes": cfg.model.num_classes, "sampler": ev.sampler, "steps": ev.steps,
             "cfg_scale": ev.cfg_scale, "cls_cfg_scale": ev.cls_cfg_scale, "guidance_low": ev.guidance_low,
-            "guidance_high": ev.guidance_high, "vae_decoder": cfg.vae.decoder, "vae_random_init": cfg.vae.random_init,
-            "tf32": cfg.train.tf32}
+            "guidance_high": ev.guidance_high, "precision": ev.precision, "vae_decoder": cfg.vae.decoder,
+            "vae_random_init": cfg.vae.random_init, "tf32": cfg.train.tf32}
 
 
 def _shard_path(shard_dir: Path, start: int, stop: int) -> Path:
@@ -152,10 +153,11 @@ def samples_complete(npz: Path, n: int) -> bool:
 
 def generate(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor], cfg: Config,
              out_dir: Path, weights_id: str, device: torch.device | str = "cpu",
-             log: Optional[Callable[[str], None]] = print) -> Path:
+             log: Optional[Callable[[str], None]] = print, on_batch: Optional[Progress] = None) -> Path:
     """Sample eval.num_samples images on all ranks into out_dir/samples.npz and return its path.
 
-    decode: scaled latents [B,4,32,32] -> uint8 [B,3,H,W] (the SD-VAE decoder)."""
+    decode: scaled latents [B,4,32,32] -> uint8 [B,3,H,W] (the SD-VAE decoder).
+    on_batch(done, total): called on every rank after each of its batches, with its own counts."""
     ev = cfg.eval
     n = ev.num_samples
     out_dir = Path(out_dir)
@@ -180,7 +182,8 @@ def generate(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tens
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
     try:
-        _draw(model, decode, cfg, labels, chunks[rank::world], shard_dir, device, progress=rank == 0 and log is not None)
+        _draw(model, decode, cfg, labels, chunks[rank::world], shard_dir, device,
+              progress=rank == 0 and log is not None, on_batch=on_batch)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     if world > 1:
@@ -191,23 +194,27 @@ def generate(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tens
 
 def _draw(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor], cfg: Config,
           labels: np.ndarray, chunks: list[tuple[int, int]], shard_dir: Path, device: torch.device | str,
-          progress: bool = False) -> None:
+          progress: bool = False, on_batch: Optional[Progress] = None) -> None:
     """Sample, decode and write this rank's chunks, one shard each."""
     from tqdm.auto import tqdm
 
     from regscale.sampling import sample
 
     ev = cfg.eval
+    total, done = sum(b - a for a, b in chunks), 0
     for start, stop in tqdm(chunks, desc="sampling (rank 0's batches)", disable=not progress, mininterval=30):
         y = torch.from_numpy(labels[start:stop]).to(device)
         seeds = [sample_seed(ev.seed, i) for i in range(start, stop)]
         latents, _ = sample(model, y, seeds, sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
                             cls_cfg_scale=ev.cls_cfg_scale, guidance_low=ev.guidance_low,
-                            guidance_high=ev.guidance_high)
+                            guidance_high=ev.guidance_high, precision=ev.precision)
         images = decode(latents).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         path = _shard_path(shard_dir, start, stop)
         write_npz(path, {"images": (images.shape, np.uint8, [images]),
                          "labels": ((stop - start,), np.int64, [labels[start:stop]])})
+        done += stop - start
+        if on_batch is not None:
+            on_batch(done, total)
 
 
 def _assemble(shard_dir: Path, npz: Path, n: int, labels: np.ndarray) -> None:
