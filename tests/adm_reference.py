@@ -55,15 +55,16 @@ def float32_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 class Distances:
     """Row-block distances to a whole set, block by block with ADM's float32 fallback."""
 
-    def __init__(self, mode: str, block: int) -> None:
+    def __init__(self, mode: str, block: int, float16_fn=float16_distances) -> None:
         assert mode in ("float16", "float32")
         self.mode, self.block, self.fallbacks, self.blocks = mode, block, 0, 0
+        self.float16_fn = float16_fn
 
     def rows_to(self, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), len(others)), np.float32)
         for start in range(0, len(others), self.block):
             cols = others[start:start + self.block]
-            d = float16_distances(rows, cols) if self.mode == "float16" else None
+            d = self.float16_fn(rows, cols) if self.mode == "float16" else None
             if d is None or not np.isfinite(d).all():
                 d = float32_distances(rows, cols)
                 self.fallbacks += 1
@@ -81,9 +82,9 @@ def radii(feats: np.ndarray, k: int, dist: Distances) -> np.ndarray:
 
 
 def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = 3, mode: str = "float16",
-                     block: int = 10_000) -> tuple[float, float, int]:
-    """(precision, recall, blocks computed in float32)."""
-    dist = Distances(mode, block)
+                     block: int = 10_000, float16_fn=float16_distances) -> tuple[float, float, int]:
+    """(precision, recall, blocks computed in float32); float16_fn: the float16 block."""
+    dist = Distances(mode, block, float16_fn)
     ref_radii, smp_radii = radii(ref, k, dist), radii(samples, k, dist)
     ref_in = np.zeros(len(ref), bool)
     smp_in = np.zeros(len(samples), bool)

@@ -26,6 +26,7 @@ from regscale.errors import UserError
 from regscale.eval.npz import NpzArray, npz_members, write_npz
 
 SETTINGS = "sampling.json"
+SETTINGS_BEFORE_KEYS = {"precision": "fp32"}  # what shards pinned before a key existed were drawn with
 Progress = Callable[[int, int], None]  # (samples this rank has drawn, samples this rank draws)
 _SHARD = re.compile(r"^(\d{8})_(\d{8})\.npz$")
 
@@ -105,7 +106,7 @@ def pending_chunks(done: list[tuple[int, int]], n: int, batch_size: int) -> list
 def _check_settings(shard_dir: Path, settings: dict[str, Any]) -> None:
     path = shard_dir / SETTINGS
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {**SETTINGS_BEFORE_KEYS, **json.loads(path.read_text())}
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
