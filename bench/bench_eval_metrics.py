@@ -37,16 +37,9 @@ from regscale.eval.metrics import inception_score, precision_recall  # noqa: E40
 from tests import adm_reference as adm  # noqa: E402
 
 
-def confident_logits(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal((n, 1008)) * 2.0
-    logits[np.arange(n), rng.integers(0, 1000, n)] += rng.uniform(8.0, 16.0, n)
-    return logits.astype(np.float32)
-
-
 def bench_is(args: argparse.Namespace) -> None:
     for n in args.is_counts:
-        logits = confident_logits(n, seed=n)
+        logits = adm.confident_logits(n, seed=n)
         ours, ref = inception_score(logits), adm.inception_score(logits)
         ten = adm.inception_score(logits, split_size=-(-n // 10))
         print(f"IS at {n} samples: regscale {ours:.6f}, reference {ref:.6f}, |diff| {abs(ours - ref):.1e} "

@@ -102,3 +102,11 @@ def pool3_like(n: int, rng: np.random.Generator, classes: int = 50, shift: float
     labels = rng.integers(0, classes, n)
     x = centres[labels] * rng.gamma(8.0, 1 / 8.0, size=(n, 1)) + rng.normal(shift, 0.25, size=(n, dim))
     return np.maximum(x, 0).astype(np.float32)
+
+
+def confident_logits(n: int, seed: int) -> np.ndarray:
+    """float32 logits [n, 1008] of a sharp classifier over 1,000 classes (an IS in the hundreds)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, 1008)) * 2.0
+    logits[np.arange(n), rng.integers(0, 1000, n)] += rng.uniform(8.0, 16.0, n)
+    return logits.astype(np.float32)

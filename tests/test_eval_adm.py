@@ -14,17 +14,9 @@ from tests import adm_reference as adm
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _confident_logits(n: int, seed: int) -> np.ndarray:
-    """Logits of a sharp classifier over 1,000 classes (a realistic IS in the hundreds)."""
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal((n, 1008)) * 2.0
-    logits[np.arange(n), rng.integers(0, 1000, n)] += rng.uniform(8.0, 16.0, n)
-    return logits.astype(np.float32)
-
-
 @pytest.mark.parametrize("n", [10_000, 12_345])
 def test_inception_score_takes_adm_chunks_of_5000(n):
-    logits = _confident_logits(n, seed=n)
+    logits = adm.confident_logits(n, seed=n)
     got = inception_score(logits)
     assert got == pytest.approx(adm.inception_score(logits, split_size=5_000), rel=1e-9)
     assert 100 < got < 1000
@@ -33,7 +25,7 @@ def test_inception_score_takes_adm_chunks_of_5000(n):
 
 
 def test_inception_score_short_last_chunk_counts_like_a_full_one():
-    logits = _confident_logits(12_345, seed=1)
+    logits = adm.confident_logits(12_345, seed=1)
     chunks = [adm.inception_score(logits[a:b], split_size=5_000) for a, b in
               ((0, 5_000), (5_000, 10_000), (10_000, 12_345))]
     assert inception_score(logits) == pytest.approx(np.mean(chunks), rel=1e-9)

@@ -50,7 +50,8 @@ ADM_UNDEFINED = (
     "to its GPU's kernels: cuBLAS accumulates half GEMMs in float32, TF's half row sum "
     "accumulates in half in an order regscale does not reproduce.",
     "Precision/recall, float32 distances (a fallback block, or eval.pr_distances=float32): IEEE "
-    "float32 with TF32 off; ADM's TensorFlow would use TF32 on Ampere and newer GPUs.",
+    "float32 with TF32 off; ADM's TensorFlow (2.4 and later) uses TF32 there by default on Ampere "
+    "and newer GPUs.",
 )
 
 
