@@ -33,7 +33,7 @@ def test_inception_score_short_last_chunk_counts_like_a_full_one():
 
 def test_float16_distances_are_adm_half_arithmetic():
     rng = np.random.default_rng(0)
-    u, v = adm.pool3_like(300, rng), adm.pool3_like(400, rng, shift=0.03)
+    u, v = adm.pool3_like(300, rng), adm.pool3_like(400, rng, spread=0.95, noise=0.075)
     got, used_float32 = sq_distances(torch.from_numpy(u), torch.from_numpy(v))
     expected = adm.float16_distances(u, v).astype(np.float32)
     assert not used_float32 and got.dtype == torch.float32
@@ -57,7 +57,7 @@ def test_float16_overflow_of_the_dot_product_gives_zero_as_in_half():
 @pytest.mark.parametrize("mode", ["float16", "float32"])
 def test_precision_recall_match_adm_reference(mode):
     rng = np.random.default_rng(7)
-    ref, smp = adm.pool3_like(1_000, rng), adm.pool3_like(1_200, rng, shift=0.03)
+    ref, smp = adm.pool3_like(1_000, rng), adm.pool3_like(1_200, rng, spread=0.95, noise=0.075)
     got = precision_recall(ref, smp, block=400, distances=mode)  # 3 x 3 blocks, a short last one
     precision, recall, float32_blocks = adm.precision_recall(ref, smp, mode=mode, block=400)
     assert (got.precision, got.recall) == pytest.approx((precision, recall), abs=1e-3)
@@ -67,15 +67,17 @@ def test_precision_recall_match_adm_reference(mode):
 
 
 def test_float16_and_float32_distances_give_other_precision():
-    rng = np.random.default_rng(7)
-    ref, smp = adm.pool3_like(1_000, rng), adm.pool3_like(1_200, rng, shift=0.03)
+    rng = np.random.default_rng(7)  # nearly equal distances: float16 rounding decides memberships
+    ref, smp = adm.concentrated(1_000, rng), adm.concentrated(1_200, rng, shift=0.03)
     half, single = (precision_recall(ref, smp, block=400, distances=m) for m in ("float16", "float32"))
-    assert half.precision != single.precision  # the default matters at these sizes
+    assert abs(half.precision - single.precision) > 5e-3  # the default matters
+    precision, recall, _ = adm.precision_recall(ref, smp, block=400)
+    assert (half.precision, half.recall) == pytest.approx((precision, recall), abs=1e-3)
 
 
 def test_only_blocks_with_a_non_finite_entry_fall_back_to_float32():
     rng = np.random.default_rng(3)
-    ref, smp = adm.pool3_like(1_000, rng), adm.pool3_like(1_200, rng, shift=0.03)
+    ref, smp = adm.pool3_like(1_000, rng), adm.pool3_like(1_200, rng, spread=0.95, noise=0.075)
     smp[500, :8] = 300.0  # its squares overflow float16: every block holding sample 500 is redone
     got = precision_recall(ref, smp, block=400)
     precision, recall, float32_blocks = adm.precision_recall(ref, smp, block=400)

@@ -44,9 +44,9 @@ ADM_UNDEFINED = (
     "return a number that depends on that offset.",
     "Feature means and covariances accumulate in float64 (streamed in batches, merged across "
     "ranks); ADM's np.mean of the float32 activations is float32 (its np.cov is float64).",
-    "Precision/recall, float16 distances: operands and every elementwise step are IEEE float16 "
-    "(computed in float32 and rounded after each step, which is exact); the two sums (squared "
-    "norms, dot products) accumulate in float32 and round once to float16. ADM leaves those sums "
+    "Precision/recall, float16 distances: operands and every elementwise step are IEEE float16; "
+    "the two sums (squared norms, dot products) accumulate in float32 and round once to float16 "
+    "(on CPU and GPU alike, TF32 off). ADM leaves those sums "
     "to its GPU's kernels: cuBLAS accumulates half GEMMs in float32, TF's half row sum "
     "accumulates in half in an order regscale does not reproduce.",
     "Precision/recall, float32 distances (a fallback block, or eval.pr_distances=float32): IEEE "
@@ -203,23 +203,19 @@ def exact_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _to_half(x: torch.Tensor) -> torch.Tensor:
-    """Round float32 values to float16 and keep them in float32 (inf beyond float16's range)."""
-    return x.half().float()
-
-
 def _sq_distances_float32(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return ((u * u).sum(1, keepdim=True) - 2.0 * (u @ v.T) + (v * v).sum(1)[None, :]).clamp_min(0.0)
 
 
 def _sq_distances_float16(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """ADM's half-precision norm expansion max(|u|^2 - 2 u.v + |v|^2, 0), every step rounded to
-    float16 (overflow gives inf, as in half); the sums accumulate in float32."""
-    u, v = _to_half(u), _to_half(v)
-    norm_u = _to_half(_to_half(u * u).sum(1, keepdim=True))
-    norm_v = _to_half(_to_half(v * v).sum(1))[None, :]
-    twice_dot = _to_half(2.0 * _to_half(u @ v.T))
-    return _to_half(_to_half(norm_u - twice_dot) + norm_v).clamp_min(0.0)
+    """ADM's half-precision norm expansion max(|u|^2 - 2 u.v + |v|^2, 0): operands and every
+    elementwise step in float16 (each op rounds once; overflow gives inf, NaN survives the clamp),
+    the two sums accumulated in float32 and rounded once to float16."""
+    u16, v16 = u.half(), v.half()
+    norm_u = (u16 * u16).sum(1, keepdim=True, dtype=torch.float32).half()
+    norm_v = (v16 * v16).sum(1, dtype=torch.float32).half()[None, :]
+    dot = (u16.float() @ v16.float().T).half()  # products of halves are exact in float32
+    return ((norm_u - 2 * dot) + norm_v).clamp_min(0).float()
 
 
 def sq_distances(u: torch.Tensor, v: torch.Tensor, distances: str = "float16") -> tuple[torch.Tensor, bool]:
