@@ -16,6 +16,8 @@ and bench/bench_eval_metrics.py can pin regscale against it:
 
 The two sums of the float16 expansion (squared norms, dot products) are taken here exactly
 (float64, then rounded to float16 once): the ideal that float32 accumulation approximates.
+Synthetic inputs for both: `pool3_like` features, `concentrated` ones (a float16 stress case) and
+`confident_logits`.
 """
 
 from __future__ import annotations
