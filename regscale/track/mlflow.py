@@ -410,7 +410,8 @@ class Tracker:
         self._put({"op": "metrics", "metrics": values, "step": int(step), "ts": _now_ms()})
 
     def log_image(self, path: Path, step: int) -> None:
-        """Log a sample grid as samples/step_XXXXXXXX.png (copied now: the caller may reuse the file)."""
+        """Log a sample grid as samples/step_XXXXXXXX.<its suffix> (copied now: the caller may reuse
+        the file)."""
         dest = self.run_dir / OUTBOX / f"step_{int(step):08d}{Path(path).suffix or '.png'}"
         try:
             dest.parent.mkdir(exist_ok=True)
