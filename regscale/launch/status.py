@@ -100,12 +100,14 @@ def local_job_state(run_dir: Path, job_id: str) -> str:
 
 def eval_status(run_dir: Path, job: runs.JobRecord, slurm: dict[str, str], final_step: int) -> EvalStatus:
     """An evaluation job's state (SLURM's, or the local job's files) and its FID once recorded."""
-    step = job.step if job.step is not None else final_step
-    record = eval_record_path(run_dir, step)
-    state = slurm.get(job.id, "UNKNOWN") if job.cluster == "slurm" else local_job_state(run_dir, job.id)
+    record = eval_record_path(run_dir, job.step if job.step is not None else final_step)
+    done = record.is_file()  # written at the job's very end
+    if job.cluster == "slurm":
+        state = slurm.get(job.id, "COMPLETED" if done else "UNKNOWN")
+    else:
+        state = "COMPLETED" if done else local_job_state(run_dir, job.id)
     status = EvalStatus(job.id, job.step, state)
-    if record.is_file():
-        status.state = "COMPLETED" if state in ("UNKNOWN", "RUNNING") else state
+    if done:
         status.fid, status.comparable = read_fid(record)
         status.record = record
     return status
@@ -182,6 +184,10 @@ def _fid(ev: EvalStatus) -> str:
     return "-" if ev.fid is None else f"{ev.fid:.2f}" + ("" if ev.comparable else "*")
 
 
+def _evaluated(ev: EvalStatus) -> str:
+    return "final" if ev.step is None else f"step {ev.step}"
+
+
 def _when(unix: Optional[float]) -> str:
     return "-" if unix is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
 
@@ -200,8 +206,7 @@ def _detail(st: RunStatus) -> list[str]:
              + (f" (newest: step {st.ckpt_step})" if st.checkpoints else "")]
     lines += [_attempt_line(a) for a in st.attempts]
     for ev in st.evals:
-        what = "final" if ev.step is None else f"step {ev.step}"
-        lines.append(f"  eval job {ev.job_id:<8} {what:<12} {ev.state:<10} FID {_fid(ev)}"
+        lines.append(f"  eval job {ev.job_id:<8} {_evaluated(ev):<12} {ev.state:<10} FID {_fid(ev)}"
                      + (f"  {ev.record}" if ev.record else ""))
     if st.stop_report:
         r = st.stop_report
@@ -217,7 +222,7 @@ def format_status(items: list[RunStatus], detail: bool) -> str:
     lines = [header]
     for st in items:
         rate = f"{st.images_per_s:.1f}" if st.images_per_s else "-"
-        evals = ", ".join(f"{'final' if ev.step is None else ev.step} {ev.state} {_fid(ev)}" for ev in st.evals)
+        evals = ", ".join(f"{_evaluated(ev)} {ev.state} {_fid(ev)}" for ev in st.evals)
         lines.append(f"{st.run_dir.name:<28} {st.train_job:<12} {st.state:<12} {max(st.requeues, 0):>8} "
                      f"{f'{st.step}/{st.max_steps}':>15} {rate:>8} {_duration(st.eta_s):>8}  {evals or '-'}")
         if detail:

@@ -120,8 +120,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def serve(uri: str, port: int, workers: int) -> int:
     """Run the MLflow UI for the SQLite store `uri` until Ctrl-C or SIGTERM; then stop it whole."""
-    check_port(port)
     check_workers(workers)
+    check_port(port)
     store_dir = Path(uri[len("sqlite:///"):]).parent
     log_path = store_dir / LOG_NAME
     url = f"http://{HOST}:{port}"
