@@ -206,3 +206,37 @@ def test_status_shows_evaluations_checkpoints_attempts_and_the_stop_report(tmp_p
     assert "STOPPED at step 40" in out and "2 attempts in a row failed" in out
     assert f"to continue      fix the cause, then: regscale resume {run_dir}" in out
     assert "* FID from a random Inception network" in out
+
+
+def test_followers_read_what_the_jobs_write(tmp_path: Path) -> None:
+    from regscale.launch.follow import EvaluationFollower, TrainingFollower, Update
+    from regscale.track import progress
+    from regscale.train.health import MetricsLog
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    training = TrainingFollower(run_dir, smoke_cfg(tmp_path))  # batch 8, 40 steps
+    assert training() == Update("training", 0, 40, "steps", "starting: model, data, first step")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    log.log({"time/first_step_s": 3.0}, 1)
+    log.log({"loss": 0.5, "images_per_s": 16.0}, 10)
+    assert training() == Update("training", 10, 40, "steps", "loss 0.5000  16.0 img/s", 30 * 8 / 16.0)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "loss": 0.25')  # a line being written
+    assert training().done == 10
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(', "images_per_s": 20.0}\n')
+    assert training().done == 20
+
+    out_dir = tmp_path / "eval" / "step_00000040"
+    evaluation = EvaluationFollower(out_dir)
+    assert evaluation().stage == "starting" and evaluation().count() == ""
+    progress.record_to(out_dir / progress.FILE_NAME)
+    try:
+        progress.report("sampling", 4, 4, "batches (rank 0)")
+        assert evaluation() == Update("sampling", 4, 4, "batches (rank 0)")
+        progress.report("sample features", 64, 64, "images")
+        assert evaluation().count() == "64/64 images"
+    finally:
+        progress.record_to(None)
+    assert EvaluationFollower(out_dir)().stage == "starting"  # a new attempt starts afresh

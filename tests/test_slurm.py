@@ -296,8 +296,8 @@ def test_local_executor_runs_train_then_eval(scenarios: dict) -> None:
     # progress while the jobs run (plain lines when not on a terminal), then the result
     assert re.search(r"^training: 40/40 steps  loss \d+\.\d{4}  \d+\.\d img/s", out, re.M), out
     assert out.index("training: 40/40 steps") < out.index("training: completed")
-    assert "evaluation: sampling: 1/1 batches (rank 0)" in out
-    assert re.search(r"^evaluation: reference features: (\d+)/\1 images", out, re.M), out
+    assert "sampling: 1/1 batches (rank 0)" in out
+    assert re.search(r"^reference features: (\d+)/\1 images", out, re.M), out
     record = run_dir / "eval" / "step_00000040" / "eval_record.json"
     assert re.search(r"^result      FID [\d.]+, sFID [\d.]+, IS [\d.]+, precision [\d.]+, recall [\d.]+ "
                      r"\(step 40\)\n\s+not comparable", out, re.M), out

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from regscale.config import Config
+from regscale.launch.status import format_duration
 from regscale.track import progress
 
 POLL_S = 1.0
@@ -24,14 +25,18 @@ NOT_COMPARABLE = "_not_comparable"
 
 @dataclass
 class Update:
-    """Where a job is: `done` of `total` `unit`s of `stage`, plus a few words (loss, img/s)."""
+    """Where a job is: `done` of `total` `unit`s of `stage` (total None: not known yet), plus a
+    few words (loss, img/s)."""
 
     stage: str
     done: int
-    total: int
+    total: Optional[int]
     unit: str
     detail: str = ""
     eta_s: Optional[float] = None  # None: the display estimates it from the rate so far
+
+    def count(self) -> str:
+        return "" if self.total is None else f"{self.done}/{self.total} {self.unit}"
 
 
 class TrainingFollower:
@@ -75,8 +80,8 @@ class EvaluationFollower:
     def __call__(self) -> Update:
         state = progress.read(self.path)
         if state is None:
-            return Update("evaluation", 0, 1, "", "starting: model, VAE, reference")
-        return Update(f"evaluation: {state['stage']}", int(state["done"]), int(state["total"]), state["unit"])
+            return Update("starting", 0, None, "", "model, VAE, reference")
+        return Update(state["stage"], int(state["done"]), int(state["total"]), state["unit"])
 
 
 class Display:
@@ -94,7 +99,7 @@ class Display:
             from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
             self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
+                                TextColumn("{task.fields[count]}"),
                                 TextColumn("{task.fields[detail]}"), TextColumn("ETA {task.fields[eta]}"),
                                 console=self.console)
             self.bar.start()
@@ -106,20 +111,19 @@ class Display:
         if new_stage:
             self.stage, self.stage_t0 = update.stage, now
         eta = update.eta_s
-        if eta is None and update.done > 0:
+        if eta is None and update.total is not None and update.done > 0:
             eta = (update.total - update.done) * (now - self.stage_t0) / update.done
-        eta_text = "-" if eta is None else time.strftime("%H:%M:%S", time.gmtime(max(eta, 0.0)))
+        eta_text = format_duration(None if eta is None else max(eta, 0.0))
         if self.bar is not None:
             if new_stage:
                 if self.task is not None:
                     self.bar.stop_task(self.task)
-                self.task = self.bar.add_task(update.stage, total=update.total, unit=update.unit, detail="", eta="")
-            self.bar.update(self.task, completed=update.done, total=update.total, unit=update.unit,
+                self.task = self.bar.add_task(update.stage, total=update.total, count="", detail="", eta="")
+            self.bar.update(self.task, completed=update.done, total=update.total, count=update.count(),
                             detail=update.detail, eta=eta_text)
         elif new_stage or final or now - self.last_line >= LINE_EVERY_S:
             self.last_line = now
-            print(f"{update.stage}: {update.done}/{update.total} {update.unit}  {update.detail}  ETA {eta_text}",
-                  flush=True)
+            print(f"{update.stage}: {update.count()}  {update.detail}  ETA {eta_text}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

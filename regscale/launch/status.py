@@ -164,7 +164,8 @@ def run_status(run_dir: Path) -> RunStatus:
                      sorted(kept), attempts, stop)
 
 
-def _duration(seconds: Optional[float]) -> str:
+def format_duration(seconds: Optional[float]) -> str:
+    """`-`, `4m05s` or `2h07m`."""
     if seconds is None:
         return "-"
     minutes = int(seconds // 60)
@@ -224,7 +225,7 @@ def format_status(items: list[RunStatus], detail: bool) -> str:
         rate = f"{st.images_per_s:.1f}" if st.images_per_s else "-"
         evals = ", ".join(f"{_evaluated(ev)} {ev.state} {_fid(ev)}" for ev in st.evals)
         lines.append(f"{st.run_dir.name:<28} {st.train_job:<12} {st.state:<12} {max(st.requeues, 0):>8} "
-                     f"{f'{st.step}/{st.max_steps}':>15} {rate:>8} {_duration(st.eta_s):>8}  {evals or '-'}")
+                     f"{f'{st.step}/{st.max_steps}':>15} {rate:>8} {format_duration(st.eta_s):>8}  {evals or '-'}")
         if detail:
             lines += _detail(st)
         elif st.stop_reason:
