@@ -150,7 +150,7 @@ def test_killed_and_resumed_run_continues_the_same_run(mlflow_server, tmp_path, 
     assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [run_id]
 
 
-def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experiment):
+def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experiment, capsys):
     cfg = make_cfg(tmp_path, mlflow_server.url, experiment)
     run_dir = tmp_path / "runs" / "smoke"
     tracker = Tracker.open(cfg, run_dir)
@@ -167,6 +167,7 @@ def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experimen
     evaluation.log_eval(dict(result, fid=25.0), 40, {"num_samples": 64, "cfg_scale": 1.5, "weights": "ema"},
                         started=began)
     evaluation.finish()
+    assert "View run" not in capsys.readouterr().out  # MLflow's own line at each run's end
 
     client = MlflowClient(mlflow_server.url)
     parent = client.get_run(tracker.run_id)
@@ -174,9 +175,9 @@ def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experimen
     fid = client.get_metric_history(tracker.run_id, "eval/fid")
     assert [(m.step, m.value) for m in fid] == [(20, 30.5), (40, 25.0)]
     assert steps_of(client, tracker.run_id, "eval/recall") == [20, 40]
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{tracker.run_id}'",
-                                  order_by=["attributes.start_time ASC"])
+    children = sorted(client.search_runs([parent.info.experiment_id],
+                                         f"tags.mlflow.parentRunId = '{tracker.run_id}'"),
+                      key=lambda c: int(c.data.tags["regscale.step"]))
     assert [c.data.tags["regscale.step"] for c in children] == ["20", "40"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert children[0].data.metrics == result
