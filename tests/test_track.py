@@ -26,6 +26,7 @@ from regscale.cli import main
 from regscale.config import load_config
 from regscale.errors import UserError
 from regscale.track.mlflow import RUN_ID_FILE, Tracker, config_params, register_run
+from regscale.track.ui import check_port
 from tests.fixtures.mlflow import free_port
 from tests.fixtures.train import TORCHRUN
 
@@ -368,7 +369,6 @@ def test_ui_is_ready_when_it_answers_and_a_signal_stops_its_whole_tree(tmp_path,
             ui.wait()
     assert ui.returncode == 0 and out.strip() == "MLflow UI stopped" and "Traceback" not in err
     assert _alive(tree) == []
-    with socket.socket() as probe:  # nothing holds the port any more
-        probe.bind(("127.0.0.1", port))
+    check_port(port)  # nothing listens on the port any more (a new server could bind it)
     log = (runs_dir / "mlflow-ui.log").read_text()
     assert "Uvicorn running" in log and "/health" not in log and "runs/search" not in log
