@@ -78,7 +78,7 @@ def test_run_logs_params_metrics_tags_and_artifacts(mlflow_server, tmp_path, exp
     assert tags["world_size"] == "2" and tags["engine"] == "fsdp" and tags["requeue_count"] == "0"
     assert tags["regscale.attempt"] == "1" and len(tags["mlflow.source.git.commit"]) == 40
     # the UI's Source and User columns: the command that created the run, and who ran it
-    assert tags["mlflow.source.name"] == shlex.join(sys.argv) and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] == shlex.join(sys.argv) and tags["mlflow.source.type"] == "JOB"
     assert tags["mlflow.user"] == getpass.getuser()
     artifacts = {a.path for d in ("config", "samples") for a in client.list_artifacts(run_id, d)}
     assert artifacts == {"config/config.yaml", "samples/step_00000010.png"}

@@ -130,8 +130,9 @@ def command_line() -> str:
 
 
 def source_tags() -> dict[str, str]:
-    """The run's Source and User in the MLflow UI: the command that created it, and who ran it."""
-    return {"mlflow.source.name": command_line(), "mlflow.source.type": "LOCAL",
+    """The run's Source and User in the MLflow UI: the command that created it (type JOB: the UI
+    shows a LOCAL source's last path component only), and who ran it."""
+    return {"mlflow.source.name": command_line(), "mlflow.source.type": "JOB",
             "mlflow.user": getpass.getuser()}
 
 
