@@ -23,8 +23,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 
 from regscale.config import Config, ConfigError
+from regscale.dist import DistEnv
 from regscale.engine.base import Engine, StepResult, adamw, apply_block_options, trainable
-from regscale.train.dist import DistEnv
 
 
 def _own_outputs(module: nn.Module, args: Any, output: Any) -> Any:

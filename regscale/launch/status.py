@@ -13,6 +13,7 @@ from typing import Optional
 
 from regscale.errors import UserError
 from regscale.launch import runs
+from regscale.rundir import CHECKPOINTS, step_name, step_of
 from regscale.train.checkpoint import published
 
 RATE_KEYS = ("images_per_s", "img_per_s", "imgs_per_s", "throughput")
@@ -66,7 +67,7 @@ class EvalStatus:
 
 def eval_record_path(run_dir: Path, step: int) -> Path:
     """Where the evaluation of checkpoint `step` writes its record (regscale.eval.job)."""
-    return run_dir / "eval" / f"step_{step:08d}" / "eval_record.json"
+    return run_dir / "eval" / step_name(step) / "eval_record.json"
 
 
 def read_fid(record: Path) -> tuple[Optional[float], bool]:
@@ -157,7 +158,7 @@ def run_status(run_dir: Path) -> RunStatus:
     report = run_dir / runs.STOP_REPORT
     stop = json.loads(report.read_text()) if report.is_file() else None
     evals = [eval_status(run_dir, j, states, cfg.train.max_steps) for j in jobs if j.kind == "eval"]
-    kept = [int(p.name.rsplit("_", 1)[1]) for p in published(run_dir / "checkpoints")]
+    kept = [step_of(p.name) for p in published(run_dir / CHECKPOINTS)]
     return RunStatus(run_dir, last_train.id if last_train else "-", state,
                      sum(a.job_id == last_train.id for a in attempts) - 1 if last_train and attempts else 0,
                      step, ckpt, cfg.train.max_steps, rate, eta, evals, stop["reason"] if stop else None,

@@ -8,10 +8,11 @@ The evaluation job names its file (`record_to`, rank 0); the loops that do the w
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from regscale.fsutil import write_atomic
 
 FILE_NAME = "progress.json"
 MIN_INTERVAL_S = 1.0
@@ -37,9 +38,7 @@ def report(stage: str, done: int, total: int, unit: str) -> None:
     if _last[0] == stage and done < total and now - _last[1] < MIN_INTERVAL_S:
         return
     _last = (stage, now)
-    tmp = _sink.with_name(f".{_sink.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"stage": stage, "done": done, "total": total, "unit": unit, "time": time.time()}))
-    os.replace(tmp, _sink)
+    write_atomic(_sink, json.dumps({"stage": stage, "done": done, "total": total, "unit": unit, "time": time.time()}))
 
 
 def read(path: Path) -> Optional[dict[str, Any]]:

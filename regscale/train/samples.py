@@ -9,13 +9,14 @@ samples is ~0.2-0.6 MB, against 2.5 MB as PNG).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from regscale.config import Config
+from regscale.fsutil import atomic_path
+from regscale.rundir import step_name
 
 GRID = 16
 MAX_STEPS = 50  # a preview, not an evaluation: fewer sampler steps than eval.steps
@@ -46,9 +47,7 @@ def sample_grid(cfg: Config, run_dir: Path, step: int, device: torch.device) -> 
     side = int(math.sqrt(GRID))
     b, c, h, w = images.shape
     grid = images.reshape(side, side, c, h, w).transpose(0, 3, 1, 4, 2).reshape(side * h, side * w, c)
-    out = run_dir / "samples" / f"step_{step:08d}.jpg"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    Image.fromarray(np.ascontiguousarray(grid)).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-    os.replace(tmp, out)
+    out = run_dir / "samples" / f"{step_name(step)}.jpg"
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.ascontiguousarray(grid)).save(tmp, format="JPEG", quality=JPEG_QUALITY)
     return out
