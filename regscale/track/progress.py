@@ -24,9 +24,7 @@ _last: tuple[str, float] = ("", 0.0)  # stage and time of the last write
 def record_to(path: Optional[Path]) -> None:
     """Send this process's `report`s to `path` (None: nowhere)."""
     global _sink, _last
-    _sink, _last = path, ("", 0.0)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    _sink, _last = path, ("", 0.0)  # its folder is made by the first report
 
 
 def report(stage: str, done: int, total: int, unit: str) -> None:
