@@ -18,15 +18,14 @@ from regscale.eval.sample import make_labels, pending_chunks
 from tests.fixtures.eval import tiny_eval_config, tiny_state
 
 
-def _generate(cfg, state, out: Path, decode=None, on_batch=None) -> Path:
+def _generate(cfg, state, out: Path, decode=None) -> Path:
     from regscale.eval.job import build_sampling_model
     from regscale.eval.sample import generate
     from regscale.models.encoders import decode_latents, load_vae
 
     model = build_sampling_model(cfg, state, torch.device("cpu"))
     vae = load_vae(cfg.vae.decoder, random_init=True)
-    return generate(model, decode or (lambda z: decode_latents(vae, z)), cfg, out, "test-weights", log=None,
-                    on_batch=on_batch)
+    return generate(model, decode or (lambda z: decode_latents(vae, z)), cfg, out, "test-weights", log=None)
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
@@ -110,12 +109,9 @@ def test_preempted_sampling_resumes_from_its_shards(tmp_path, one_thread):
     assert shards == ["00000000_00000003.npz"]
     (tmp_path / "run" / "shards" / "00000003_00000006.npz").write_bytes(b"torn write")  # a broken shard
     calls.clear()
-    progress = []
     resumed, _ = _arrays(_generate(cfg, state, tmp_path / "run", decode=lambda z: (calls.append(len(z)),
-                                                                                    decode_latents(vae, z))[1],
-                                   on_batch=lambda done, total: progress.append((done, total))))
+                                                                                    decode_latents(vae, z))[1]))
     assert calls == [3, 1]  # only the missing samples were drawn
-    assert progress == [(3, 4), (4, 4)]  # the progress hook: this rank's samples drawn, of its share
     np.testing.assert_array_equal(resumed, reference)
     with pytest.raises(UserError, match="other settings \\(cfg_scale: 1.5 -> 2.0\\)"):
         _generate(tiny_eval_config("eval.cfg_scale=2.0"), state, tmp_path / "run")

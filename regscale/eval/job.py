@@ -28,9 +28,9 @@ from regscale.eval.inception import InceptionFeatures, file_sha256, load_incepti
 from regscale.eval.metrics import (ADM_UNDEFINED, IS_SPLIT_SIZE, chunk_sizes, frechet, inception_score,
                                    precision_recall)
 from regscale.eval.npz import NpzArray, check_samples, load_reference, open_images
-from regscale.eval.sample import Progress
 from regscale.fsutil import write_atomic
 from regscale.rundir import step_name
+from regscale.track import progress
 
 # Bump when anything that changes the numbers changes (network port, preprocessing, formulas).
 EVALUATOR_VERSION = "regscale-adm-2"
@@ -302,10 +302,9 @@ def evaluate_samples(samples_path: Path, ref_batch: Optional[str], *, inception:
 
 
 def sample_checkpoint(cfg: Config, weights: Path | str | dict, out_dir: Path, step: Optional[int],
-                      device: torch.device, which: str = "ema",
-                      on_batch: Optional[Progress] = None) -> tuple[Path, dict[str, Any]]:
+                      device: torch.device, which: str = "ema") -> tuple[Path, dict[str, Any]]:
     """Load the weights and the VAE decoder, draw the samples (all ranks): (samples.npz, weights info).
-    The model and VAE are freed on return. on_batch: see `generate`."""
+    The model and VAE are freed on return."""
     from regscale.eval.sample import generate
     from regscale.models.encoders import decode_latents, load_vae
 
@@ -314,24 +313,24 @@ def sample_checkpoint(cfg: Config, weights: Path | str | dict, out_dir: Path, st
     del state
     vae = load_vae(cfg.vae.decoder, random_init=cfg.vae.random_init).to(device)
     npz = generate(model, lambda z: decode_latents(vae, z, scale=cfg.vae.scale), cfg, out_dir,
-                   weights_info["fingerprint"], device=device, on_batch=on_batch)
+                   weights_info["fingerprint"], device=device)
     return npz, weights_info
 
 
-def evaluate(cfg: Config, weights: Path | dict, out_dir: Path, step: int, tracker=None,
-             on_batch: Optional[Progress] = None) -> dict:
+def evaluate(cfg: Config, weights: Path | dict, out_dir: Path, step: int, tracker=None) -> dict:
     """Sample cfg.eval.num_samples images from `weights`, score them against the reference, write
-    out_dir/eval_record.json, log to `tracker` (rank 0). Returns the record on every rank.
-    on_batch(done, total): sampling progress of this rank (see `generate`)."""
+    out_dir/eval_record.json, log to `tracker` (rank 0). Returns the record on every rank."""
     ev = cfg.eval
     out_dir = Path(out_dir)
     rank, world, device = dist_setup()
+    if rank == 0:
+        progress.record_to(out_dir / progress.FILE_NAME)  # for a `regscale submit` waiting on this job
     # inputs first: no GPU time before we know the evaluation can finish
     if not ev.random_inception:
         resolve_weights(ev.inception)
     check_reference(ev.ref_batch, cfg, ev.random_inception)
     t0 = time.time()
-    npz, weights_info = sample_checkpoint(cfg, weights, out_dir, step, device, on_batch=on_batch)
+    npz, weights_info = sample_checkpoint(cfg, weights, out_dir, step, device)
     sample_s = time.time() - t0
     t1 = time.time()
     outcome = None

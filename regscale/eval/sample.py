@@ -24,10 +24,10 @@ from regscale.config import Config
 from regscale.errors import UserError
 from regscale.eval.npz import NpzArray, npz_members, write_npz
 from regscale.fsutil import write_atomic
+from regscale.track import progress as track_progress
 
 SETTINGS = "sampling.json"
 SETTINGS_BEFORE_KEYS = {"precision": "fp32"}  # what shards pinned before a key existed were drawn with
-Progress = Callable[[int, int], None]  # (samples this rank has drawn, samples this rank draws)
 _SHARD = re.compile(r"^(\d{8})_(\d{8})\.npz$")
 
 
@@ -151,11 +151,10 @@ def samples_complete(npz: Path, n: int) -> bool:
 
 def generate(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor], cfg: Config,
              out_dir: Path, weights_id: str, device: torch.device | str = "cpu",
-             log: Optional[Callable[[str], None]] = print, on_batch: Optional[Progress] = None) -> Path:
+             log: Optional[Callable[[str], None]] = print) -> Path:
     """Sample eval.num_samples images on all ranks into out_dir/samples.npz and return its path.
 
-    decode: scaled latents [B,4,32,32] -> uint8 [B,3,H,W] (the SD-VAE decoder).
-    on_batch(done, total): called on every rank after each of its batches, with its own counts."""
+    decode: scaled latents [B,4,32,32] -> uint8 [B,3,H,W] (the SD-VAE decoder)."""
     ev = cfg.eval
     n = ev.num_samples
     out_dir = Path(out_dir)
@@ -180,8 +179,7 @@ def generate(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tens
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
     try:
-        _draw(model, decode, cfg, labels, chunks[rank::world], shard_dir, device,
-              progress=rank == 0 and log is not None, on_batch=on_batch)
+        _draw(model, decode, cfg, labels, chunks[rank::world], shard_dir, device, progress=rank == 0 and log is not None)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     if world > 1:
@@ -192,15 +190,15 @@ def generate(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tens
 
 def _draw(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor], cfg: Config,
           labels: np.ndarray, chunks: list[tuple[int, int]], shard_dir: Path, device: torch.device | str,
-          progress: bool = False, on_batch: Optional[Progress] = None) -> None:
+          progress: bool = False) -> None:
     """Sample, decode and write this rank's chunks, one shard each."""
     from tqdm.auto import tqdm
 
     from regscale.sampling import sample
 
     ev = cfg.eval
-    total, done = sum(b - a for a, b in chunks), 0
-    for start, stop in tqdm(chunks, desc="sampling (rank 0's batches)", disable=not progress, mininterval=30):
+    for i, (start, stop) in enumerate(tqdm(chunks, desc="sampling (rank 0's batches)", disable=not progress,
+                                           mininterval=30)):
         y = torch.from_numpy(labels[start:stop]).to(device)
         seeds = [sample_seed(ev.seed, i) for i in range(start, stop)]
         latents, _ = sample(model, y, seeds, sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
@@ -210,9 +208,7 @@ def _draw(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor]
         path = _shard_path(shard_dir, start, stop)
         write_npz(path, {"images": (images.shape, np.uint8, [images]),
                          "labels": ((stop - start,), np.int64, [labels[start:stop]])})
-        done += stop - start
-        if on_batch is not None:
-            on_batch(done, total)
+        track_progress.report("sampling", i + 1, len(chunks), "batches (rank 0)")
 
 
 def _assemble(shard_dir: Path, npz: Path, n: int, labels: np.ndarray) -> None:
