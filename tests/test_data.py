@@ -283,7 +283,7 @@ def test_stale_shared_memory_of_a_killed_run_is_cleaned(reg_dataset):
 
 
 def _as_rank(rank: int, fn, *args) -> None:
-    os.environ["RANK"] = str(rank)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # a launcher sets both, or neither
     fn(*args)
 
 
