@@ -184,9 +184,12 @@ def to_universal(path: Path, out: Path) -> None:
     """DeepSpeed's universal checkpoint (ds_to_universal) of the checkpoint directory `path`."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+    # inject_missing_state: the universal-checkpoint info of a data-parallel-only model (no tensor or
+    # pipeline parallelism) is the format version alone, which DeepSpeed saves only for models
+    # that declare it
     args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
+                              inject_missing_state=True)
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         ds_to_universal(args)  # it prints progress bars
 
