@@ -28,8 +28,6 @@ from regscale.config import Config
 from regscale.engine.base import DTYPES, Engine, StepResult, adamw, apply_block_options, trainable
 from regscale.train.dist import BatchPlan, DistEnv
 
-log = logging.getLogger(__name__)
-
 
 def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
     """DeepSpeed's configuration for this recipe and batch plan."""
@@ -154,7 +152,6 @@ class DeepSpeedEngine(Engine):
             for name, (off, frag) in self.fragments.items():
                 self.ema[name] = torch.zeros_like(frag, dtype=torch.float32)
                 _copy_slice(self.ema[name], full[name], off)
-
 
     def _load_resharded(self, path: Path) -> None:
         """Weights, fp32 master copy, Adam moments and step from a checkpoint that another number
