@@ -24,9 +24,9 @@ from typing import Any, ContextManager, Optional
 import torch
 from torch import nn
 
-from regscale.config import Config
+from regscale.config import BatchPlan, Config
+from regscale.dist import DistEnv
 from regscale.engine.base import DTYPES, Engine, StepResult, adamw, apply_block_options, trainable
-from regscale.train.dist import BatchPlan, DistEnv
 
 
 def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
@@ -46,6 +46,14 @@ def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+def _import_deepspeed() -> Any:
+    """deepspeed, told the accelerator we run on: its auto-detection warns in every CPU process."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    return deepspeed
 
 
 def _fp32_fragment(param: nn.Parameter) -> Optional[tuple[int, torch.Tensor]]:
@@ -71,8 +79,7 @@ class DeepSpeedEngine(Engine):
     kind = "deepspeed"
 
     def __init__(self, cfg: Config, model: nn.Module, env: DistEnv, plan: BatchPlan) -> None:
-        import deepspeed
-
+        deepspeed = _import_deepspeed()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg = cfg
         self.env = env
@@ -179,6 +186,7 @@ class DeepSpeedEngine(Engine):
 
 def to_universal(path: Path, out: Path) -> None:
     """DeepSpeed's universal checkpoint (ds_to_universal) of the checkpoint directory `path`."""
+    _import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     # inject_missing_state: the universal-checkpoint info of a data-parallel-only model (no tensor or
@@ -220,6 +228,7 @@ def assemble_ema(path: Path) -> dict[str, torch.Tensor]:
 
 def consolidate(path: Path, weights: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights (EMA over them for weights='ema') from a DeepSpeed checkpoint directory."""
+    _import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # it prints progress

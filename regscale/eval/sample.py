@@ -12,7 +12,6 @@ the shards. `shards/sampling.json` pins the settings; shards sampled otherwise a
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +23,8 @@ import torch.distributed as dist
 from regscale.config import Config
 from regscale.errors import UserError
 from regscale.eval.npz import NpzArray, npz_members, write_npz
+from regscale.fsutil import write_atomic
+from regscale.track import progress as track_progress
 
 SETTINGS = "sampling.json"
 _SHARD = re.compile(r"^(\d{8})_(\d{8})\.npz$")
@@ -111,10 +112,7 @@ def _check_settings(shard_dir: Path, settings: dict[str, Any]) -> None:
             raise UserError(f"{shard_dir}: holds samples drawn with other settings ({what}); "
                             "use another output directory or delete it")
     else:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{SETTINGS}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(settings, indent=2, sort_keys=True))
 
 
 def _rank_world() -> tuple[int, int]:
@@ -198,7 +196,8 @@ def _draw(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor]
     from regscale.sampling import sample
 
     ev = cfg.eval
-    for start, stop in tqdm(chunks, desc="sampling (rank 0's batches)", disable=not progress, mininterval=30):
+    for i, (start, stop) in enumerate(tqdm(chunks, desc="sampling (rank 0's batches)", disable=not progress,
+                                           mininterval=30)):
         y = torch.from_numpy(labels[start:stop]).to(device)
         seeds = [sample_seed(ev.seed, i) for i in range(start, stop)]
         latents, _ = sample(model, y, seeds, sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
@@ -208,6 +207,7 @@ def _draw(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor]
         path = _shard_path(shard_dir, start, stop)
         write_npz(path, {"images": (images.shape, np.uint8, [images]),
                          "labels": ((stop - start,), np.int64, [labels[start:stop]])})
+        track_progress.report("sampling", i + 1, len(chunks), "batches (rank 0)")
 
 
 def _assemble(shard_dir: Path, npz: Path, n: int, labels: np.ndarray) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from regscale.config import Config, is_remote
+from regscale.config import Config, ConfigError, batch_plan, check_paths_for_training, is_remote
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -25,6 +26,7 @@ class Plan:
     checkpoints: int
     max_s_per_step_for_ckpt: float
     jobs: list[str]
+    warning: Optional[str]  # what a real submit would refuse (data.path missing, ...)
 
 
 def dataset_size(cfg: Config) -> tuple[int, str]:
@@ -38,11 +40,19 @@ def dataset_size(cfg: Config) -> tuple[int, str]:
     return IMAGENET_TRAIN_IMAGES, "ImageNet-1k train (assumed)"
 
 
+def refusal(cfg: Config) -> Optional[str]:
+    """Why `regscale submit` would refuse the run's files (data, weights), or None."""
+    try:
+        check_paths_for_training(cfg)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def make_plan(cfg: Config) -> Plan:
     t, s = cfg.train, cfg.slurm
     world = cfg.world_size
-    per_gpu = t.batch_size // world
-    micro = t.micro_batch_size or per_gpu
+    batch = batch_plan(t, world)
     images, source = dataset_size(cfg)
     seen = t.batch_size * t.max_steps
     usable_s = s.time_limit_min * 60 - s.signal_lead_s
@@ -57,9 +67,9 @@ def make_plan(cfg: Config) -> Plan:
                 f"{cfg.eval.guidance_high}], then FID/sFID/IS/P/R")
     return Plan(
         world_size=world,
-        per_gpu_batch=per_gpu,
-        micro_batch=micro,
-        grad_accum=per_gpu // micro,
+        per_gpu_batch=batch.per_rank,
+        micro_batch=batch.micro,
+        grad_accum=batch.accumulation,
         dataset_images=images,
         dataset_source=source,
         images_seen=seen,
@@ -68,6 +78,7 @@ def make_plan(cfg: Config) -> Plan:
         checkpoints=t.max_steps // t.ckpt_every,
         max_s_per_step_for_ckpt=usable_s / t.ckpt_every,
         jobs=jobs,
+        warning=refusal(cfg),
     )
 
 
@@ -93,4 +104,6 @@ def format_plan(cfg: Config, plan: Plan) -> str:
         "jobs:",
     ]
     lines += [f"  - {job}" for job in plan.jobs]
+    if plan.warning:
+        lines.append(f"WARNING        {plan.warning} (a submit without --dry-run refuses this)")
     return "\n".join(lines)

@@ -14,15 +14,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from regscale.config import Config, ConfigError, check_paths_for_training, load_config, to_yaml
+from regscale.config import (RESUMABLE_KEYS, Config, ConfigError, check_paths_for_training, load_config,
+                             resumable, to_yaml)
 from regscale.errors import UserError
+from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.launch.profile import Profile, check_value, load_profile, sbatch_parameters, sbatch_test_args
-
-RESUME_KEYS = ("slurm.time_limit_min", "slurm.nodes", "slurm.partition")
-
+from regscale.rundir import CHECKPOINTS, step_name
 
 # ---------------------------------------------------------------------------------------------
 # where jobs run
@@ -126,11 +126,11 @@ def prepare_run_dir(cfg: Config) -> Path:
     """Create <run.dir>/<run.name> with config.yaml; refuse to reuse one that already ran."""
     run_dir = runs.run_dir_of(cfg)
     check_value("run directory", str(run_dir))
-    if runs.read_jobs(run_dir) or (run_dir / "checkpoints").exists():
+    if runs.read_jobs(run_dir) or (run_dir / CHECKPOINTS).exists():
         raise UserError(f"run directory {run_dir} already holds a run: continue it with "
                         f"`regscale resume {run_dir}`, or choose another run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     return run_dir
 
 
@@ -168,12 +168,15 @@ def submit_slurm(cfg: Config, launcher: Launcher, run_dir: Path) -> Submitted:
     return Submitted(run_dir, job.job_id, _chain_evals(launcher, cfg, run_dir, job.job_id), mlflow)
 
 
-def _wait_local(job: Any, what: str, run_dir: Path) -> bool:
-    """Wait for a local job; print where its log is and how it ended."""
+def _wait_local(job: Any, what: str, run_dir: Path, updates: Callable[[], Any]) -> bool:
+    """Wait for a local job, showing its progress; print where its log is and how it ended."""
     import submitit
+
+    from regscale.launch.follow import follow
 
     print(f"{what}: local job {job.job_id}, log {job.paths.stdout.parent}", flush=True)
     try:
+        follow(job, updates)
         result = job.results()[0]
     except KeyboardInterrupt:
         job.cancel(check=False)  # the local processes must not outlive the command
@@ -185,31 +188,38 @@ def _wait_local(job: Any, what: str, run_dir: Path) -> bool:
         if report.is_file():
             print(f"stop report: {report}", file=sys.stderr)
         return False
-    print(f"{what}: {result if isinstance(result, str) else 'done'}", flush=True)
+    if isinstance(result, str):
+        print(f"{what}: {result}", flush=True)
     return True
 
 
 def run_local(cfg: Config, launcher: Launcher, run_dir: Path) -> Submitted:
     """The same chain on this machine, one job after the other: train, intermediate evals, final eval."""
+    from regscale.launch.follow import EvaluationFollower, TrainingFollower, format_result
     from regscale.launch.job import EvalJob, TrainJob
+    from regscale.launch.status import eval_record_path
 
     mlflow = mlflow_run_id(cfg, run_dir)
     print(f"run dir    {run_dir}\nMLflow run {mlflow}", flush=True)
     job = launcher.submit(TrainJob(str(run_dir)), str(cfg.run.name))
     train_id = job.job_id
     runs.add_jobs(run_dir, [runs.JobRecord(train_id, "train", "local")])
-    if not _wait_local(job, "training", run_dir):
+    if not _wait_local(job, "training", run_dir, TrainingFollower(run_dir, cfg)):
         raise UserError(f"training failed; logs under {job.paths.stdout.parent}; nothing evaluated")
     evals = []
     for step in [*cfg.eval.at_steps, None]:
-        if step is not None and not (run_dir / "checkpoints" / f"step_{step:08d}").is_dir():
+        if step is not None and not (run_dir / CHECKPOINTS / step_name(step)).is_dir():
             print(f"eval @ step {step}: no checkpoint kept for that step (train.keep_every), skipped")
             continue
+        evaluated = cfg.train.max_steps if step is None else step
+        record = eval_record_path(run_dir, evaluated)
+        follower = EvaluationFollower(record.parent)  # before the job starts writing its progress
         job = launcher.submit(EvalJob(str(run_dir), step), f"{cfg.run.name}-eval")
         runs.add_jobs(run_dir, [runs.JobRecord(job.job_id, "eval", "local", step=step)])
         evals.append(job.job_id)
-        if not _wait_local(job, f"evaluation @ step {step or cfg.train.max_steps}", run_dir):
+        if not _wait_local(job, f"evaluation @ step {evaluated}", run_dir, follower):
             raise UserError(f"evaluation failed; logs under {job.paths.stdout.parent}")
+        print(format_result(record), flush=True)
     return Submitted(run_dir, train_id, evals, mlflow)
 
 
@@ -304,9 +314,9 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     run_dir = run_dir.resolve()
     runs.load_run_config(run_dir)
     for item in overrides:
-        if item.partition("=")[0] not in RESUME_KEYS:
+        if not resumable(item.partition("=")[0]):
             raise UserError(f"resume: '{item}' cannot change for a run that has started; allowed: "
-                            f"{', '.join(RESUME_KEYS)}")
+                            f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_KEYS)}")
     cfg = load_config(run_dir / "config.yaml", overrides)
     active = _active_jobs(run_dir)
     if active:
@@ -321,7 +331,7 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     stop = run_dir / runs.STOP_REPORT
     if stop.is_file():
         stop.rename(run_dir / f"stop_report.{int(time.time())}.json")
-    runs.atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     runs.record_resume(run_dir, step)
     print(f"resuming {run_dir} from step {step}")
     if cluster == "slurm":

@@ -12,14 +12,17 @@ step already logged: on reopen the last step of every key is read back from the 
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -27,8 +30,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from regscale.config import Config, config_hash, flatten, to_yaml
+from regscale.config import Config, config_hash, flatten, resume_changes, to_yaml
+from regscale.dist import launcher_layout, read_layout
 from regscale.errors import UserError
+from regscale.fsutil import write_atomic
+from regscale.rundir import step_name
 
 RUN_ID_FILE = "mlflow_run_id"
 PENDING_PREFIX = "mlflow_pending"
@@ -40,17 +46,8 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 OUTCOMES = {"completed": "FINISHED", "failed": "FAILED", "preempted": "KILLED", "deadline": "KILLED"}
 EVAL_PREFIX = "eval/"  # evaluation metrics mirrored on the training run: eval/fid, eval/sfid, ...
 GPU_HOURS = "gpu_hours"
-
-# Keys that may change when a lineage is resumed (how and where it runs, how long, how often it
-# logs). Any other key defines the experiment: changing it on resume is refused.
-MUTABLE_KEYS = (
-    "slurm.", "engine.", "mlflow.", "eval.", "run.dir",
-    "data.path", "data.local_cache", "data.num_workers",
-    "encoder.weights", "vae.encoder", "vae.decoder",
-    "train.max_steps", "train.micro_batch_size", "train.ckpt_every", "train.keep_last",
-    "train.keep_every", "train.log_every", "train.sample_every", "train.max_nonfinite_steps",
-    "train.tf32",
-)
+# MLflow 3 files an experiment without a kind under GenAI (traces, evaluations); this is model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 _BATCH = 1000  # MLflow's limit on metrics per log_batch
 _PARAM_BATCH = 100  # and on params / tags
@@ -85,25 +82,6 @@ def config_params(cfg: Config) -> dict[str, str]:
     return {key: str(value) for key, value in flatten(cfg).items()}
 
 
-def is_mutable(key: str) -> bool:
-    return any(key == m or (m.endswith(".") and key.startswith(m)) for m in MUTABLE_KEYS)
-
-
-def check_params(logged: dict[str, str], current: dict[str, str], where: str) -> dict[str, str]:
-    """Compare a resumed config with the params its run logged first.
-
-    Raises UserError naming every immutable key that changed; returns the changed mutable keys
-    with their new values (recorded as `changed.<key>` tags, since MLflow params cannot change).
-    """
-    changed = {k: v for k, v in current.items() if k in logged and logged[k] != v}
-    refused = sorted(k for k in changed if not is_mutable(k))
-    if refused:
-        detail = "; ".join(f"'{k}' was {logged[k]!r}, now {changed[k]!r}" for k in refused)
-        raise UserError(f"{where}: resuming MLflow run would change immutable params: {detail}. "
-                        "Start a new run (another run.name) to change them.")
-    return {k: v for k, v in changed.items() if k not in refused}
-
-
 def _git_tags() -> dict[str, str]:
     repo = Path(__file__).resolve().parents[2]
     try:
@@ -116,16 +94,29 @@ def _git_tags() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 
+def command_line() -> str:
+    """This process's command as the user typed it: `regscale VERB ...` for the CLI."""
+    argv = sys.argv
+    if argv and Path(argv[0]).name in ("regscale", "cli.py"):
+        argv = ["regscale", *argv[1:]]
+    return shlex.join(argv)
+
+
+def source_tags() -> dict[str, str]:
+    """The run's Source and User in the MLflow UI: the command that created it (type JOB: the UI
+    shows a LOCAL source's last path component only), and who ran it."""
+    return {"mlflow.source.name": command_line(), "mlflow.source.type": "JOB",
+            "mlflow.user": getpass.getuser()}
+
+
 def world_size(cfg: Config) -> int:
     """Processes of this job: the launcher's environment, else the recipe."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return cfg.world_size
+    layout = launcher_layout()
+    return layout.world_size if layout else cfg.world_size
 
 
 def _check_rank0() -> None:
-    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    rank = read_layout().rank
     if rank != 0:
         raise RuntimeError(f"a Tracker belongs to rank 0 only; this process is rank {rank}")
 
@@ -145,12 +136,6 @@ def run_tags(cfg: Config) -> dict[str, str]:
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
     return tags
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _checked_key(key: str) -> str:
@@ -187,6 +172,8 @@ class Tracker:
                  params: dict[str, str], tags: dict[str, str], files: dict[str, Path], world: int) -> None:
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at" per run end
         # Our worker retries with its own backoff; MLflow's (7 retries, minutes) would stall it.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(_CONNECT_TIMEOUT_S))
@@ -214,6 +201,7 @@ class Tracker:
         self._retry_at = 0.0
         self._consumed: list[Path] = []  # pending files whose operations are queued
         self._t0 = self._gpu_saved = time.monotonic()
+        self._started_ms = _now_ms()  # an evaluation's child run starts when its job attached
         gpu_file = self.run_dir / GPU_HOURS_FILE
         self._gpu_hours0 = float(gpu_file.read_text()) if owner and gpu_file.is_file() else 0.0
         self._worker = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
@@ -226,7 +214,7 @@ class Tracker:
 
         Logs the resolved config (and the recipe: `recipe`, else run_dir/recipe.yaml) as
         artifacts. Raises UserError if the stored run is not in the store, or if the config
-        changes a param the run logged (outside MUTABLE_KEYS). An unreachable server only warns.
+        changes a param the run logged (outside config.RESUMABLE_KEYS). An unreachable server only warns.
         """
         tracker = cls._owner_of(cfg, run_dir, recipe)
         tracker._load_pending()
@@ -240,7 +228,7 @@ class Tracker:
         outbox = run_dir / OUTBOX
         outbox.mkdir(parents=True, exist_ok=True)
         config_file = outbox / "config.yaml"
-        _atomic_write(config_file, to_yaml(cfg))
+        write_atomic(config_file, to_yaml(cfg))
         files = {"config": config_file}
         recipe = Path(recipe) if recipe else run_dir / "recipe.yaml"
         if recipe.is_file():
@@ -298,7 +286,7 @@ class Tracker:
                             f"{self.uri} (another mlflow.tracking_uri?); restore that store, or remove "
                             "the file to start a new MLflow run")
         if self._owner:
-            changed = check_params(run.data.params, self._params, str(stored))
+            changed = resume_changes(run.data.params, self._params, str(stored))
             missing = {k: v for k, v in self._params.items() if k not in run.data.params}
             tags = dict(self._tags, **{f"changed.{k}": v for k, v in changed.items()})
             for tag in run.data.tags:  # a key changed before and now back to its first value
@@ -333,8 +321,8 @@ class Tracker:
         exp = client.get_experiment_by_name(self._experiment)
         if exp is None:
             try:
-                exp_id = client.create_experiment(self._experiment,
-                                                  artifact_location=artifact_location(self.uri))
+                exp_id = client.create_experiment(self._experiment, artifact_location=artifact_location(self.uri),
+                                                  tags=EXPERIMENT_KIND)
             except MlflowException:  # another job created it meanwhile
                 exp = client.get_experiment_by_name(self._experiment)
                 if exp is None:
@@ -345,9 +333,12 @@ class Tracker:
                             "it or choose another mlflow.experiment")
         else:
             exp_id = exp.experiment_id
-        tags = {"regscale.run_dir": str(self.run_dir.resolve()), "regscale.attempt": "0"}
+            for key, value in EXPERIMENT_KIND.items():  # experiments made before regscale set it
+                if exp.tags.get(key) != value:
+                    client.set_experiment_tag(exp_id, key, value)
+        tags = {"regscale.run_dir": str(self.run_dir.resolve()), "regscale.attempt": "0", **source_tags()}
         run = client.create_run(exp_id, run_name=self._run_name, tags=tags)
-        _atomic_write(stored, run.info.run_id + "\n")
+        write_atomic(stored, run.info.run_id + "\n")
 
     def _load_pending(self) -> None:
         """Queue what earlier attempts could not deliver (their final status is superseded)."""
@@ -386,8 +377,9 @@ class Tracker:
         self._put({"op": "metrics", "metrics": values, "step": int(step), "ts": _now_ms()})
 
     def log_image(self, path: Path, step: int) -> None:
-        """Log a sample grid as samples/step_XXXXXXXX.png (copied now: the caller may reuse the file)."""
-        dest = self.run_dir / OUTBOX / f"step_{int(step):08d}{Path(path).suffix or '.png'}"
+        """Log a sample grid as samples/step_XXXXXXXX.<its suffix> (copied now: the caller may reuse
+        the file)."""
+        dest = self.run_dir / OUTBOX / f"{step_name(step)}{Path(path).suffix or '.png'}"
         try:
             dest.parent.mkdir(exist_ok=True)
             shutil.copyfile(path, dest)
@@ -405,11 +397,15 @@ class Tracker:
         """Set run tags (values as strings)."""
         self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-    def log_eval(self, metrics: dict[str, float], step: int, info: dict[str, Any]) -> None:
+    def log_eval(self, metrics: dict[str, float], step: int, info: dict[str, Any],
+                 started: Optional[float] = None) -> None:
         """Record an evaluation of the checkpoint at training `step`: a nested child run (`info` as
-        params, `metrics`), and each metric mirrored on the training run as eval/<name> at `step`."""
+        params, `metrics`) that ran from `started` (Unix time; default: when this tracker was made,
+        i.e. when the evaluation job began) to now, and each metric mirrored on the training run
+        as eval/<name> at `step`."""
         self._put({"op": "eval", "metrics": {k: float(v) for k, v in metrics.items()},
-                   "step": int(step), "info": {k: str(v) for k, v in info.items()}, "ts": _now_ms()})
+                   "step": int(step), "info": {k: str(v) for k, v in info.items()}, "ts": _now_ms(),
+                   "start": int(started * 1000) if started is not None else self._started_ms})
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued is delivered (retrying now if the server was away);
@@ -465,7 +461,7 @@ class Tracker:
         now = time.monotonic()
         hours = self._gpu_hours0 + (now - self._t0) * self._world / 3600.0
         if save or now - self._gpu_saved >= 60.0:
-            _atomic_write(self.run_dir / GPU_HOURS_FILE, f"{hours:.6f}\n")
+            write_atomic(self.run_dir / GPU_HOURS_FILE, f"{hours:.6f}\n")
             self._gpu_saved = now
         return hours
 
@@ -487,7 +483,7 @@ class Tracker:
 
     def _save_pending(self) -> None:
         path = self.run_dir / f"{PENDING_PREFIX}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
-        _atomic_write(path, json.dumps({"run_id": self._run_id, "ops": list(self._ops)}))
+        write_atomic(path, json.dumps({"run_id": self._run_id, "ops": list(self._ops)}))
         for old in self._consumed:
             old.unlink(missing_ok=True)
         log.warning("MLflow: %d undelivered entries saved to %s; the next Tracker.open of this run "
@@ -595,10 +591,13 @@ class Tracker:
         if found:
             child = found[0].info.run_id
         else:
+            source = client.get_run(parent).data.tags  # the command that submitted the chain
             child = client.create_run(self._experiment_id, run_name=f"{self._run_name}-eval-{op['step']}",
-                                      start_time=op["ts"], tags={
+                                      start_time=op.get("start", op["ts"]), tags={
                                           "mlflow.parentRunId": parent, "regscale.kind": "eval",
                                           "regscale.eval_id": eval_id, "regscale.step": str(op["step"]),
+                                          **source_tags(),
+                                          **{k: v for k, v in source.items() if k.startswith("mlflow.source.")},
                                       }).info.run_id
         self._log_batch(child, params=op["info"],
                         metrics=[Metric(k, v, op["ts"], op["step"]) for k, v in op["metrics"].items()])
