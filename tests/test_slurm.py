@@ -6,8 +6,10 @@ go in together and one driver loop acts on them while they run:
   preempt  gets `scancel --signal=USR2` mid-training: saves, requeues itself, resumes, same weights
            as base and as the same recipe run uninterrupted by torchrun (OMP_NUM_THREADS=1, while
            the SLURM tasks see every core: the loop pins the thread count)
-  elastic  20 steps, preempted on 2 nodes, cancelled, `regscale resume ... slurm.nodes=1`: the same
-           samples and noise at every step as the torchrun run, weights within ELASTIC_RTOL
+  elastic  20 steps on 1-2 nodes (slurm.min_nodes=1): preempted on 2 nodes while n2 drains, so
+           SLURM restarts it on n1 alone; cancelled there, `regscale resume ... slurm.min_nodes=2`
+           back on 2: the same samples and noise at every step as the torchrun run, weights within
+           ELASTIC_RTOL
   limit    a 2-minute time limit inside a 200-step run: SLURM's USR2 at limit - signal_lead_s (or
            the loop's deadline from SLURM's end time) -> save, requeue (a timeout), resume, finish
   broken   training fails (corrupt dataset) twice from the same step: the run stops with a report,
@@ -36,7 +38,8 @@ import torch
 from regscale.config import load_config
 from regscale.launch import runs
 from regscale.train.checkpoint import load_consolidated
-from tests.fixtures.slurm import HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, scontrol_field, wait_until
+from tests.fixtures.slurm import (HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, scontrol_field, set_node,
+                                  wait_until)
 from tests.fixtures.train import (ELASTIC_RTOL, launch_train, losses, max_relative_difference, ok,
                                   traced_draws)
 
@@ -110,16 +113,21 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     (broken / "index.json").write_text('{"version": 2, "shards": "not a list"}')
 
     base = submit(common, "base")  # first: it creates the runs' MLflow store
-    seen: dict = {"limit_extended": False, "resumed": None, "elastic_cancelled": False, "elastic_resumed": None}
+    seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False,
+                  "elastic_cancelled": False, "elastic_resumed": None}
     # SLURM tasks inherit the submitter's environment: without OMP_NUM_THREADS they see every core
     every_core = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
-    elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=20",
-                     env={**every_core, "REGSCALE_TRACE_DRAWS": "1"})
+    traced = {**every_core, "REGSCALE_TRACE_DRAWS": "1"}
+    elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=20", "train.ckpt_every=4",
+                     "slurm.min_nodes=1", env=traced)
 
     def usr2_mid_training(run: Run) -> None:
         while last_step(run.run_dir) < 2 and job_state(run.train) not in TERMINAL:
             time.sleep(0.2)
+        if run is elastic:  # the requeued job finds one node free
+            set_node("n2", "DRAIN")
+            seen["n2_drained"] = True
         result = subprocess.run(["scancel", "--signal=USR2", run.train], capture_output=True, text=True)
         seen[f"signal_{run.run_dir.name}"] = {"step": last_step(run.run_dir),
                                               "result": (result.returncode, result.stderr)}
@@ -165,13 +173,17 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
         return all(j is not None and job_state(j) in TERMINAL for j in jobs)
 
     def drive_elastic() -> None:
-        """Once preempted on 2 nodes: cancel the requeued job, then resume the run on 1 node."""
-        if not seen["elastic_cancelled"] and any(a.end == "preempted" for a in runs.read_attempts(elastic.run_dir)):
+        """Requeued onto n1 alone: n2 comes back; a few steps on, cancel it and resume on 2 nodes."""
+        attempts = runs.read_attempts(elastic.run_dir)
+        if seen["n2_drained"] and not seen["n2_back"] and len(attempts) >= 2:
+            set_node("n2", "RESUME")
+            seen["n2_back"] = True
+        if seen["n2_back"] and not seen["elastic_cancelled"] and \
+                last_step(elastic.run_dir) >= attempts[1].start_step + 6:  # past a checkpoint on 1 node
             regscale("cancel", str(elastic.run_dir))
             seen["elastic_cancelled"] = True
         if seen["elastic_cancelled"] and seen["elastic_resumed"] is None and job_state(elastic.train) in TERMINAL:
-            out = regscale("resume", str(elastic.run_dir), "slurm.nodes=1", env={**every_core,
-                                                                                 "REGSCALE_TRACE_DRAWS": "1"}).stdout
+            out = regscale("resume", str(elastic.run_dir), "slurm.min_nodes=2", env=traced).stdout
             seen["elastic_resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
             subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
 
@@ -182,6 +194,8 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
         local_out, _ = local.communicate(timeout=HANG_GUARD_S)
         torchrun.join(timeout=HANG_GUARD_S)
     finally:
+        if seen["n2_drained"] and not seen["n2_back"]:
+            set_node("n2", "RESUME")
         if local.poll() is None:  # the CLI cancels its local job on SIGINT
             local.send_signal(signal.SIGINT)
             local.wait(timeout=60)
@@ -256,15 +270,20 @@ def test_preempted_slurm_run_equals_the_same_recipe_run_by_torchrun(scenarios: d
     assert_same_weights(scenarios["preempt"].run_dir, torchrun.run_dir)
 
 
-def test_preempted_on_two_nodes_resumed_on_one_keeps_samples_and_noise(scenarios: dict) -> None:
+def test_requeued_on_fewer_nodes_and_resumed_on_more_keeps_samples_and_noise(scenarios: dict) -> None:
     run, torchrun = scenarios["elastic"], scenarios["torchrun"]
     assert scenarios["signal_elastic"]["result"] == (0, ""), scenarios["signal_elastic"]
-    resumed = scenarios["elastic_resumed"]
-    assert job_state(resumed) == "COMPLETED" and sacct(resumed, "NNodes") == ["1"]
     attempts = runs.read_attempts(run.run_dir)
-    assert attempts[0].end == "preempted" and attempts[-1].end == "completed" and attempts[-1].end_step == 20
-    log = (run.run_dir / "jobs" / f"{resumed}_0_log.err").read_text()
+    first, requeued = attempts[:2]
+    assert first.end == "preempted" and (requeued.job_id, requeued.restart) == (run.train, 1)
+    assert requeued.start_step == first.end_step
+    log = (run.run_dir / "jobs" / f"{run.train}_0_log.err").read_text()  # both attempts of the job
     assert "resharded from 2 to 1 processes: same samples and noise; reduction order differs" in log
+    resumed = scenarios["elastic_resumed"]
+    assert job_state(resumed) == "COMPLETED" and sacct(resumed, "NNodes") == ["2"]
+    log = (run.run_dir / "jobs" / f"{resumed}_0_log.err").read_text()
+    assert "resharded from 1 to 2 processes: same samples and noise; reduction order differs" in log
+    assert attempts[-1].end == "completed" and attempts[-1].end_step == 20
     draws, ref_draws = traced_draws(run.run_dir), traced_draws(torchrun.run_dir)
     assert {step for step, _ in draws} == set(range(20))
     assert draws == {key: digest for key, digest in ref_draws.items() if key[0] < 20}
