@@ -24,7 +24,7 @@ from torch import nn
 
 from regscale.config import EncoderConfig, LossConfig
 from regscale.models import build_model
-from regscale.objective import reg_loss
+from regscale.objective import draw, reg_loss
 from regscale.sampling import sample
 
 
@@ -82,7 +82,6 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, iters: int)
 def train_step_fn(model: nn.Module, batch: int, device: torch.device, precision: str, encoder=None):
     """Closures: one full training step on fixed random data, and its FLOP count (fwd + bwd)."""
     side, dim = getattr(model, "input_size", 32), getattr(model, "cls_token_dim", 768)
-    g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 4, side, side, device=device)
     y = torch.randint(0, 1000, (batch,), device=device) % model.num_classes
     tokens = torch.randn(batch, 1 + (side // 2) ** 2, dim, device=device)
@@ -90,11 +89,12 @@ def train_step_fn(model: nn.Module, batch: int, device: torch.device, precision:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
                             fused=device.type == "cuda")
     cfg = LossConfig()
+    draws = draw(batch, x.shape[1:], dim, cfg.time_sampling, torch.Generator(device=device).manual_seed(0))
 
     def step() -> None:
         feats = encoder(images) if encoder is not None else tokens
         with autocast(device, precision):
-            parts = reg_loss(model, x, y, feats, generator=g, loss_cfg=cfg, class_dropout_prob=0.1)
+            parts = reg_loss(model, x, y, feats, draws=draws, loss_cfg=cfg, class_dropout_prob=0.1)
         parts.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -105,7 +105,7 @@ def train_step_fn(model: nn.Module, batch: int, device: torch.device, precision:
 
         counter = FlopCounterMode(display=False)
         with counter, autocast(device, precision):
-            reg_loss(model, x, y, tokens, generator=g, loss_cfg=cfg, class_dropout_prob=0.1).total.backward()
+            reg_loss(model, x, y, tokens, draws=draws, loss_cfg=cfg, class_dropout_prob=0.1).total.backward()
         opt.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 

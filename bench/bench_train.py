@@ -45,11 +45,12 @@ def _port() -> int:
 
 def run(run_dir: Path, data: Path, overrides: list[str], nproc: int, peak: float | None) -> float:
     """One `regscale train` launch; returns its wall time."""
+    threads = max(1, (os.cpu_count() or 2) // nproc)  # the loop pins this many intra-op threads
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(nproc),
            "--master-port", str(_port()), "-m", "regscale.cli", "train", "--no-track", str(SMOKE),
-           f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", f"data.path={data}", *overrides]
+           f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", f"data.path={data}",
+           f"slurm.cpus_per_task={threads}", *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/regscale/torch_extensions"))
     if peak:
         env["REGSCALE_PEAK_FLOPS"] = str(peak)

@@ -211,6 +211,7 @@ class SlurmConfig:
     cluster: str = "auto"  # auto | slurm | local
     profile: str = "default"
     nodes: int = 1
+    min_nodes: Optional[int] = None  # a job may (re)start on as few nodes as this, when no more are free
     gpus_per_node: int = 8
     cpus_per_task: int = 8
     mem_gb: Optional[int] = None
@@ -233,6 +234,20 @@ class SlurmConfig:
         if self.signal_lead_s >= self.time_limit_min * 60:
             raise ConfigError(f"'slurm.signal_lead_s' ({self.signal_lead_s}) must be shorter than the "
                               f"time limit ({self.time_limit_min} min)")
+        if self.min_nodes is not None and not 0 < self.min_nodes <= self.nodes:
+            raise ConfigError(f"'slurm.min_nodes' must be in [1, slurm.nodes={self.nodes}]; "
+                              f"got {self.min_nodes}")
+
+    @property
+    def node_counts(self) -> range:
+        """The numbers of nodes the training job may run on: min_nodes..nodes."""
+        return range(self.min_nodes or self.nodes, self.nodes + 1)
+
+    @property
+    def node_range(self) -> str:
+        """sbatch's --nodes: 'N', or 'MIN-N' when the job may start on fewer nodes."""
+        low = self.node_counts.start
+        return f"{low}-{self.nodes}" if low < self.nodes else str(self.nodes)
 
 
 @dataclass
@@ -488,8 +503,10 @@ def validate(cfg: Config) -> None:
     for section in (cfg.model, cfg.train, cfg.loss, cfg.data, cfg.engine, cfg.slurm, cfg.eval, cfg.run):
         section.check()
     s = cfg.slurm
-    batch_plan(cfg.train, cfg.world_size,
-               f"{cfg.world_size} = slurm.nodes {s.nodes} x slurm.gpus_per_node {s.gpus_per_node}")
+    for nodes in s.node_counts:  # every world size the job may get must keep the global batch
+        world = nodes * s.gpus_per_node
+        source = "slurm.nodes" if nodes == s.nodes else "slurm.min_nodes..slurm.nodes allows"
+        batch_plan(cfg.train, world, f"{world} = {source} {nodes} x slurm.gpus_per_node {s.gpus_per_node}")
     for step in cfg.eval.at_steps:
         if not 0 < step <= cfg.train.max_steps:
             raise ConfigError(f"'eval.at_steps' entry {step} is outside (0, train.max_steps="

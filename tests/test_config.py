@@ -75,6 +75,8 @@ BAD_OVERRIDES = [
     (["model.encoder_depth=40"], "model.encoder_depth", "model.depth"),
     (["train.lr=0"], "train.lr", "> 0"),
     (["slurm.signal_lead_s=999999"], "slurm.signal_lead_s", "time limit"),
+    (["slurm.min_nodes=3"], "slurm.min_nodes", "[1, slurm.nodes=2]"),
+    (["slurm.nodes=4", "slurm.min_nodes=3"], "slurm.min_nodes", "(24 = "),  # 256 on 3 x 8 GPUs
     (["train.lr"], "train.lr", "key=value"),
     (["engine.offload_optimizer=true"], "engine.offload_optimizer", "deepspeed"),
 ]

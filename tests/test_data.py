@@ -1,6 +1,6 @@
 """Data area: prepare (ImageFolder and REG layout, resumable, parts, bad input), verify, TrainStream
-(2 ranks x 2 workers exactly once, mid-epoch and elastic resume, bad shards, stale shared memory),
-and the smoke recipe's synthetic dataset. All data is generated here; the VAE is tiny and random."""
+(2 ranks x 2 workers exactly once, mid-epoch and elastic resume, the same global batch per step on
+1 or 2 ranks, bad shards, stale shared memory), and the smoke recipe's synthetic dataset. All data is generated here; the VAE is tiny and random."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 REG_INDICES = sorted(set(range(REG_SAMPLES + 1)) - {REG_SAMPLES // 2})  # the truncated image is skipped
 
 
-def _cfg(path: Path, workers: int = 2, seed: int = 0, shuffle: bool = True):
+def _cfg(path: Path, workers: int = 2, seed: int = 0, shuffle: bool = True, batch: int = 8):
+    """A stream's config; `batch` is the global batch (an epoch is whole global batches)."""
     return load_config(None, [f"data.path={path}", f"data.num_workers={workers}", f"train.seed={seed}",
-                              f"data.shuffle={shuffle}", "slurm.gpus_per_node=1", "run.name=t"])
+                              f"data.shuffle={shuffle}", f"train.batch_size={batch}", "slurm.gpus_per_node=1",
+                              "run.name=t"])
 
 
 def _take(it, n: int) -> list[dict]:
@@ -44,7 +46,7 @@ def _indices(batches: list[dict]) -> list[int]:
 
 def _read_all(out: Path) -> list[dict]:
     """Every sample of a prepared dataset, in order (one process, no shuffle)."""
-    stream = TrainStream(_cfg(out, workers=0, shuffle=False), 0, 1, 1)
+    stream = TrainStream(_cfg(out, workers=0, shuffle=False, batch=1), 0, 1, 1)
     samples = _take(iter(stream), stream.num_samples)
     stream.close()
     return samples
@@ -178,7 +180,7 @@ def _rank_main(rank: int, world: int, port: int, data: str, result: str) -> None
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    stream = TrainStream(_cfg(Path(data), workers=2, seed=7), rank, world, 8)
+    stream = TrainStream(_cfg(Path(data), workers=2, seed=7, batch=world * 8), rank, world, 8)
     it = iter(stream)
     first = _take(it, 3)
     state = stream.state_dict()
@@ -190,19 +192,25 @@ def _rank_main(rank: int, world: int, port: int, data: str, result: str) -> None
     dist.destroy_process_group()
 
 
-def test_two_ranks_two_workers_exactly_once_then_elastic_resume(reg_dataset, tmp_path):
+def _run_ranks(target, world: int, data: Path, out: Path) -> list[dict]:
+    """target(rank, world, port, data, out/r{rank}.json) in `world` forked processes (real gloo
+    ranks, without re-importing torch); returns what each rank wrote."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")  # real processes, without re-importing torch
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(reg_dataset), str(tmp_path / f"r{r}.json")))
-             for r in range(2)]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=target, args=(r, world, port, str(data), str(out / f"r{r}.json")))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=180)
-    assert [p.exitcode for p in procs] == [0, 0]
-    ranks = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
+    assert [p.exitcode for p in procs] == [0] * world
+    return [json.loads((out / f"r{r}.json").read_text()) for r in range(world)]
+
+
+def test_two_ranks_two_workers_exactly_once_then_elastic_resume(reg_dataset, tmp_path):
+    ranks = _run_ranks(_rank_main, 2, reg_dataset, tmp_path)
     epoch = [i for r in ranks for i in r["first"] + r["rest"]]
     assert sorted(epoch) == REG_INDICES  # 2 ranks x 2 workers: every sample exactly once
     assert ranks[0]["state"] == ranks[1]["state"] and ranks[0]["state"]["streaming"]["sample_in_epoch"] == 48
@@ -215,6 +223,38 @@ def test_two_ranks_two_workers_exactly_once_then_elastic_resume(reg_dataset, tmp
     stream.close()
     seen = [i for r in ranks for i in r["first"]]
     assert sorted(seen + rest) == REG_INDICES
+
+
+ODD_SAMPLES = 31  # 31 % 8 = 7 > 8 - 2: streaming gives 2 ranks 16 samples each (one repeated)
+
+
+def _steps_main(rank: int, world: int, port: int, data: str, result: str) -> None:
+    """One rank's two epochs at global batch 8, as lists of sample indices per batch."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    stream = TrainStream(_cfg(Path(data), workers=1, seed=5, batch=8), rank, world, 8 // world)
+    batches = _take(iter(stream), 2 * (ODD_SAMPLES // 8))
+    Path(result).write_text(json.dumps([b["index"].tolist() for b in batches]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_each_step_is_the_same_global_batch_on_one_or_two_ranks(tmp_path):
+    """Streaming's canonical nodes fix the global order; epochs of whole global batches keep the
+    steps aligned where streaming would give 2 ranks a 4th, padded step."""
+    src = make_reg_layout(tmp_path / "src", ODD_SAMPLES, 4)
+    prepare(str(src), str(tmp_path / "out"), PrepareOptions(chunk_size=16, progress=False))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    [one] = _run_ranks(_steps_main, 1, tmp_path / "out", tmp_path / "one")
+    two = _run_ranks(_steps_main, 2, tmp_path / "out", tmp_path / "two")
+    steps_two = [sorted(a + b) for a, b in zip(*two)]
+    assert steps_two == [sorted(step) for step in one]
+    for epoch in (one[:3], one[3:]):
+        assert len({i for step in epoch for i in step}) == 24  # each sample at most once an epoch
 
 
 def test_mid_epoch_resume_is_exact_and_order_follows_the_seed(reg_dataset):

@@ -65,6 +65,15 @@ def test_parameters_one_task_per_gpu_recipe_over_profile(tmp_path: Path) -> None
     assert "--reservation=r1" in args and "--requeue-on-fail" in args
     no_gres = sbatch_parameters(cfg, Profile(name="p", gpus_as_gres=False), "smoke")
     assert "gpus_per_node" not in no_gres and no_gres["tasks_per_node"] == 4
+    assert "nodes" not in params["slurm_additional_parameters"]
+
+
+def test_min_nodes_asks_slurm_for_a_node_range(tmp_path: Path) -> None:
+    """slurm.min_nodes: the job starts (and restarts after a requeue) on what is free in the range."""
+    cfg = smoke_cfg(tmp_path, "slurm.nodes=2", "slurm.min_nodes=1", "slurm.gpus_per_node=4", "train.batch_size=16")
+    params = sbatch_parameters(cfg, Profile(name="p"), "smoke")
+    assert params["nodes"] == 2 and params["slurm_additional_parameters"]["nodes"] == "1-2"
+    assert sbatch_test_args(params)[-1] == "--nodes=1-2"  # the last --nodes is the one sbatch uses
 
 
 def test_recipe_values_are_checked_for_shell(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ from torch import nn
 
 from regscale.config import LossConfig
 from regscale.objective import (
+    Draws,
     LossParts,
+    draw,
     drop_labels,
     interpolate,
     projection_loss,
@@ -56,8 +58,8 @@ def test_loss_of_hand_built_tensors_equals_the_formula():
     zs = torch.randn(6, 5, 8)
     model = Recorder(zs)
     cfg = LossConfig(proj_coeff=0.5, cls_coeff=0.03, time_sampling="uniform")
-    parts = reg_loss(model, x, y, tokens, generator=torch.Generator().manual_seed(3), loss_cfg=cfg,
-                     class_dropout_prob=0.1)
+    draws = draw(6, x.shape[1:], 8, "uniform", torch.Generator().manual_seed(3))
+    parts = reg_loss(model, x, y, tokens, draws=draws, loss_cfg=cfg, class_dropout_prob=0.1)
     # replay the documented draw order: label dropout, t, image noise, class-token noise
     g = torch.Generator().manual_seed(3)
     drop = torch.rand(6, generator=g) < 0.1
@@ -99,18 +101,19 @@ def test_projection_loss_is_negative_cosine():
 
 def test_label_dropout_rate_and_null_class():
     y = torch.randint(0, 1000, (200_000,), generator=torch.Generator().manual_seed(0))
-    out = drop_labels(y, 0.1, 1000, torch.Generator().manual_seed(1))
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(1))
+    out = drop_labels(y, 0.1, 1000, u)
     dropped = out == 1000
     assert abs(dropped.float().mean().item() - 0.1) < 0.003
-    assert torch.equal(out[~dropped], y[~dropped])
-    assert torch.equal(drop_labels(y[:10], 0.0, 1000, torch.Generator()), y[:10])
+    assert torch.equal(dropped, u < 0.1) and torch.equal(out[~dropped], y[~dropped])
+    assert torch.equal(drop_labels(y[:10], 0.0, 1000, u[:10]), y[:10])
 
 
 def test_no_label_dropout_when_not_training():
     x, y, tokens = batch()
     model = Recorder(torch.randn(6, 5, 8))
-    reg_loss(model, x, y, tokens, generator=torch.Generator().manual_seed(0), loss_cfg=LossConfig(),
-             class_dropout_prob=0.99, training=False)
+    draws = draw(6, x.shape[1:], 8, "uniform", torch.Generator().manual_seed(0))
+    reg_loss(model, x, y, tokens, draws=draws, loss_cfg=LossConfig(), class_dropout_prob=0.99, training=False)
     assert torch.equal(model.seen[2], y)
 
 
@@ -125,10 +128,19 @@ def test_time_sampling_distributions():
 
 
 def test_latent_sampling_formula():
-    mean, std = torch.randn(2, 4, 3, 3), torch.rand(2, 4, 3, 3)
-    z = sample_latents(mean, std, torch.Generator().manual_seed(5))
-    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(z, (mean + std * eps) * 0.18215)
+    mean, std, eps = torch.randn(2, 4, 3, 3), torch.rand(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(sample_latents(mean, std, eps), (mean + std * eps) * 0.18215)
+
+
+def test_draws_are_float32_in_the_documented_order_and_shapes():
+    d = draw(3, (4, 2, 2), 8, "lognormal", torch.Generator().manual_seed(9))
+    assert isinstance(d, Draws) and all(t.dtype == torch.float32 for t in d)
+    assert [tuple(t.shape) for t in d] == [(3,), (3,), (3, 4, 2, 2), (3, 8)]
+    g = torch.Generator().manual_seed(9)
+    assert torch.equal(d.drop, torch.rand(3, generator=g))
+    assert torch.equal(d.t, sample_time(3, "lognormal", g))
+    assert torch.equal(d.noise, torch.randn(3, 4, 2, 2, generator=g))
+    assert torch.equal(d.noise_cls, torch.randn(3, 8, generator=g))
 
 
 def test_a_step_replays_bit_for_bit(tiny_model):
@@ -136,9 +148,10 @@ def test_a_step_replays_bit_for_bit(tiny_model):
         tiny_model.zero_grad()
         g = torch.Generator().manual_seed(42)
         mean, std = torch.randn(4, 4, 8, 8, generator=g), torch.rand(4, 4, 8, 8, generator=g)
-        x = sample_latents(mean, std, g)
+        x = sample_latents(mean, std, torch.randn(mean.shape, generator=g))
         tokens = torch.randn(4, 17, 16, generator=g)
-        parts = reg_loss(tiny_model, x, torch.tensor([1, 2, 3, 4]), tokens, generator=g,
+        draws = draw(4, x.shape[1:], 16, "lognormal", g)
+        parts = reg_loss(tiny_model, x, torch.tensor([1, 2, 3, 4]), tokens, draws=draws,
                          loss_cfg=LossConfig(time_sampling="lognormal"), class_dropout_prob=0.1)
         parts.total.backward()
         return parts.total.detach(), [p.grad.clone() for p in tiny_model.parameters()]

@@ -4,6 +4,12 @@ go in together and one driver loop acts on them while they run:
 
   base     trains to the end; its chained evaluation (afterok) starts only after training ended
   preempt  gets `scancel --signal=USR2` mid-training: saves, requeues itself, resumes, same weights
+           as base and as the same recipe run uninterrupted by torchrun (OMP_NUM_THREADS=1, while
+           the SLURM tasks see every core: the loop pins the thread count)
+  elastic  20 steps on 1-2 nodes (slurm.min_nodes=1): preempted on 2 nodes while n2 drains, so
+           SLURM restarts it on n1 alone; cancelled there, `regscale resume ... slurm.min_nodes=2`
+           back on 2: the same samples and noise at every step as the torchrun run, weights within
+           ELASTIC_RTOL
   limit    a 2-minute time limit inside a 200-step run: SLURM's USR2 at limit - signal_lead_s (or
            the loop's deadline from SLURM's end time) -> save, requeue (a timeout), resume, finish
   broken   training fails (corrupt dataset) twice from the same step: the run stops with a report,
@@ -13,6 +19,7 @@ go in together and one driver loop acts on them while they run:
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -23,14 +30,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 import torch
 
 from regscale.config import load_config
 from regscale.launch import runs
-from tests.fixtures.slurm import HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, scontrol_field, wait_until
+from regscale.train.checkpoint import load_consolidated
+from tests.fixtures.slurm import (HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, scontrol_field, set_node,
+                                  wait_until)
+from tests.fixtures.train import (ELASTIC_RTOL, launch_train, losses, max_relative_difference, ok,
+                                  traced_draws)
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
@@ -55,8 +66,8 @@ def submitted(proc: subprocess.Popen) -> Run:
     return parse_submit(out)
 
 
-def submit(common: list[str], name: str, *overrides: str) -> Run:
-    return parse_submit(regscale("submit", SMOKE, *common, f"run.name={name}", *overrides).stdout)
+def submit(common: list[str], name: str, *overrides: str, env: Optional[dict] = None) -> Run:
+    return parse_submit(regscale("submit", SMOKE, *common, f"run.name={name}", *overrides, env=env).stdout)
 
 
 def parse_submit(out: str) -> Run:
@@ -102,18 +113,34 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     (broken / "index.json").write_text('{"version": 2, "shards": "not a list"}')
 
     base = submit(common, "base")  # first: it creates the runs' MLflow store
-    seen: dict = {"signal_at": None, "signal_step": None, "limit_extended": False, "resumed": None}
-    preempt = submit(common, "preempt", "train.log_every=1")
+    seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False,
+                  "elastic_cancelled": False, "elastic_resumed": None}
+    # SLURM tasks inherit the submitter's environment: without OMP_NUM_THREADS they see every core
+    every_core = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
+    traced = {**every_core, "REGSCALE_TRACE_DRAWS": "1"}
+    elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=20", "train.ckpt_every=4",
+                     "slurm.min_nodes=1", env=traced)
 
-    def preempt_mid_training() -> None:
-        while last_step(preempt.run_dir) < 2 and job_state(preempt.train) not in TERMINAL:
+    def usr2_mid_training(run: Run) -> None:
+        while last_step(run.run_dir) < 2 and job_state(run.train) not in TERMINAL:
             time.sleep(0.2)
-        result = subprocess.run(["scancel", "--signal=USR2", preempt.train], capture_output=True, text=True)
-        seen["signal_at"], seen["signal_step"] = time.time(), last_step(preempt.run_dir)
-        seen["signal_result"] = (result.returncode, result.stderr)
+        if run is elastic:  # the requeued job finds one node free
+            set_node("n2", "DRAIN")
+            seen["n2_drained"] = True
+        result = subprocess.run(["scancel", "--signal=USR2", run.train], capture_output=True, text=True)
+        seen[f"signal_{run.run_dir.name}"] = {"step": last_step(run.run_dir),
+                                              "result": (result.returncode, result.stderr)}
 
-    signaller = threading.Thread(target=preempt_mid_training, daemon=True)
-    signaller.start()
+    signallers = [threading.Thread(target=usr2_mid_training, args=(r,), daemon=True) for r in (preempt, elastic)]
+    for signaller in signallers:
+        signaller.start()
+    # the same recipe, uninterrupted, launched another way: torchrun (which sets OMP_NUM_THREADS=1)
+    reference: dict = {}
+    torchrun = threading.Thread(daemon=True, target=lambda: reference.update(launch=launch_train(
+        root / "runs" / "torchrun", root / "data", ["data.synthetic=32"], env={"REGSCALE_TRACE_DRAWS": "1"},
+        timeout=HANG_GUARD_S)))
+    torchrun.start()
     # long enough (200 steps) that the 2-minute limit always falls inside training, whatever the load
     others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45",
                            "train.max_steps=200"),
@@ -126,7 +153,7 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
                  *[o for o in common if not o.startswith("slurm.")], "--local"]
     local = subprocess.Popen(local_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # only base's and broken's evaluation chains are under test: fewer processes on a small machine
-    subprocess.run(["scancel", preempt.eval, limit.eval], check=True, timeout=30)
+    subprocess.run(["scancel", preempt.eval, limit.eval, elastic.eval], check=True, timeout=30)
 
     def drive() -> bool:
         if not seen["limit_extended"] and int(scontrol_field(limit.train, "Restarts") or 0) >= 1:
@@ -140,24 +167,44 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             seen["resume_out"] = out
             seen["resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
             subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
-        jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"])
+        drive_elastic()
+        jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"],
+                elastic.train, seen["elastic_resumed"])
         return all(j is not None and job_state(j) in TERMINAL for j in jobs)
 
+    def drive_elastic() -> None:
+        """Requeued onto n1 alone: n2 comes back; a few steps on, cancel it and resume on 2 nodes."""
+        attempts = runs.read_attempts(elastic.run_dir)
+        if seen["n2_drained"] and not seen["n2_back"] and len(attempts) >= 2:
+            set_node("n2", "RESUME")
+            seen["n2_back"] = True
+        if seen["n2_back"] and not seen["elastic_cancelled"] and \
+                last_step(elastic.run_dir) >= attempts[1].start_step + 6:  # past a checkpoint on 1 node
+            regscale("cancel", str(elastic.run_dir))
+            seen["elastic_cancelled"] = True
+        if seen["elastic_cancelled"] and seen["elastic_resumed"] is None and job_state(elastic.train) in TERMINAL:
+            out = regscale("resume", str(elastic.run_dir), "slurm.min_nodes=2", env=traced).stdout
+            seen["elastic_resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
+            subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
+
     try:
-        wait_until(drive, "the four scenario runs to finish")
-        signaller.join(timeout=60)
+        wait_until(drive, "the scenario runs to finish")
+        for signaller in signallers:
+            signaller.join(timeout=60)
         local_out, _ = local.communicate(timeout=HANG_GUARD_S)
+        torchrun.join(timeout=HANG_GUARD_S)
     finally:
+        if seen["n2_drained"] and not seen["n2_back"]:
+            set_node("n2", "RESUME")
         if local.poll() is None:  # the CLI cancels its local job on SIGINT
             local.send_signal(signal.SIGINT)
             local.wait(timeout=60)
-    return dict(base=base, preempt=preempt, limit=limit, broken=failing, local=(local.returncode, local_out),
-                local_dir=root / "runs" / "local", **seen)
+    return dict(base=base, preempt=preempt, limit=limit, broken=failing, elastic=elastic,
+                local=(local.returncode, local_out), local_dir=root / "runs" / "local",
+                torchrun=reference.get("launch"), **seen)
 
 
 def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    from regscale.train.checkpoint import load_consolidated
-
     return {w: load_consolidated(run_dir, weights=w)[0] for w in ("model", "ema")}
 
 
@@ -210,11 +257,41 @@ def test_chained_eval_runs_only_after_training_completed(scenarios: dict) -> Non
 
 def test_usr2_preemption_requeues_and_resumes_to_the_same_weights(scenarios: dict) -> None:
     run = scenarios["preempt"]
-    assert scenarios["signal_result"] == (0, ""), scenarios["signal_result"]
+    assert scenarios["signal_preempt"]["result"] == (0, ""), scenarios["signal_preempt"]
     assert job_state(run.train) == "COMPLETED"
     attempts = assert_resumed_chain(run)
-    assert attempts[0].end == "preempted" and attempts[0].end_step >= scenarios["signal_step"]
+    assert attempts[0].end == "preempted" and attempts[0].end_step >= scenarios["signal_preempt"]["step"]
     assert_same_weights(run.run_dir, scenarios["base"].run_dir)
+
+
+def test_preempted_slurm_run_equals_the_same_recipe_run_by_torchrun(scenarios: dict) -> None:
+    torchrun = scenarios["torchrun"]
+    assert torchrun is not None and torchrun.returncode == 0, ok(torchrun) if torchrun else "no torchrun run"
+    assert_same_weights(scenarios["preempt"].run_dir, torchrun.run_dir)
+
+
+def test_requeued_on_fewer_nodes_and_resumed_on_more_keeps_samples_and_noise(scenarios: dict) -> None:
+    run, torchrun = scenarios["elastic"], scenarios["torchrun"]
+    assert scenarios["signal_elastic"]["result"] == (0, ""), scenarios["signal_elastic"]
+    attempts = runs.read_attempts(run.run_dir)
+    first, requeued = attempts[:2]
+    assert first.end == "preempted" and (requeued.job_id, requeued.restart) == (run.train, 1)
+    assert requeued.start_step == first.end_step
+    log = (run.run_dir / "jobs" / f"{run.train}_0_log.err").read_text()  # both attempts of the job
+    assert "resharded from 2 to 1 processes: same samples and noise; reduction order differs" in log
+    resumed = scenarios["elastic_resumed"]
+    assert job_state(resumed) == "COMPLETED" and sacct(resumed, "NNodes") == ["2"]
+    log = (run.run_dir / "jobs" / f"{resumed}_0_log.err").read_text()
+    assert "resharded from 1 to 2 processes: same samples and noise; reduction order differs" in log
+    assert attempts[-1].end == "completed" and attempts[-1].end_step == 20
+    draws, ref_draws = traced_draws(run.run_dir), traced_draws(torchrun.run_dir)
+    assert {step for step, _ in draws} == set(range(20))
+    assert draws == {key: digest for key, digest in ref_draws.items() if key[0] < 20}
+    ref_losses, run_losses = losses(torchrun.run_dir), losses(run.run_dir)
+    assert max(abs(run_losses[s] - ref_losses[s]) / ref_losses[s] for s in run_losses) <= ELASTIC_RTOL
+    for weights in ("model", "ema"):
+        ref_state = load_consolidated(torchrun.run_dir, step=20, weights=weights)[0]
+        assert max_relative_difference(ref_state, load_consolidated(run.run_dir, weights=weights)[0]) <= ELASTIC_RTOL
 
 
 def test_time_limit_requeues_and_resumes(scenarios: dict) -> None:

@@ -1,5 +1,6 @@
 """Checkpoint publication, verification, fallback and retention; the distributed environment,
-batch plan, stop flag and deadline; step generators. In-process and fast (no training)."""
+batch plan, stop flag and deadline; per-sample draws and thread pinning. In-process and fast
+(no training)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from regscale.dist import Layout, read_layout
 from regscale.fsutil import write_atomic
 from regscale.rundir import step_name
 from regscale.train.checkpoint import CheckpointStore, find_valid, published, verify
-from regscale.train.loop import step_generator
+from regscale.train.noise import SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
 
 
@@ -121,12 +122,38 @@ def test_deadline_leaves_room_for_a_step_and_a_save(monkeypatch: pytest.MonkeyPa
     assert not Deadline(None).reached()
 
 
-def test_step_generators_depend_on_seed_step_rank_micro_only() -> None:
-    cpu = torch.device("cpu")
-    draw = lambda *key: torch.rand(4, generator=step_generator(*key, cpu))  # noqa: E731
-    assert torch.equal(draw(0, 7, 1, 0), draw(0, 7, 1, 0))
-    others = [draw(1, 7, 1, 0), draw(0, 8, 1, 0), draw(0, 7, 0, 0), draw(0, 7, 1, 1)]
-    assert all(not torch.equal(draw(0, 7, 1, 0), o) for o in others)
+def _rows(noise: SampleNoise, step: int, indices: list[int]) -> dict[int, list[torch.Tensor]]:
+    """{dataset index: [posterior noise, drop, t, image noise, class-token noise]} of one call."""
+    eps, draws = noise(step, torch.tensor(indices), (4, 2, 2))
+    return {index: [eps[i], *(d[i] for d in draws)] for i, index in enumerate(indices)}
+
+
+def test_sample_draws_depend_on_seed_step_and_index_only(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """However a global batch is cut into ranks and micro-batches, a sample gets the same draws."""
+    monkeypatch.setenv("REGSCALE_TRACE_DRAWS", "1")
+    trace = tmp_path / "draws" / "rank00000.jsonl"
+    noise = SampleNoise(0, 8, "uniform", torch.device("cpu"), trace=trace)
+    whole = _rows(noise, 7, [5, 9, 2, 11])
+    parts = {**_rows(noise, 7, [11, 2]), **_rows(noise, 7, [9]), **_rows(noise, 7, [5])}
+    assert all(torch.equal(a, b) for i in whole for a, b in zip(whole[i], parts[i]))
+    others = [_rows(SampleNoise(1, 8, "uniform", torch.device("cpu")), 7, [5])[5],
+              _rows(noise, 8, [5])[5], _rows(noise, 7, [6])[6]]
+    assert all(not torch.equal(whole[5][-1], o[-1]) for o in others)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [(r["step"], r["index"]) for r in lines[:2]] == [(7, [5, 9, 2, 11]), (7, [11, 2])]
+    assert lines[0]["draws"][3] == lines[1]["draws"][0] != lines[0]["draws"][0]
+
+
+def test_threads_come_from_the_recipe_not_the_launcher() -> None:
+    from regscale.train.threads import pin_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # what srun leaves a process on this 2-core machine
+        assert pin_threads(load_config(None, ["run.name=x", "slurm.cpus_per_task=1"])) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_watchdog_dumps_every_stack_when_a_step_hangs(tmp_path: Path) -> None:

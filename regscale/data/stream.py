@@ -7,9 +7,11 @@ makes the next iteration start exactly after them, also when the number of ranks
 (streaming keeps the global order fixed by its canonical nodes and re-splits the rest).
 
 Batches: {"image": uint8 [b,3,256,256], "moments": float32 [b,8,32,32], "label": int64 [b],
-"index": int64 [b] (position in the sorted source)}. Full batches only: when the dataset size is
-not a multiple of world_size x num_workers x batch_size, the remainder is left out of that epoch
-(a different remainder each epoch, the order being reshuffled).
+"index": int64 [b] (position in the sorted source)}. Whole global batches only: every epoch has
+num_samples // train.batch_size steps whatever the world size, the remainder being left out of
+that epoch (a different remainder each epoch, the order being reshuffled). Step k of an epoch is
+then the same global batch on any number of ranks: positions [k G, (k + 1) G) of the epoch's
+global order, which the canonical nodes fix.
 """
 
 from __future__ import annotations
@@ -151,7 +153,9 @@ class TrainStream:
         if path is None:
             raise UserError("'data.path' is required: a directory of MDS shards or a remote URI")
         self.path, self.rank, self.world_size, self.batch_size = path, rank, world_size, batch_size
+        self.global_batch = cfg.train.batch_size
         self.resume_note: Optional[str] = None
+        self._resumed_samples = 0  # of the epoch load_state_dict resumes
         if is_remote(path):
             remote = path
             digest = hashlib.sha256(path.encode()).hexdigest()[:12]
@@ -200,13 +204,23 @@ class TrainStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches forever, epoch after epoch; the first one resumes where `load_state_dict` says."""
         while True:
-            yielded = False
+            left = self._batches_left(self._resumed_samples)
+            self._resumed_samples = 0
+            yielded = 0
             for batch in self._epoch():
-                yielded = True
+                if yielded == left:  # streaming pads the epoch's tail for some world sizes
+                    break
+                yielded += 1
                 yield batch
-            if not yielded and self.num_samples < self.world_size * self.batch_size:
+            if not yielded and self.num_samples < self.global_batch:
                 raise UserError(f"the dataset at {self.path} has {self.num_samples} samples: fewer than one "
-                                f"global batch ({self.world_size} ranks x {self.batch_size})")
+                                f"global batch (train.batch_size {self.global_batch})")
+
+    def _batches_left(self, consumed: int) -> int:
+        """This rank's batches in what is left of the epoch: whole global batches only, the same
+        number of steps per epoch for any world size."""
+        per_step = self.global_batch // (self.world_size * self.batch_size)
+        return (self.num_samples // self.global_batch - consumed // self.global_batch) * per_step
 
     def _epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
@@ -240,6 +254,7 @@ class TrainStream:
         if self.rank == 0:
             print(self.resume_note, file=sys.stderr)
         self.loader.load_state_dict(s)
+        self._resumed_samples = s["sample_in_epoch"]
 
     def close(self) -> None:
         """Release the shared-memory claim (also done by the OS when the process exits)."""

@@ -5,14 +5,18 @@ Gradient clipping, accumulation and the non-finite check (a skipped step) are De
 The EMA shadows this rank's fp32 master fragments: a piece of every parameter's flattened fp32
 copy, at an offset, so it is partitioned like the optimizer (ZeRO-1/2) or the weights (ZeRO-3).
 Each rank writes its fragments to ema/rank*.pt; they are assembled by offset on load or export.
+On another number of ranks, the checkpoint is converted to DeepSpeed's universal format (per
+parameter: fp32 weights, Adam moments, step) and loaded from there, so nothing is lost.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
 import os
+import shutil
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ContextManager, Optional
@@ -23,8 +27,6 @@ from torch import nn
 from regscale.config import BatchPlan, Config
 from regscale.dist import DistEnv
 from regscale.engine.base import DTYPES, Engine, StepResult, adamw, apply_block_options, trainable
-
-log = logging.getLogger(__name__)
 
 
 def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
@@ -146,22 +148,10 @@ class DeepSpeedEngine(Engine):
         return None
 
     def load(self, path: Path, manifest: dict[str, Any]) -> None:
-        same_world = manifest.get("world_size") == self.env.world_size
-        if same_world:
+        if manifest.get("world_size") == self.env.world_size:
             self.ds.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         else:
-            # DeepSpeed's own checkpoints are laid out per world size: bring back the weights,
-            # start the optimizer moments afresh, and say so
-            log.warning("DeepSpeed checkpoint %s was written by %s ranks, this run has %s: loading "
-                        "the weights and EMA only; Adam moments restart from zero",
-                        path.name, manifest.get("world_size"), self.env.world_size)
-            self.ds.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True,
-                                    load_optimizer_states=False, load_lr_scheduler_states=False)
-            weights = consolidate(path, "model")
-            self._bind()
-            with torch.no_grad():
-                for name, (off, frag) in self.fragments.items():
-                    _copy_slice(frag, weights[name], off)
+            self._load_resharded(path)
         self._bind()
         full = assemble_ema(path)
         with torch.no_grad():
@@ -169,6 +159,44 @@ class DeepSpeedEngine(Engine):
             for name, (off, frag) in self.fragments.items():
                 self.ema[name] = torch.zeros_like(frag, dtype=torch.float32)
                 _copy_slice(self.ema[name], full[name], off)
+
+    def _load_resharded(self, path: Path) -> None:
+        """Weights, fp32 master copy, Adam moments and step from a checkpoint that another number
+        of ranks wrote: rank 0 converts it to a universal checkpoint in a scratch directory (the
+        `.trash_` prefix makes the next start remove it, should this one die), all ranks load it."""
+        import torch.distributed as dist
+
+        scratch = path.parent / f".trash_universal_{path.name}"
+        if self.env.rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            to_universal(path, scratch / path.name)
+        dist.barrier()
+        # DeepSpeed reads this flag of its config only while loading; setting it here, instead of
+        # at initialize, keeps same-world-size loads on the native (bit-exact) path
+        config = self.ds._config
+        config.load_universal_checkpoint = True
+        try:
+            self.ds.load_checkpoint(str(scratch), tag=path.name, load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = False
+        dist.barrier()
+        if self.env.rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def to_universal(path: Path, out: Path) -> None:
+    """DeepSpeed's universal checkpoint (ds_to_universal) of the checkpoint directory `path`."""
+    _import_deepspeed()
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    # inject_missing_state: the universal-checkpoint info of a data-parallel-only model (no tensor or
+    # pipeline parallelism) is the format version alone, which DeepSpeed saves only for models
+    # that declare it
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        ds_to_universal(args)  # it prints progress bars
 
 
 def _copy_slice(dst: torch.Tensor, full: torch.Tensor, offset: int) -> None:

@@ -56,7 +56,7 @@ def make_plan(cfg: Config) -> Plan:
     images, source = dataset_size(cfg)
     seen = t.batch_size * t.max_steps
     usable_s = s.time_limit_min * 60 - s.signal_lead_s
-    jobs = [f"train: {s.nodes} node(s) x {s.gpus_per_node} task(s), one per GPU, "
+    jobs = [f"train: {s.node_range} node(s) x {s.gpus_per_node} task(s), one per GPU, "
             f"time limit {s.time_limit_min} min, requeue on preemption/time limit "
             f"(at most {s.max_requeues})"]
     for step in cfg.eval.at_steps:

@@ -143,6 +143,8 @@ def sbatch_parameters(cfg: Config, profile: Profile, job_name: str) -> dict[str,
     for line in profile.extra_sbatch:
         option, _, value = line[2:].partition("=")
         extra[option] = value if value else True
+    if s.node_range != str(s.nodes):  # submitit's `nodes` is a count: a range goes in as is
+        extra["nodes"] = s.node_range
     if extra:
         params["slurm_additional_parameters"] = extra
     return params

@@ -4,15 +4,16 @@
 
 A step: per micro-batch, draw latents from the VAE posterior, encode images with the frozen
 DINOv2, compute the REG loss, backward; then the engine clips and steps (or skips a non-finite
-step), the EMA follows. Every random draw comes from a generator seeded by (seed, step, rank,
-micro-batch), and the data stream's position is in every checkpoint, so a resumed run replays
-exactly what the uninterrupted one would have done. At each step boundary the ranks agree in one
+step), the EMA follows. Every random draw of a sample comes from a generator seeded by (seed,
+step, the sample's dataset index) (train/noise.py), each step's global batch is the same for any
+number of processes, and the data stream's position is in every checkpoint, so a resumed run
+replays exactly what the uninterrupted one would have done: bit for bit on the same number of
+processes, up to the order of reductions on another. At each step boundary the ranks agree in one
 tiny all-reduce whether to stop (signal, deadline) and whether a background save has finished.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import shutil
@@ -30,19 +31,13 @@ from regscale.fsutil import write_atomic
 from regscale.train.checkpoint import CheckpointStore, PendingSave, find_valid
 from regscale.train.health import (MetricsLog, NonFiniteGuard, Watchdog, device_peak_flops,
                                    faulty_steps, kill_in_save, memory_gb, train_flops_per_image)
+from regscale.train.noise import DERIVATION, SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
+from regscale.train.threads import pin_threads
 
 log = logging.getLogger("regscale.train")
 
 FIRST_STEP_WATCHDOG_S = 3600.0  # the first step compiles and JIT-builds; give it time
-
-
-def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
-    """The generator of one micro-batch: a pure function of (seed, step, rank, micro)."""
-    key = hashlib.sha256(f"regscale:{seed}:{step}:{rank}:{micro}".encode()).digest()
-    g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-    return g
 
 
 @dataclass
@@ -112,6 +107,7 @@ class Trainer:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = t.tf32
             torch.backends.cudnn.allow_tf32 = t.tf32
+        self.threads = pin_threads(cfg)
         ensure_synthetic_dataset(cfg)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model_from_config(cfg.model)
@@ -119,6 +115,8 @@ class Trainer:
                                    seed=t.seed).to(self.device)
         self.engine = build_engine(cfg, model, env, self.plan)
         self.stream = TrainStream(cfg, env.rank, env.world_size, self.plan.micro)
+        self.noise = SampleNoise(t.seed, cfg.model.cls_token_dim, cfg.loss.time_sampling, self.device,
+                                 trace=run_dir / "draws" / f"rank{env.rank:05d}.jsonl")
         self._batches = None
         self.progress = Progress()
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", tracker, enabled=env.is_main)
@@ -172,7 +170,10 @@ class Trainer:
         if self.env.is_main:
             exact = "bit-exact" if same_world else (
                 f"resharded from {manifest['world_size']} to {self.env.world_size} processes: "
-                "NOT bit-exact")
+                "same samples and noise; reduction order differs")
+            if self.device.type == "cpu" and manifest.get("threads", self.threads) != self.threads:
+                exact += (f"; NOT bit-exact: {manifest['threads']} -> {self.threads} intra-op "
+                          "threads per process (slurm.cpus_per_task)")
             log.info("resumed from %s (step %d, %d images; %s)", path, manifest["step"],
                      manifest["images"], exact)
 
@@ -202,12 +203,13 @@ class Trainer:
             images = batch["image"].to(self.device, non_blocking=True)
             moments = batch["moments"].to(self.device, non_blocking=True).float()
             labels = batch["label"].to(self.device, non_blocking=True)
-            g = step_generator(cfg.train.seed, step, self.env.rank, micro, self.device)
-            x = sample_latents(moments[:, :4], moments[:, 4:], g, scale=cfg.vae.scale)
+            mean, std = moments.chunk(2, dim=1)
+            eps, draws = self.noise(step, batch["index"], mean.shape[1:])
+            x = sample_latents(mean, std, eps, scale=cfg.vae.scale)
             with torch.no_grad():
                 tokens = self.encoder(images)
             with self.engine.autocast():
-                parts = reg_loss(self.engine.module, x, labels, tokens, generator=g,
+                parts = reg_loss(self.engine.module, x, labels, tokens, draws=draws,
                                  loss_cfg=cfg.loss, class_dropout_prob=cfg.model.class_dropout_prob)
             total = parts.total * math.nan if nan else parts.total
             self.engine.backward(total, last_micro=micro == plan.accumulation - 1,
@@ -311,9 +313,8 @@ class Trainer:
             "batch": {"global": self.plan.global_batch, "micro": self.plan.micro,
                       "accumulation": self.plan.accumulation},
             "data_state": dist.gather_objects(self.stream.state_dict()),
-            "rng": {"seed": cfg.train.seed,
-                    "derivation": "torch.Generator per micro-batch seeded by "
-                                  "sha256('regscale:seed:step:rank:micro')[:8]"},
+            "rng": {"seed": cfg.train.seed, "derivation": DERIVATION},
+            "threads": self.threads,
             "health": {"nonfinite_total": p.nonfinite_total, "rollbacks": p.rollbacks},
             "created_unix": time.time(), "torch": torch.__version__,
         }
