@@ -1,18 +1,21 @@
 """`regscale VERB ...`: parses arguments and calls one function per verb.
 
 Heavy imports (torch, mlflow, submitit) happen inside the verbs, so `regscale config` is instant.
-A `ConfigError` (or any `UserError`) is printed as one line and exits 2, with no traceback.
+An expected failure (a `UserError`: bad input; an `OSError`: a path the system refuses) is printed
+as one line and exits 2; Ctrl-C exits 130. Neither shows a traceback unless REGSCALE_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from typing import Callable
 
 from regscale.config import config_hash, load_config, to_yaml
 from regscale.data import commands as data
-from regscale.errors import UserError
+from regscale.errors import expected_failure
 from regscale.eval import commands as evaluation
 from regscale.launch import commands as launch
 from regscale.models import commands as models
@@ -72,15 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("REGSCALE_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
-    except UserError as err:
-        print(f"regscale {args.verb}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print(f"regscale {args.verb}: interrupted", file=sys.stderr)
         return 130
-
+    except BrokenPipeError:  # `regscale status | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as err:
+        message = expected_failure(err)
+        if message is None:  # a bug: Python's traceback is the report
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"regscale {args.verb}: error: {message}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())
