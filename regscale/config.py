@@ -66,6 +66,26 @@ class ModelConfig:
                 base[key] = value
         return base
 
+    def check(self) -> None:
+        """Refuse values this section cannot run with."""
+        _choice("model.size", self.size, tuple(MODEL_SIZES))
+        arch = self.resolved()
+        for key in ("depth", "hidden_size", "num_heads", "patch_size", "encoder_depth"):
+            _positive(f"model.{key}", arch[key])
+        if arch["hidden_size"] % arch["num_heads"]:
+            raise ConfigError(f"'model.hidden_size' ({arch['hidden_size']}) must be divisible by "
+                              f"'model.num_heads' ({arch['num_heads']})")
+        if arch["encoder_depth"] > arch["depth"]:
+            raise ConfigError(f"'model.encoder_depth' ({arch['encoder_depth']}) must be <= "
+                              f"'model.depth' ({arch['depth']}): the projector reads that block's output")
+        if self.input_size % arch["patch_size"]:
+            raise ConfigError(f"'model.input_size' ({self.input_size}) must be divisible by "
+                              f"'model.patch_size' ({arch['patch_size']})")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ConfigError(f"'model.class_dropout_prob' must be in [0, 1); got {self.class_dropout_prob}")
+        for key in ("num_classes", "in_channels", "input_size", "projector_dim", "cls_token_dim"):
+            _positive(f"model.{key}", getattr(self, key))
+
 
 @dataclass
 class EncoderConfig:
@@ -112,6 +132,28 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # consecutive skipped steps before rolling back
     watchdog_s: int = 900  # a step slower than this dumps every thread's stack (0: off)
 
+    def check(self) -> None:
+        """Refuse values this section cannot run with (the batch against the world: `batch_plan`)."""
+        _positive("train.batch_size", self.batch_size)
+        if self.micro_batch_size is not None:
+            _positive("train.micro_batch_size", self.micro_batch_size)
+        _positive("train.max_steps", self.max_steps)
+        _positive("train.lr", self.lr)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {list(self.betas)}")
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"'train.ema_decay' must be in [0, 1); got {self.ema_decay}")
+        _positive("train.ckpt_every", self.ckpt_every)
+        _positive("train.keep_last", self.keep_last)
+        _positive("train.keep_every", self.keep_every, allow_zero=True)
+        _positive("train.log_every", self.log_every)
+        _positive("train.sample_every", self.sample_every, allow_zero=True)
+        _choice("train.precision", self.precision, ("bf16", "fp16", "fp32"))
+        _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        _positive("train.watchdog_s", self.watchdog_s, allow_zero=True)
+
 
 @dataclass
 class LossConfig:
@@ -120,6 +162,11 @@ class LossConfig:
     proj_coeff: float = 0.5
     cls_coeff: float = 0.03
     time_sampling: str = "uniform"  # uniform | lognormal
+
+    def check(self) -> None:
+        _choice("loss.time_sampling", self.time_sampling, ("uniform", "lognormal"))
+        _positive("loss.proj_coeff", self.proj_coeff, allow_zero=True)
+        _positive("loss.cls_coeff", self.cls_coeff, allow_zero=True)
 
 
 @dataclass
@@ -133,6 +180,10 @@ class DataConfig:
     shuffle_block_size: Optional[int] = None
     synthetic: int = 0  # > 0: generate this many images + shards at data.path first (smoke only)
 
+    def check(self) -> None:
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.synthetic", self.synthetic, allow_zero=True)
+
 
 @dataclass
 class EngineConfig:
@@ -144,6 +195,13 @@ class EngineConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     async_checkpoint: bool = True
+
+    def check(self) -> None:
+        _choice("engine.kind", self.kind, ("fsdp", "deepspeed"))
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"'engine.zero_stage' must be 1, 2 or 3; got {self.zero_stage}")
+        if self.offload_optimizer and self.kind != "deepspeed":
+            raise ConfigError("'engine.offload_optimizer' needs engine.kind=deepspeed")
 
 
 @dataclass
@@ -164,6 +222,17 @@ class SlurmConfig:
     signal_lead_s: int = 300  # SIGUSR2 this long before the limit: one step + a checkpoint save
     max_requeues: int = 50
     max_failures_at_step: int = 3  # attempts in a row failing from one checkpoint before the run stops
+
+    def check(self) -> None:
+        _choice("slurm.cluster", self.cluster, ("auto", "slurm", "local"))
+        for key in ("nodes", "gpus_per_node", "cpus_per_task", "time_limit_min"):
+            _positive(f"slurm.{key}", getattr(self, key))
+        _positive("slurm.signal_lead_s", self.signal_lead_s, allow_zero=True)
+        _positive("slurm.max_requeues", self.max_requeues, allow_zero=True)
+        _positive("slurm.max_failures_at_step", self.max_failures_at_step)
+        if self.signal_lead_s >= self.time_limit_min * 60:
+            raise ConfigError(f"'slurm.signal_lead_s' ({self.signal_lead_s}) must be shorter than the "
+                              f"time limit ({self.time_limit_min} min)")
 
 
 @dataclass
@@ -191,11 +260,33 @@ class EvalConfig:
     random_inception: bool = False  # smoke only: metrics are tagged as not comparable
     at_steps: list[int] = field(default_factory=list)  # intermediate evaluations during training
 
+    def check(self) -> None:
+        """Refuse values this section cannot run with (at_steps against training: `validate`)."""
+        _positive("eval.num_samples", self.num_samples)
+        _positive("eval.batch_size", self.batch_size)
+        _choice("eval.sampler", self.sampler, ("sde", "ode"))
+        if self.steps < 2:
+            raise ConfigError(f"'eval.steps' must be >= 2; got {self.steps}")
+        for key in ("cfg_scale", "cls_cfg_scale"):
+            _positive(f"eval.{key}", getattr(self, key), allow_zero=True)
+        for key in ("guidance_low", "guidance_high"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"'eval.{key}' must be in [0, 1] (a time on the interpolant); got {value}")
+        if self.guidance_low > self.guidance_high:
+            raise ConfigError(f"'eval.guidance_low' ({self.guidance_low}) must be <= 'eval.guidance_high' "
+                              f"({self.guidance_high})")
+        _choice("eval.labels", self.labels, ("uniform", "balanced"))
+
 
 @dataclass
 class RunConfig:
     name: Optional[str] = None  # None: the recipe's file name
     dir: str = "runs"  # run directories live in <dir>/<name>
+
+    def check(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"'run.name' must be a plain directory name; got {self.name!r}")
 
 
 @dataclass
@@ -387,103 +478,78 @@ def is_remote(path: str) -> bool:
 
 
 def validate(cfg: Config) -> None:
-    """Refuse values that cannot run, naming the key and the reason."""
-    m = cfg.model
-    _choice("model.size", m.size, tuple(MODEL_SIZES))
-    arch = m.resolved()
-    for key in ("depth", "hidden_size", "num_heads", "patch_size", "encoder_depth"):
-        _positive(f"model.{key}", arch[key])
-    if arch["hidden_size"] % arch["num_heads"]:
-        raise ConfigError(f"'model.hidden_size' ({arch['hidden_size']}) must be divisible by "
-                          f"'model.num_heads' ({arch['num_heads']})")
-    if arch["encoder_depth"] > arch["depth"]:
-        raise ConfigError(f"'model.encoder_depth' ({arch['encoder_depth']}) must be <= "
-                          f"'model.depth' ({arch['depth']}): the projector reads that block's output")
-    if m.input_size % arch["patch_size"]:
-        raise ConfigError(f"'model.input_size' ({m.input_size}) must be divisible by "
-                          f"'model.patch_size' ({arch['patch_size']})")
-    if not 0.0 <= m.class_dropout_prob < 1.0:
-        raise ConfigError(f"'model.class_dropout_prob' must be in [0, 1); got {m.class_dropout_prob}")
-    for key in ("num_classes", "in_channels", "input_size", "projector_dim", "cls_token_dim"):
-        _positive(f"model.{key}", getattr(m, key))
-
-    t = cfg.train
-    _positive("train.batch_size", t.batch_size)
-    _positive("train.max_steps", t.max_steps)
-    _positive("train.lr", t.lr)
-    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
-        raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {list(t.betas)}")
-    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ConfigError(f"'train.ema_decay' must be in [0, 1); got {t.ema_decay}")
-    _positive("train.ckpt_every", t.ckpt_every)
-    _positive("train.keep_last", t.keep_last)
-    _positive("train.keep_every", t.keep_every, allow_zero=True)
-    _positive("train.log_every", t.log_every)
-    _positive("train.sample_every", t.sample_every, allow_zero=True)
-    _choice("train.precision", t.precision, ("bf16", "fp16", "fp32"))
-    _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
-    _positive("train.watchdog_s", t.watchdog_s, allow_zero=True)
-    world = cfg.world_size
-    if t.batch_size % world:
-        raise ConfigError(f"'train.batch_size' ({t.batch_size}) must be divisible by the world size "
-                          f"({world} = slurm.nodes {cfg.slurm.nodes} x slurm.gpus_per_node "
-                          f"{cfg.slurm.gpus_per_node})")
-    if t.micro_batch_size is not None:
-        _positive("train.micro_batch_size", t.micro_batch_size)
-        per_rank = t.batch_size // world
-        if per_rank % t.micro_batch_size:
-            raise ConfigError(f"'train.micro_batch_size' ({t.micro_batch_size}) must divide the "
-                              f"per-GPU batch ({per_rank} = {t.batch_size} / {world} GPUs)")
-
-    _choice("loss.time_sampling", cfg.loss.time_sampling, ("uniform", "lognormal"))
-    _positive("loss.proj_coeff", cfg.loss.proj_coeff, allow_zero=True)
-    _positive("loss.cls_coeff", cfg.loss.cls_coeff, allow_zero=True)
-
-    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
-    _positive("data.synthetic", cfg.data.synthetic, allow_zero=True)
-
-    e = cfg.engine
-    _choice("engine.kind", e.kind, ("fsdp", "deepspeed"))
-    if e.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"'engine.zero_stage' must be 1, 2 or 3; got {e.zero_stage}")
-    if e.offload_optimizer and e.kind != "deepspeed":
-        raise ConfigError("'engine.offload_optimizer' needs engine.kind=deepspeed")
-
+    """Refuse values that cannot run, naming the key and the reason: each section's own checks,
+    then the ones across sections."""
+    for section in (cfg.model, cfg.train, cfg.loss, cfg.data, cfg.engine, cfg.slurm, cfg.eval, cfg.run):
+        section.check()
     s = cfg.slurm
-    _choice("slurm.cluster", s.cluster, ("auto", "slurm", "local"))
-    for key in ("nodes", "gpus_per_node", "cpus_per_task", "time_limit_min"):
-        _positive(f"slurm.{key}", getattr(s, key))
-    _positive("slurm.signal_lead_s", s.signal_lead_s, allow_zero=True)
-    _positive("slurm.max_requeues", s.max_requeues, allow_zero=True)
-    _positive("slurm.max_failures_at_step", s.max_failures_at_step)
-    if s.signal_lead_s >= s.time_limit_min * 60:
-        raise ConfigError(f"'slurm.signal_lead_s' ({s.signal_lead_s}) must be shorter than the time "
-                          f"limit ({s.time_limit_min} min)")
+    batch_plan(cfg.train, cfg.world_size,
+               f"{cfg.world_size} = slurm.nodes {s.nodes} x slurm.gpus_per_node {s.gpus_per_node}")
+    for step in cfg.eval.at_steps:
+        if not 0 < step <= cfg.train.max_steps:
+            raise ConfigError(f"'eval.at_steps' entry {step} is outside (0, train.max_steps="
+                              f"{cfg.train.max_steps}]")
 
-    ev = cfg.eval
-    _positive("eval.num_samples", ev.num_samples)
-    _positive("eval.batch_size", ev.batch_size)
-    _choice("eval.sampler", ev.sampler, ("sde", "ode"))
-    if ev.steps < 2:
-        raise ConfigError(f"'eval.steps' must be >= 2; got {ev.steps}")
-    for key in ("cfg_scale", "cls_cfg_scale"):
-        _positive(f"eval.{key}", getattr(ev, key), allow_zero=True)
-    for key in ("guidance_low", "guidance_high"):
-        value = getattr(ev, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"'eval.{key}' must be in [0, 1] (a time on the interpolant); got {value}")
-    if ev.guidance_low > ev.guidance_high:
-        raise ConfigError(f"'eval.guidance_low' ({ev.guidance_low}) must be <= 'eval.guidance_high' "
-                          f"({ev.guidance_high})")
-    _choice("eval.labels", ev.labels, ("uniform", "balanced"))
-    for step in ev.at_steps:
-        if not 0 < step <= t.max_steps:
-            raise ConfigError(f"'eval.at_steps' entry {step} is outside (0, train.max_steps={t.max_steps}]")
 
-    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name.startswith("."):
-        raise ConfigError(f"'run.name' must be a plain directory name; got {cfg.run.name!r}")
+@dataclass(frozen=True)
+class BatchPlan:
+    """Global batch = world_size x micro_batch x accumulation, whatever the world size."""
+
+    global_batch: int
+    per_rank: int
+    micro: int
+    accumulation: int
+
+
+def batch_plan(train: TrainConfig, world_size: int, world: str = "") -> BatchPlan:
+    """Per-GPU batch and gradient accumulation that keep `train.batch_size` global over
+    `world_size` processes (`world` says where that number comes from, for the error)."""
+    total = train.batch_size
+    world = world or f"{world_size} processes"
+    if total % world_size:
+        raise ConfigError(f"'train.batch_size' ({total}) must be divisible by the world size ({world})")
+    per_rank = total // world_size
+    micro = train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"'train.micro_batch_size' ({micro}) must divide the per-GPU batch "
+                          f"({per_rank} = {total} / {world_size} GPUs)")
+    return BatchPlan(global_batch=total, per_rank=per_rank, micro=micro, accumulation=per_rank // micro)
+
+
+# ---------------------------------------------------------------------------------------------
+# what may change when a run resumes
+
+
+# How and where a run executes, how long, how often it logs and saves: these may change when a
+# run is resumed (`regscale resume k=v`, a new recipe for the same run.name). Every other key
+# defines the experiment: changing it on resume is refused, tracked or not. A trailing "." names
+# a whole section.
+RESUMABLE_KEYS = (
+    "slurm.", "engine.", "mlflow.", "eval.", "run.dir",
+    "data.path", "data.local_cache", "data.num_workers",
+    "encoder.weights", "vae.encoder", "vae.decoder",
+    "train.max_steps", "train.micro_batch_size", "train.ckpt_every", "train.keep_last",
+    "train.keep_every", "train.log_every", "train.sample_every", "train.max_nonfinite_steps",
+    "train.tf32", "train.watchdog_s",
+)
+
+
+def resumable(key: str) -> bool:
+    """True when `key` may change on resume (see RESUMABLE_KEYS)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def resume_changes(before: dict[str, Any], now: dict[str, Any], where: str) -> dict[str, str]:
+    """The keys whose value changed between a run's first configuration and this one (flattened,
+    compared as strings), as {key: new value}. Raises ConfigError naming every key that defines the
+    experiment and changed."""
+    changed = {k: str(v) for k, v in now.items() if k in before and str(before[k]) != str(v)}
+    refused = sorted(k for k in changed if not resumable(k))
+    if refused:
+        detail = "; ".join(f"'{k}' was {str(before[k])!r}, now {changed[k]!r}" for k in refused)
+        raise ConfigError(f"{where}: resuming would change what defines the experiment: {detail}. "
+                          "Start a new run (another run.name) to change them.")
+    return changed
 
 
 def check_paths_for_training(cfg: Config) -> None:

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from regscale.config import ConfigError, load_config
-from regscale.train.checkpoint import (CheckpointStore, find_valid, published, step_name, verify,
-                                       write_atomic)
-from regscale.train.dist import batch_plan, read_env
+from regscale.config import ConfigError, batch_plan, load_config
+from regscale.dist import Layout, read_layout
+from regscale.fsutil import write_atomic
+from regscale.rundir import step_name
+from regscale.train.checkpoint import CheckpointStore, find_valid, published, verify
 from regscale.train.loop import step_generator
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
 
@@ -75,26 +76,28 @@ def test_write_atomic_replaces_whole(tmp_path: Path) -> None:
 
 def test_batch_plan_keeps_the_global_batch(recipes: Path) -> None:
     cfg = load_config(recipes / "smoke.yaml", ["train.batch_size=16", "train.micro_batch_size=2"])
-    plan = batch_plan(cfg, 4)
+    plan = batch_plan(cfg.train, 4)
     assert (plan.per_rank, plan.micro, plan.accumulation) == (4, 2, 2)
-    assert batch_plan(cfg, 2).accumulation == 4
-    with pytest.raises(ConfigError, match="divisible by the number of processes"):
-        batch_plan(cfg, 3)
+    assert batch_plan(cfg.train, 2).accumulation == 4
+    with pytest.raises(ConfigError, match=r"divisible by the world size \(3 processes\)"):
+        batch_plan(cfg.train, 3)
     with pytest.raises(ConfigError, match="micro_batch_size"):
-        batch_plan(cfg, 16)
+        batch_plan(cfg.train, 16)
 
 
-def test_read_env_prefers_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+def test_read_layout_prefers_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+                "SLURM_LOCALID", "SLURM_JOB_NUM_NODES"):
         monkeypatch.delenv(key, raising=False)
-    assert read_env() == (0, 0, 1, "single")
+    assert read_layout() == Layout(0, 0, 1, 1)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    assert read_env() == (5, 1, 8, "slurm")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    assert read_layout() == Layout(5, 1, 8, 4)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert read_env()[::3] == (2, "torchrun")
+    assert read_layout() == Layout(2, 0, 4, 4)
 
 
 def test_signal_only_sets_a_flag() -> None:

@@ -28,8 +28,9 @@ from regscale.data.images import UnreadableImage, load_image
 from regscale.data.shards import (CLASSES, HASHES, IMAGE_ENCODINGS, MANIFEST, MOMENTS_SHAPE, SHARD_SIZE_LIMIT, SUMMARY,
                                   columns, encode_image)
 from regscale.data.source import Source, scan_source
-from regscale.data.store import Store, atomic_write_text, chunk_name
+from regscale.data.store import Store, chunk_name
 from regscale.errors import UserError
+from regscale.fsutil import write_atomic
 
 FORMAT_VERSION = 1
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
@@ -154,7 +155,7 @@ def _write_chunk(source: Source, chunk: int, store: Store, opts: PrepareOptions,
             report(min(start + opts.batch_size, indices.stop) - start)
     nbytes = sum(p.stat().st_size for p in tmp.glob("*.mds"))
     written = sum(per_class.values())
-    atomic_write_text(tmp / "chunk.json", json.dumps(
+    write_atomic(tmp / "chunk.json", json.dumps(
         {"chunk": chunk, "first": indices.start, "stop": indices.stop, "samples": written,
          "bytes": nbytes, "per_class": per_class, "skipped": skipped}, indent=1) + "\n")
     final = store.local / chunk_name(chunk)

@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from regscale.config import is_remote
+from regscale.fsutil import write_atomic
 
 CHUNK_RE = re.compile(r"(?:^|/)chunk-(\d{6})/chunk\.json$")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory, then rename: readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def chunk_name(chunk: int) -> str:
@@ -77,7 +66,7 @@ class Store:
         return json.loads(path.read_text()) if path is not None else None
 
     def write_json(self, relpath: str, obj: Any) -> None:
-        atomic_write_text(self.local / relpath, json.dumps(obj, indent=1) + "\n")
+        write_atomic(self.local / relpath, json.dumps(obj, indent=1) + "\n")
         self.publish(relpath)
 
     def done_chunks(self) -> set[int]:

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -116,17 +115,15 @@ def _worker_context(num_workers: int) -> Optional[str]:
 def _host_layout(rank: int, world_size: int) -> tuple[int, int]:
     """(local rank, ranks per host) from the hostnames of all ranks. Streaming's "node" is what
     shares /dev/shm, i.e. a host, whatever SLURM calls a node (a test cluster may fake several)."""
-    import torch.distributed as dist
+    from regscale import dist
 
     if world_size == 1:
         return 0, 1
-    hosts: list[str] = [""] * world_size
-    dist.all_gather_object(hosts, socket.gethostname())
-    per_host = hosts.count(hosts[rank])
-    contiguous = all(hosts[i] == hosts[(i // per_host) * per_host] for i in range(world_size))
-    if world_size % per_host or not contiguous:
-        raise UserError(f"ranks must be laid out in equal contiguous blocks per host for streaming; got {hosts}")
-    return rank % per_host, per_host
+    hosts = dist.host_layout()
+    if not hosts.contiguous:
+        raise UserError(f"ranks must be laid out in equal contiguous blocks per host for streaming; "
+                        f"got {list(hosts.hosts)}")
+    return hosts.local_rank, hosts.local_world_size
 
 
 @contextlib.contextmanager

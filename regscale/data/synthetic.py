@@ -8,7 +8,6 @@ Both steps are deterministic and resumable, so calling it again (or from two job
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -16,14 +15,16 @@ import numpy as np
 from PIL import Image
 
 from regscale.config import Config, is_remote
+from regscale.dist import read_layout
 from regscale.data.shards import SUMMARY
 from regscale.errors import UserError
+from regscale.fsutil import atomic_path
 
 WAIT_S = 1800.0
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    return read_layout().rank
 
 
 def synthetic_image(label: int, i: int, num_classes: int, size: int = 64) -> np.ndarray:
@@ -44,10 +45,8 @@ def write_synthetic_images(root: Path, num_images: int, num_classes: int) -> Non
         path = root / f"class_{label:04d}" / f"{i:06d}.png"
         if path.exists():
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        Image.fromarray(synthetic_image(label, i, num_classes)).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(synthetic_image(label, i, num_classes)).save(tmp, format="PNG")
 
 
 def ensure_synthetic_dataset(cfg: Config) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from regscale.config import Config
+from regscale.config import BatchPlan, Config
+from regscale.dist import DistEnv
 from regscale.engine.base import Engine, StepResult
-from regscale.train.dist import BatchPlan, DistEnv
 
 __all__ = ["Engine", "StepResult", "build_engine", "consolidate"]
 

@@ -20,9 +20,9 @@ from typing import Any, ContextManager, Optional
 import torch
 from torch import nn
 
-from regscale.config import Config
+from regscale.config import BatchPlan, Config
+from regscale.dist import DistEnv
 from regscale.engine.base import DTYPES, Engine, StepResult, adamw, apply_block_options, trainable
-from regscale.train.dist import BatchPlan, DistEnv
 
 log = logging.getLogger(__name__)
 

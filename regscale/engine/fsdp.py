@@ -22,8 +22,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from regscale.config import Config, ConfigError
+from regscale.dist import DistEnv
 from regscale.engine.base import Engine, StepResult, adamw, apply_block_options, trainable
-from regscale.train.dist import DistEnv
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,9 @@ def _target_config(target: Path, recipe: str | None, overrides: list[str]):
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Draw eval.num_samples images into an ADM-format .npz (resumable)."""
+    from regscale.dist import teardown
     from regscale.eval.job import dist_setup, sample_checkpoint
-    from regscale.train.dist import teardown
+    from regscale.rundir import step_name
 
     target = Path(args.target)
     cfg = _target_config(target, args.recipe, args.overrides)
@@ -59,7 +60,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     elif target.is_dir():
-        out = target / "eval" / f"step_{step or 0:08d}"
+        out = target / "eval" / step_name(step or 0)
     else:
         out = target.with_name(target.stem + "_samples")
     try:
@@ -75,8 +76,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score a samples .npz against an ADM reference batch."""
+    from regscale.dist import teardown
     from regscale.eval.job import evaluate_samples, write_record
-    from regscale.train.dist import teardown
 
     samples = Path(args.samples)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from regscale.eval.features import Features, extract
 from regscale.eval.inception import InceptionFeatures, file_sha256, load_inception, resolve_weights
 from regscale.eval.metrics import frechet, inception_score, precision_recall
 from regscale.eval.npz import NpzArray, check_samples, load_reference, open_images
+from regscale.fsutil import write_atomic
+from regscale.rundir import step_name
 
 # Bump when anything that changes the numbers changes (network port, preprocessing, formulas).
 EVALUATOR_VERSION = "regscale-adm-1"
@@ -44,16 +45,14 @@ MAX_SHARD_REFERENCE = 10_000  # the ADM reference batch's size
 
 def dist_setup() -> tuple[int, int, torch.device]:
     """(rank, world, device): join the process group the launcher describes, if any."""
-    from regscale.train import dist as tdist
+    from regscale import dist as rdist
 
-    if not (dist.is_available() and dist.is_initialized()) and tdist.read_env()[2] > 1:
-        tdist.setup()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    local = tdist.read_env()[1]
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    rdist.export_launcher_env()
+    layout = rdist.read_layout()
+    if layout.world_size == 1 and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1, rdist.local_device(layout)
+    env = rdist.setup()
+    return env.rank, env.world_size, env.device
 
 
 def _broadcast(obj: Any) -> Any:
@@ -205,10 +204,7 @@ def evaluator_info(net: InceptionFeatures) -> dict[str, Any]:
 
 def write_record(path: Path, record: dict[str, Any]) -> Path:
     """Atomic JSON write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
     return path
 
 
@@ -329,7 +325,7 @@ def evaluate(cfg: Config, weights: Path | dict, out_dir: Path, step: int, tracke
             write_record(out_dir / RECORD, outcome[1])
             if tracker is not None:
                 tracker.log_eval(outcome[1]["metrics"], step, _tracker_info(outcome[1]))
-                tracker.log_artifact(out_dir / RECORD, f"eval/step_{step:08d}")
+                tracker.log_artifact(out_dir / RECORD, f"eval/{step_name(step)}")
     except UserError as err:  # raised on rank 0 alone (the metrics): tell the others, not hang them
         if rank != 0 or world == 1:
             raise

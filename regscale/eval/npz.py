@@ -9,7 +9,6 @@ streamed. Writes go to a temporary name and are renamed into place.
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from regscale.errors import UserError
 from regscale.eval.inception import POOL_DIM, SPATIAL_DIM, file_sha256
+from regscale.fsutil import atomic_path
 
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -93,8 +93,7 @@ def write_npz(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype, Ite
     """Write name -> (shape, dtype, chunks along axis 0) as an uncompressed .npz, chunk by chunk,
     atomically. The chunks must add up to `shape`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, (shape, dtype, chunks) in arrays.items():
                 dtype = np.dtype(dtype)
@@ -111,11 +110,6 @@ def write_npz(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype, Ite
                         rows += chunk.shape[0]
                     if rows != shape[0]:
                         raise ValueError(f"{name}: chunks hold {rows} rows, header says {shape[0]}")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

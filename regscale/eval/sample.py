@@ -12,7 +12,6 @@ the shards. `shards/sampling.json` pins the settings; shards sampled otherwise a
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from regscale.config import Config
 from regscale.errors import UserError
 from regscale.eval.npz import NpzArray, npz_members, write_npz
+from regscale.fsutil import write_atomic
 
 SETTINGS = "sampling.json"
 _SHARD = re.compile(r"^(\d{8})_(\d{8})\.npz$")
@@ -111,10 +111,7 @@ def _check_settings(shard_dir: Path, settings: dict[str, Any]) -> None:
             raise UserError(f"{shard_dir}: holds samples drawn with other settings ({what}); "
                             "use another output directory or delete it")
     else:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{SETTINGS}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(settings, indent=2, sort_keys=True))
 
 
 def _rank_world() -> tuple[int, int]:

@@ -21,20 +21,20 @@ import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import submitit
 
 from regscale.config import Config
+from regscale.fsutil import write_atomic
 from regscale.launch import runs
+from regscale.rundir import CHECKPOINTS, step_name
 
 REQUEUE_ENDS = ("preempted", "deadline")
 FAILURE_GRACE_S = 15.0  # a failing rank > 0 waits this long before exiting (srun --kill-on-bad-exit)
@@ -68,23 +68,17 @@ def write_stop_report(run_dir: Path, reason: str, step: int) -> None:
                   job_id=os.environ.get("SLURM_JOB_ID"),
                   attempts=len(runs.read_attempts(run_dir)),
                   resume=f"fix the cause, then: regscale resume {run_dir}")
-    runs.atomic_write(run_dir / runs.STOP_REPORT, json.dumps(report, indent=1) + "\n")
+    write_atomic(run_dir / runs.STOP_REPORT, json.dumps(report, indent=1) + "\n")
     print(f"regscale: run stopped: {reason}", file=sys.stderr, flush=True)
 
 
-def export_distributed_env() -> submitit.JobEnvironment:
-    """MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE from submitit's job environment.
+def job_environment() -> submitit.JobEnvironment:
+    """submitit's view of this task (job id, rank, cluster), with the torch.distributed variables
+    exported by submitit's rule (regscale.dist.export_launcher_env)."""
+    from regscale import dist
 
-    The port depends on the job id and SLURM's restart count, so a requeued job does not race the
-    previous attempt's socket. CUDA_VISIBLE_DEVICES is left as SLURM set it (device = LOCAL_RANK).
-    """
-    env = submitit.JobEnvironment()
-    key = f"{env.job_id}/{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-    os.environ["MASTER_PORT"] = str(15000 + zlib.crc32(key.encode()) % 17000)  # below the ephemeral range
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    if env.cluster == "local":
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-    return env
+    dist.export_launcher_env()
+    return submitit.JobEnvironment()
 
 
 def export_deadline() -> None:
@@ -142,18 +136,14 @@ def _local_layout_by_host() -> None:
     """Join the process group and set LOCAL_RANK / LOCAL_WORLD_SIZE by host, for libraries (the
     evaluation's streaming reader) that take "local" to mean "shares this host's /dev/shm". Same as
     SLURM's on real nodes; differs only where several SLURM nodes share a host (the dev cluster)."""
-    import torch.distributed as dist
+    from regscale import dist
 
-    from regscale.train import dist as tdist
-
-    if tdist.read_env()[2] <= 1:
+    if dist.read_layout().world_size <= 1:
         return
-    tdist.setup()
-    hosts: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    rank = dist.get_rank()
-    os.environ["LOCAL_RANK"] = str(hosts[:rank].count(hosts[rank]))
-    os.environ["LOCAL_WORLD_SIZE"] = str(hosts.count(hosts[rank]))
+    dist.setup()
+    hosts = dist.host_layout()
+    os.environ["LOCAL_RANK"] = str(hosts.local_rank)
+    os.environ["LOCAL_WORLD_SIZE"] = str(hosts.local_world_size)
 
 
 def _leave_process_group() -> None:
@@ -178,7 +168,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's, before train() installs its own
-        env = export_distributed_env()
+        env = job_environment()
         export_deadline()
         run_dir = Path(self.run_dir)
         cfg = runs.load_run_config(run_dir)
@@ -245,7 +235,7 @@ class EvalJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         from regscale.eval.job import evaluate
 
-        env = export_distributed_env()
+        env = job_environment()
         run_dir = Path(self.run_dir)
         cfg = runs.load_run_config(run_dir)
         step = self.step if self.step is not None else runs.latest_step(run_dir)
@@ -255,7 +245,7 @@ class EvalJob(submitit.helpers.Checkpointable):
         _local_layout_by_host()
         tracker = open_tracker(cfg, run_dir, attach=True) if env.global_rank == 0 else None
         try:
-            return evaluate(cfg, run_dir, run_dir / "eval" / f"step_{step:08d}", step, tracker)
+            return evaluate(cfg, run_dir, run_dir / "eval" / step_name(step), step, tracker)
         finally:
             if tracker is not None:
                 tracker.finish()
@@ -287,7 +277,7 @@ class EvalWatcher(threading.Thread):
         done = {j.step for j in runs.read_jobs(self.run_dir) if j.kind == "eval" and j.step is not None}
         newest = runs.latest_step(self.run_dir)
         for step in sorted(set(self.cfg.eval.at_steps) - done):
-            if step > newest or not (self.run_dir / "checkpoints" / f"step_{step:08d}").is_dir():
+            if step > newest or not (self.run_dir / CHECKPOINTS / step_name(step)).is_dir():
                 continue
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("SLURM_", "SUBMITIT_")) and k not in DISTRIBUTED_NAMES}

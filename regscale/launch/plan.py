@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from regscale.config import Config, is_remote
+from regscale.config import Config, batch_plan, is_remote
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -41,8 +41,7 @@ def dataset_size(cfg: Config) -> tuple[int, str]:
 def make_plan(cfg: Config) -> Plan:
     t, s = cfg.train, cfg.slurm
     world = cfg.world_size
-    per_gpu = t.batch_size // world
-    micro = t.micro_batch_size or per_gpu
+    batch = batch_plan(t, world)
     images, source = dataset_size(cfg)
     seen = t.batch_size * t.max_steps
     usable_s = s.time_limit_min * 60 - s.signal_lead_s
@@ -57,9 +56,9 @@ def make_plan(cfg: Config) -> Plan:
                 f"{cfg.eval.guidance_high}], then FID/sFID/IS/P/R")
     return Plan(
         world_size=world,
-        per_gpu_batch=per_gpu,
-        micro_batch=micro,
-        grad_accum=per_gpu // micro,
+        per_gpu_batch=batch.per_rank,
+        micro_batch=batch.micro,
+        grad_accum=batch.accumulation,
         dataset_images=images,
         dataset_source=source,
         images_seen=seen,

@@ -18,6 +18,8 @@ from typing import Iterator, Optional
 
 from regscale.config import Config, from_yaml_text
 from regscale.errors import UserError
+from regscale.fsutil import write_atomic
+from regscale.rundir import CHECKPOINTS, step_name, step_of
 
 JOBS = "jobs.json"
 ATTEMPTS = "attempts.jsonl"
@@ -27,13 +29,6 @@ STOP_REPORT = "stop_report.json"
 def run_dir_of(cfg: Config) -> Path:
     """<run.dir>/<run.name>, absolute (jobs run from another working directory)."""
     return (Path(cfg.run.dir) / str(cfg.run.name)).resolve()
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file and rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -46,14 +41,14 @@ def load_run_config(run_dir: Path) -> Config:
 
 def latest_step(run_dir: Path) -> int:
     """Step of the newest complete checkpoint (checkpoints/latest names it), 0 when there is none."""
-    latest = run_dir / "checkpoints" / "latest"
+    latest = run_dir / CHECKPOINTS / "latest"
     if not latest.is_file():
         return 0
     name = latest.read_text().strip()
-    try:
-        return int(name.rsplit("_", 1)[-1])
-    except ValueError:
-        raise UserError(f"{latest}: expected a directory name like step_00001000, got {name!r}") from None
+    step = step_of(name)
+    if step is None:
+        raise UserError(f"{latest}: expected a directory name like {step_name(1000)}, got {name!r}")
+    return step
 
 
 @dataclass
@@ -90,7 +85,7 @@ def add_jobs(run_dir: Path, records: list[JobRecord]) -> None:
     """Append job records to jobs.json (atomic, safe against concurrent writers)."""
     with _locked(run_dir):
         jobs = read_jobs(run_dir) + records
-        atomic_write(run_dir / JOBS, json.dumps({"jobs": [asdict(j) for j in jobs]}, indent=1) + "\n")
+        write_atomic(run_dir / JOBS, json.dumps({"jobs": [asdict(j) for j in jobs]}, indent=1) + "\n")
 
 
 @dataclass

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from regscale.config import Config, ConfigError, check_paths_for_training, load_config, to_yaml
+from regscale.config import (RESUMABLE_KEYS, Config, ConfigError, check_paths_for_training, load_config,
+                             resumable, to_yaml)
 from regscale.errors import UserError
+from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.launch.profile import Profile, check_value, load_profile, sbatch_parameters, sbatch_test_args
-
-RESUME_KEYS = ("slurm.time_limit_min", "slurm.nodes", "slurm.partition")
-
+from regscale.rundir import CHECKPOINTS, step_name
 
 # ---------------------------------------------------------------------------------------------
 # where jobs run
@@ -126,11 +126,11 @@ def prepare_run_dir(cfg: Config) -> Path:
     """Create <run.dir>/<run.name> with config.yaml; refuse to reuse one that already ran."""
     run_dir = runs.run_dir_of(cfg)
     check_value("run directory", str(run_dir))
-    if runs.read_jobs(run_dir) or (run_dir / "checkpoints").exists():
+    if runs.read_jobs(run_dir) or (run_dir / CHECKPOINTS).exists():
         raise UserError(f"run directory {run_dir} already holds a run: continue it with "
                         f"`regscale resume {run_dir}`, or choose another run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     return run_dir
 
 
@@ -202,7 +202,7 @@ def run_local(cfg: Config, launcher: Launcher, run_dir: Path) -> Submitted:
         raise UserError(f"training failed; logs under {job.paths.stdout.parent}; nothing evaluated")
     evals = []
     for step in [*cfg.eval.at_steps, None]:
-        if step is not None and not (run_dir / "checkpoints" / f"step_{step:08d}").is_dir():
+        if step is not None and not (run_dir / CHECKPOINTS / step_name(step)).is_dir():
             print(f"eval @ step {step}: no checkpoint kept for that step (train.keep_every), skipped")
             continue
         job = launcher.submit(EvalJob(str(run_dir), step), f"{cfg.run.name}-eval")
@@ -304,9 +304,9 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     run_dir = run_dir.resolve()
     runs.load_run_config(run_dir)
     for item in overrides:
-        if item.partition("=")[0] not in RESUME_KEYS:
+        if not resumable(item.partition("=")[0]):
             raise UserError(f"resume: '{item}' cannot change for a run that has started; allowed: "
-                            f"{', '.join(RESUME_KEYS)}")
+                            f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_KEYS)}")
     cfg = load_config(run_dir / "config.yaml", overrides)
     active = _active_jobs(run_dir)
     if active:
@@ -321,7 +321,7 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     stop = run_dir / runs.STOP_REPORT
     if stop.is_file():
         stop.rename(run_dir / f"stop_report.{int(time.time())}.json")
-    runs.atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     runs.record_resume(run_dir, step)
     print(f"resuming {run_dir} from step {step}")
     if cluster == "slurm":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
@@ -17,6 +16,7 @@ import torch
 
 from regscale.config import MODEL_SIZES
 from regscale.errors import UserError
+from regscale.fsutil import atomic_path
 
 if TYPE_CHECKING:
     from regscale.models.sit import SiT
@@ -147,14 +147,6 @@ def export_official(model: torch.nn.Module, path: Optional[Union[str, os.PathLik
     """
     state = {to_official_key(k): v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save({"ema": state, "model": state}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return state

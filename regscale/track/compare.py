@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from regscale.errors import UserError
+from regscale.fsutil import atomic_path
 from regscale.track.mlflow import EVAL_PREFIX, GPU_HOURS, RUN_ID_FILE
 
 FID = EVAL_PREFIX + "fid"
@@ -166,12 +166,10 @@ def render_table(summaries: list[RunSummary]) -> str:
 def write_csv(summaries: list[RunSummary], path: Path) -> None:
     """The same rows as the table, full run ids, written atomically."""
     header, body = rows(summaries)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(body)
-    os.replace(tmp, path)
 
 
 def plot(summaries: list[RunSummary], path: Path) -> None:
@@ -200,9 +198,8 @@ def plot(summaries: list[RunSummary], path: Path) -> None:
             ax.grid(alpha=0.3)
         else:
             ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="gray")
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 def compare(uri: str, refs: list[str], experiment: str,

@@ -27,8 +27,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from regscale.config import Config, config_hash, flatten, to_yaml
+from regscale.config import Config, config_hash, flatten, resume_changes, to_yaml
+from regscale.dist import launcher_layout, read_layout
 from regscale.errors import UserError
+from regscale.fsutil import write_atomic
+from regscale.rundir import step_name
 
 RUN_ID_FILE = "mlflow_run_id"
 PENDING_PREFIX = "mlflow_pending"
@@ -40,17 +43,6 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 OUTCOMES = {"completed": "FINISHED", "failed": "FAILED", "preempted": "KILLED", "deadline": "KILLED"}
 EVAL_PREFIX = "eval/"  # evaluation metrics mirrored on the training run: eval/fid, eval/sfid, ...
 GPU_HOURS = "gpu_hours"
-
-# Keys that may change when a lineage is resumed (how and where it runs, how long, how often it
-# logs). Any other key defines the experiment: changing it on resume is refused.
-MUTABLE_KEYS = (
-    "slurm.", "engine.", "mlflow.", "eval.", "run.dir",
-    "data.path", "data.local_cache", "data.num_workers",
-    "encoder.weights", "vae.encoder", "vae.decoder",
-    "train.max_steps", "train.micro_batch_size", "train.ckpt_every", "train.keep_last",
-    "train.keep_every", "train.log_every", "train.sample_every", "train.max_nonfinite_steps",
-    "train.tf32",
-)
 
 _BATCH = 1000  # MLflow's limit on metrics per log_batch
 _PARAM_BATCH = 100  # and on params / tags
@@ -85,25 +77,6 @@ def config_params(cfg: Config) -> dict[str, str]:
     return {key: str(value) for key, value in flatten(cfg).items()}
 
 
-def is_mutable(key: str) -> bool:
-    return any(key == m or (m.endswith(".") and key.startswith(m)) for m in MUTABLE_KEYS)
-
-
-def check_params(logged: dict[str, str], current: dict[str, str], where: str) -> dict[str, str]:
-    """Compare a resumed config with the params its run logged first.
-
-    Raises UserError naming every immutable key that changed; returns the changed mutable keys
-    with their new values (recorded as `changed.<key>` tags, since MLflow params cannot change).
-    """
-    changed = {k: v for k, v in current.items() if k in logged and logged[k] != v}
-    refused = sorted(k for k in changed if not is_mutable(k))
-    if refused:
-        detail = "; ".join(f"'{k}' was {logged[k]!r}, now {changed[k]!r}" for k in refused)
-        raise UserError(f"{where}: resuming MLflow run would change immutable params: {detail}. "
-                        "Start a new run (another run.name) to change them.")
-    return {k: v for k, v in changed.items() if k not in refused}
-
-
 def _git_tags() -> dict[str, str]:
     repo = Path(__file__).resolve().parents[2]
     try:
@@ -118,14 +91,12 @@ def _git_tags() -> dict[str, str]:
 
 def world_size(cfg: Config) -> int:
     """Processes of this job: the launcher's environment, else the recipe."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return cfg.world_size
+    layout = launcher_layout()
+    return layout.world_size if layout else cfg.world_size
 
 
 def _check_rank0() -> None:
-    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    rank = read_layout().rank
     if rank != 0:
         raise RuntimeError(f"a Tracker belongs to rank 0 only; this process is rank {rank}")
 
@@ -145,12 +116,6 @@ def run_tags(cfg: Config) -> dict[str, str]:
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
     return tags
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _checked_key(key: str) -> str:
@@ -226,7 +191,7 @@ class Tracker:
 
         Logs the resolved config (and the recipe: `recipe`, else run_dir/recipe.yaml) as
         artifacts. Raises UserError if the stored run is not in the store, or if the config
-        changes a param the run logged (outside MUTABLE_KEYS). An unreachable server only warns.
+        changes a param the run logged (outside config.RESUMABLE_KEYS). An unreachable server only warns.
         """
         tracker = cls._owner_of(cfg, run_dir, recipe)
         tracker._load_pending()
@@ -240,7 +205,7 @@ class Tracker:
         outbox = run_dir / OUTBOX
         outbox.mkdir(parents=True, exist_ok=True)
         config_file = outbox / "config.yaml"
-        _atomic_write(config_file, to_yaml(cfg))
+        write_atomic(config_file, to_yaml(cfg))
         files = {"config": config_file}
         recipe = Path(recipe) if recipe else run_dir / "recipe.yaml"
         if recipe.is_file():
@@ -298,7 +263,7 @@ class Tracker:
                             f"{self.uri} (another mlflow.tracking_uri?); restore that store, or remove "
                             "the file to start a new MLflow run")
         if self._owner:
-            changed = check_params(run.data.params, self._params, str(stored))
+            changed = resume_changes(run.data.params, self._params, str(stored))
             missing = {k: v for k, v in self._params.items() if k not in run.data.params}
             tags = dict(self._tags, **{f"changed.{k}": v for k, v in changed.items()})
             for tag in run.data.tags:  # a key changed before and now back to its first value
@@ -347,7 +312,7 @@ class Tracker:
             exp_id = exp.experiment_id
         tags = {"regscale.run_dir": str(self.run_dir.resolve()), "regscale.attempt": "0"}
         run = client.create_run(exp_id, run_name=self._run_name, tags=tags)
-        _atomic_write(stored, run.info.run_id + "\n")
+        write_atomic(stored, run.info.run_id + "\n")
 
     def _load_pending(self) -> None:
         """Queue what earlier attempts could not deliver (their final status is superseded)."""
@@ -387,7 +352,7 @@ class Tracker:
 
     def log_image(self, path: Path, step: int) -> None:
         """Log a sample grid as samples/step_XXXXXXXX.png (copied now: the caller may reuse the file)."""
-        dest = self.run_dir / OUTBOX / f"step_{int(step):08d}{Path(path).suffix or '.png'}"
+        dest = self.run_dir / OUTBOX / f"{step_name(step)}{Path(path).suffix or '.png'}"
         try:
             dest.parent.mkdir(exist_ok=True)
             shutil.copyfile(path, dest)
@@ -465,7 +430,7 @@ class Tracker:
         now = time.monotonic()
         hours = self._gpu_hours0 + (now - self._t0) * self._world / 3600.0
         if save or now - self._gpu_saved >= 60.0:
-            _atomic_write(self.run_dir / GPU_HOURS_FILE, f"{hours:.6f}\n")
+            write_atomic(self.run_dir / GPU_HOURS_FILE, f"{hours:.6f}\n")
             self._gpu_saved = now
         return hours
 
@@ -487,7 +452,7 @@ class Tracker:
 
     def _save_pending(self) -> None:
         path = self.run_dir / f"{PENDING_PREFIX}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
-        _atomic_write(path, json.dumps({"run_id": self._run_id, "ops": list(self._ops)}))
+        write_atomic(path, json.dumps({"run_id": self._run_id, "ops": list(self._ops)}))
         for old in self._consumed:
             old.unlink(missing_ok=True)
         log.warning("MLflow: %d undelivered entries saved to %s; the next Tracker.open of this run "

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from concurrent.futures import Future
@@ -26,45 +25,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regscale.errors import UserError
+from regscale.fsutil import atomic_path, fsync_dir, fsync_file, write_atomic
+from regscale.rundir import CHECKPOINTS, CONFIG, step_name, step_of
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT = 1
-_STEP = re.compile(r"^step_(\d{8})$")
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-# ---------------------------------------------------------------------------------------------
-# durable files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` so a reader sees the old content or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -130,7 +98,7 @@ def published(root: Path) -> list[Path]:
     """Published checkpoint directories, newest step first."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name)]
+    dirs = [p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None]
     return sorted(dirs, key=lambda p: p.name, reverse=True)
 
 
@@ -187,7 +155,7 @@ class CheckpointStore:
 
     def clean_stale(self) -> None:
         """Remove temporary directories of saves that never finished (rank 0, at start)."""
-        for path in self.root.glob(".tmp_step_*"):
+        for path in self.root.glob(f".tmp_{step_name(0)[:5]}*"):
             log.warning("removing unfinished checkpoint write %s", path)
             shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(".trash_*"):
@@ -199,16 +167,16 @@ class CheckpointStore:
         manifest = dict(manifest, format=FORMAT, files=file_table(tmp))
         manifest["total_bytes"] = sum(f["size"] for f in manifest["files"].values())
         for rel in manifest["files"]:
-            _fsync_file(tmp / rel)
+            fsync_file(tmp / rel)
         for sub in sorted({(tmp / rel).parent for rel in manifest["files"]}):
-            _fsync_dir(sub)
+            fsync_dir(sub)
         write_atomic(tmp / MANIFEST, json.dumps(_jsonable(manifest), indent=1).encode())
         if final.exists():  # the same step saved again (after a rollback): replace it whole
             aside = self.root / f".trash_{final.name}_{int(time.time() * 1e6)}"
             os.replace(final, aside)
             shutil.rmtree(aside, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         write_atomic(self.root / LATEST, (final.name + "\n").encode())
         self.retain(newest=final)
         return final
@@ -219,7 +187,7 @@ class CheckpointStore:
         dirs = published(self.root)
         keep = {p.name for p in dirs[: self.keep_last]} | {newest.name}
         for path in dirs:
-            step = int(_STEP.match(path.name).group(1))
+            step = step_of(path.name)
             if (self.keep_every and step % self.keep_every == 0) or step in self.protect:
                 keep.add(path.name)
         for path in dirs:
@@ -241,7 +209,7 @@ def load_consolidated(run_dir: Path | str, step: Optional[int] = None, weights: 
 
     if weights not in ("ema", "model"):
         raise UserError(f"weights must be 'ema' or 'model'; got {weights!r}")
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     found = find_valid(root, step)
     if found is None:
         what = f"step {step}" if step is not None else "any step"
@@ -258,16 +226,11 @@ def export_safetensors(run_dir: Path | str, out: Path | str, step: Optional[int]
     from safetensors.torch import save_file
 
     state, manifest = load_consolidated(run_dir, step, weights)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     meta = {"step": str(manifest["step"]), "images": str(manifest["images"]), "weights": weights,
             "config_hash": str(manifest["config_hash"]), "engine": manifest["engine"]["kind"]}
-    config = Path(run_dir) / "config.yaml"
+    config = Path(run_dir) / CONFIG
     if config.is_file():  # lets `regscale sample FILE.safetensors` rebuild the model without a recipe
         meta["config"] = config.read_text()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    _fsync_file(tmp)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     return manifest

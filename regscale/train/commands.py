@@ -11,25 +11,20 @@ EXIT_REQUEUE = 3  # "preempted" / "deadline": a checkpoint was saved, start me a
 def cmd_train(args: argparse.Namespace) -> int:
     """One training process (start one per GPU: srun, torchrun, or plain for one process)."""
     from regscale.config import check_paths_for_training, load_config
+    from regscale.dist import read_layout
     from regscale.train.loop import train
 
     cfg = load_config(args.recipe, args.overrides)
     check_paths_for_training(cfg)
     run_dir = Path(cfg.run.dir) / str(cfg.run.name)
     tracker = None
-    if not args.no_track and _rank() == 0:
+    if not args.no_track and read_layout().is_main:
         from regscale.track.mlflow import Tracker
 
         tracker = Tracker.open(cfg, run_dir, recipe=Path(args.recipe))
     status = train(cfg, run_dir, tracker)
     print(f"regscale train: {status}")
     return 0 if status == "completed" else EXIT_REQUEUE
-
-
-def _rank() -> int:
-    import os
-
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -24,9 +24,10 @@ from typing import Any, Optional
 
 import torch
 
-from regscale.config import Config, config_hash, from_yaml_text, to_yaml
-from regscale.train import dist
-from regscale.train.checkpoint import CheckpointStore, PendingSave, find_valid, write_atomic
+from regscale.config import Config, batch_plan, config_hash, from_yaml_text, to_yaml
+from regscale import dist
+from regscale.fsutil import write_atomic
+from regscale.train.checkpoint import CheckpointStore, PendingSave, find_valid
 from regscale.train.health import (MetricsLog, NonFiniteGuard, Watchdog, device_peak_flops,
                                    faulty_steps, kill_in_save, memory_gb, train_flops_per_image)
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
@@ -77,9 +78,7 @@ def train(cfg: Config, run_dir: Path, tracker: Any = None) -> str:
 
 
 def _setup_logging() -> None:
-    import os
-
-    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    rank = dist.read_layout().rank
     root = logging.getLogger("regscale")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -101,7 +100,7 @@ class Trainer:
 
         self.cfg, self.run_dir, self.env, self.tracker = cfg, run_dir, env, tracker
         self.device = env.device
-        self.plan = dist.batch_plan(cfg, env.world_size)
+        self.plan = batch_plan(cfg.train, env.world_size)
         t = cfg.train
         self.store = CheckpointStore(run_dir / "checkpoints", keep_last=t.keep_last,
                                      keep_every=t.keep_every, protect=tuple(cfg.eval.at_steps))
@@ -141,7 +140,7 @@ class Trainer:
                 log.warning("%s differs from this run's configuration (hash %s vs %s); training "
                             "with this run's", path, config_hash(saved), config_hash(self.cfg))
             return
-        write_atomic(path, to_yaml(self.cfg).encode())
+        write_atomic(path, to_yaml(self.cfg))
 
     def _resume(self) -> Optional[str]:
         found = find_valid(self.store.root, quarantine=True) if self.env.is_main else None

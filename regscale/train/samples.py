@@ -8,13 +8,14 @@ a PNG grid at <run_dir>/samples/step_XXXXXXXX.png.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from regscale.config import Config
+from regscale.fsutil import atomic_path
+from regscale.rundir import step_name
 
 GRID = 16
 MAX_STEPS = 50  # a preview, not an evaluation: fewer sampler steps than eval.steps
@@ -44,9 +45,7 @@ def sample_grid(cfg: Config, run_dir: Path, step: int, device: torch.device) -> 
     side = int(math.sqrt(GRID))
     b, c, h, w = images.shape
     grid = images.reshape(side, side, c, h, w).transpose(0, 3, 1, 4, 2).reshape(side * h, side * w, c)
-    out = run_dir / "samples" / f"step_{step:08d}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    Image.fromarray(np.ascontiguousarray(grid)).save(tmp)
-    os.replace(tmp, out)
+    out = run_dir / "samples" / f"{step_name(step)}.png"
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.ascontiguousarray(grid)).save(tmp)
     return out

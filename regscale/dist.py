@@ -1,0 +1,245 @@
+"""The distributed bottom layer: where this process sits, the process group, and the collectives.
+
+`read_layout` is the one reader of the launcher's variables: torchrun's (also what submitit and
+`setup` export), else SLURM's (a plain srun), else a single process. torchrun and submitit own
+MASTER_ADDR / MASTER_PORT; under a plain srun, submitit's TorchDistributedEnvironment derives
+them from the job. gloo on CPU; NCCL for CUDA tensors plus gloo for CPU-side collectives (object
+gathers, async checkpoints). Every wait is bounded and says what it waits for: the rendezvous by
+`RENDEZVOUS_S` (REGSCALE_RENDEZVOUS_S), collectives by the process group's timeout.
+
+Nothing here knows about configs, models or runs; every other layer may import it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from regscale.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+RENDEZVOUS_S = 60.0  # a process that finds no peers within this long fails, naming the variables
+COLLECTIVE_S = 1800.0  # a collective waiting longer than this for a peer fails
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This process's place: global rank and world, rank and process count on its host."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class DistEnv(Layout):
+    """A joined process group's layout and this process's device."""
+
+    device: "torch.device"
+
+
+def _int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def launcher_layout() -> Optional[Layout]:
+    """The layout a launcher set in the environment (torchrun's variables win over SLURM's:
+    torchrun inside an sbatch allocation sets both), or None when no launcher did."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int("WORLD_SIZE")
+        local_world = _int("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
+        local_rank = _int("LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        layout = Layout(_int("RANK"), local_rank, world, local_world)
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = _int("SLURM_NTASKS")
+        nodes = _int("SLURM_JOB_NUM_NODES") if "SLURM_JOB_NUM_NODES" in env else 1
+        local_rank = _int("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        layout = Layout(_int("SLURM_PROCID"), local_rank, world, max(1, world // max(nodes, 1)))
+    else:
+        return None
+    if not (0 <= layout.rank < layout.world_size):
+        raise UserError(f"rank {layout.rank} is outside the world of {layout.world_size} processes "
+                        "(RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS in the environment)")
+    return layout
+
+
+def read_layout() -> Layout:
+    """This process's layout: the launcher's, or a single process."""
+    return launcher_layout() or Layout(0, 0, 1, 1)
+
+
+def export_launcher_env() -> None:
+    """Under a plain srun or submitit's runner (SLURM or local), where no torchrun set RANK: export
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT by submitit's rule (the
+    master is the job's first host; the port derives from the job id, or MASTER_PORT if set)."""
+    if "RANK" in os.environ or not ({"SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID"} & set(os.environ)):
+        return
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def _rendezvous_s() -> float:
+    value = os.environ.get("REGSCALE_RENDEZVOUS_S")
+    if not value:
+        return RENDEZVOUS_S
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"REGSCALE_RENDEZVOUS_S={value!r} is not a number of seconds") from None
+
+
+def _store(layout: Layout, timeout: datetime.timedelta) -> Any:
+    """The rendezvous store: every process of the world connected within `timeout`, or a
+    UserError naming the variables that promised them."""
+    import torch.distributed as dist
+
+    if layout.world_size == 1:
+        return dist.HashStore()
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise UserError(f"RANK={layout.rank} WORLD_SIZE={layout.world_size} are set but "
+                        f"{' and '.join(missing)} not: start the processes with torchrun or srun, "
+                        "or unset RANK and WORLD_SIZE to train in one process")
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        store, _, _ = next(dist.rendezvous("env://", layout.rank, layout.world_size, timeout=timeout))
+    except (RuntimeError, ValueError, OSError) as err:  # DistStoreError and DistNetworkError too
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(
+            f"no rendezvous of {layout.world_size} processes at MASTER_ADDR:MASTER_PORT={where} "
+            f"within {timeout.total_seconds():.0f} s (this is RANK={layout.rank} of WORLD_SIZE="
+            f"{layout.world_size} from the environment; {first}): start every rank (torchrun, srun), "
+            "or unset RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT to run one process") from None
+    return store
+
+
+def local_device(layout: Layout) -> "torch.device":
+    """The GPU of this local rank (made current), or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(layout.local_rank)
+        return torch.device("cuda", layout.local_rank)
+    return torch.device("cpu")
+
+
+def setup(collective_s: float = COLLECTIVE_S) -> DistEnv:
+    """Join the process group the launcher describes (also for one process, so the engines see one
+    code path) and pick this process's device; returns where it sits."""
+    import torch.distributed as dist
+
+    export_launcher_env()
+    layout = read_layout()
+    device = local_device(layout)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        store = _store(layout, datetime.timedelta(seconds=_rendezvous_s()))
+        timeout = datetime.timedelta(seconds=collective_s)
+        dist.init_process_group(backend=backend, store=store, rank=layout.rank,
+                                world_size=layout.world_size, timeout=timeout)
+        store.set_timeout(timeout)  # later store waits (new groups) are collectives too
+    return DistEnv(layout.rank, layout.local_rank, layout.world_size, layout.local_world_size, device)
+
+
+def teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _joined() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_max(values: list[float], device: "torch.device") -> list[float]:
+    """Element-wise maximum over ranks: the one tiny all-reduce per step."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if _joined():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_sum(values: list[float], device: "torch.device") -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if _joined():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if _joined():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s object on every rank."""
+    import torch.distributed as dist
+
+    if not _joined():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list:
+    """Every rank's object, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not _joined():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """Ranks grouped by the host they run on (what shares /dev/shm), whatever SLURM calls a node."""
+
+    local_rank: int
+    local_world_size: int
+    hosts: tuple[str, ...]
+
+    @property
+    def contiguous(self) -> bool:
+        """Equal blocks of consecutive ranks per host (what streaming's node model needs)."""
+        n, per = len(self.hosts), self.local_world_size
+        return n % per == 0 and all(self.hosts[i] == self.hosts[i - i % per] for i in range(n))
+
+
+def host_layout() -> HostLayout:
+    """Gather every rank's hostname (a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    hosts = tuple(gather_objects(socket.gethostname()))
+    rank = dist.get_rank() if _joined() else 0
+    return HostLayout(hosts[:rank].count(hosts[rank]), hosts.count(hosts[rank]), hosts)
