@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, NoReturn
 
 from regscale.config import config_hash, load_config, to_yaml
 from regscale.data import commands as data
-from regscale.errors import expected_failure
+from regscale.errors import debug, expected_failure
 from regscale.eval import commands as evaluation
 from regscale.launch import commands as launch
 from regscale.models import commands as models
@@ -32,24 +32,32 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Submit training (+ chained evaluation); with --dry-run, print the plan only."""
-    from regscale.config import check_paths_for_training
+    """Submit training (+ chained evaluation); with --dry-run, the same checks and the plan only."""
     from regscale.launch.plan import format_plan, make_plan
+    from regscale.launch.submit import check_inputs, check_request, submit
 
-    cfg = load_config(args.recipe, args.overrides)
-    check_paths_for_training(cfg)
     if args.dry_run:
+        request = check_request(args.recipe, args.overrides, local=args.local, sweep=args.sweep)
+        cfg = request.base
+        check_inputs(cfg)
         print(format_plan(cfg, make_plan(cfg)))
         print(f"config hash    {config_hash(cfg)}")
+        if args.sweep:
+            print(f"sweep          {len(request.runs)} runs: {', '.join(str(c.run.name) for c in request.runs)}")
         print("dry run: nothing submitted")
         return 0
-    from regscale.launch.submit import submit
-
     return submit(args.recipe, args.overrides, local=args.local, sweep=args.sweep)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="regscale",
         description="Train SiT diffusion transformers with REG at cluster scale.",
     )
@@ -75,11 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    debug = os.environ.get("REGSCALE_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        if debug:
+        if debug():
             traceback.print_exc()
         print(f"regscale {args.verb}: interrupted", file=sys.stderr)
         return 130
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         message = expected_failure(err)
         if message is None:  # a bug: Python's traceback is the report
             raise
-        if debug:
+        if debug():
             traceback.print_exc()
         print(f"regscale {args.verb}: error: {message}", file=sys.stderr)
         return 2

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import errno
+import os
 from typing import Optional
 
 
 class UserError(RuntimeError):
     """Bad input (a path, a shard, a checkpoint, a cluster answer) with a message naming it."""
+
+
+def debug() -> bool:
+    """REGSCALE_DEBUG=1: show the traceback behind an expected failure too."""
+    return os.environ.get("REGSCALE_DEBUG", "") not in ("", "0")
 
 
 def one_line(text: str) -> str:

@@ -37,16 +37,10 @@ def checkpoints_of(path: Path) -> Optional[Path]:
     return None
 
 
-def _nearest_existing(path: Path) -> Path:
-    for folder in path.parents:
-        if folder.exists():
-            return folder
-    return Path("/")
-
-
-def check_writable(folder_of: Path, what: str) -> None:
-    """The nearest existing folder of `folder_of` (itself or an ancestor) accepts a new file."""
-    base = folder_of if folder_of.is_dir() else _nearest_existing(folder_of)
+def check_writable(folder: Path, what: str) -> None:
+    """`folder`, or the nearest of its ancestors that exists (the rest will be created), is a
+    directory that accepts a new file."""
+    base = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
     if not base.is_dir():
         raise UserError(f"{what}: {base} is not a directory")
     try:

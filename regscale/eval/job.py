@@ -26,7 +26,7 @@ from regscale.errors import UserError
 from regscale.eval.features import Features, extract
 from regscale.eval.inception import InceptionFeatures, file_sha256, load_inception, resolve_weights
 from regscale.eval.metrics import frechet, inception_score, precision_recall
-from regscale.eval.npz import NpzArray, check_samples, load_reference, open_images
+from regscale.eval.npz import NpzArray, check_samples, load_reference, open_images, reference_stats
 from regscale.fsutil import write_atomic
 from regscale.rundir import step_name
 
@@ -122,8 +122,9 @@ def check_reference(ref_batch: Optional[str], cfg: Optional[Config], random_ince
         if cfg is None:
             raise UserError("no reference: give an ADM reference batch (--ref)")
         ShardImages.check(cfg)
-    elif random_inception:
+    elif random_inception:  # its images only; statistics it holds must still be sound
         open_images(Path(ref_batch), what="reference images")
+        reference_stats(Path(ref_batch))
     else:
         load_reference(ref_batch, hasher=lambda p: None)
 
@@ -270,9 +271,9 @@ def evaluate_samples(samples_path: Path, ref_batch: Optional[str], *, inception:
     and samples entries on rank 0, None elsewhere. Inputs are checked before any feature work."""
     rank, _, device = dist_setup()
     samples = check_samples(Path(samples_path), num_samples)
+    reference = open_reference(ref_batch, cfg, random_inception, hash_file=rank == 0)
     if not random_inception:
         resolve_weights(inception)
-    reference = open_reference(ref_batch, cfg, random_inception, hash_file=rank == 0)
     net = load_inception(inception, random_init=random_inception, seed=seed, device=device)
     scored = score(samples, reference, net, batch_size=batch_size, device=device, num_samples=num_samples)
     if rank != 0:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from regscale.config import Config, batch_plan, is_remote
+from regscale.data.shards import INDEX, read_index
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -32,9 +32,8 @@ def dataset_size(cfg: Config) -> tuple[int, str]:
     path = cfg.data.path
     if cfg.data.synthetic:
         return cfg.data.synthetic, "data.synthetic"
-    if path and not is_remote(path) and (Path(path) / "index.json").is_file():
-        index = json.loads((Path(path) / "index.json").read_text())
-        return sum(shard["samples"] for shard in index["shards"]), f"{path}/index.json"
+    if path and not is_remote(path) and (Path(path) / INDEX).is_file():
+        return sum(shard["samples"] for shard in read_index(path)), f"{path}/{INDEX}"
     return IMAGENET_TRAIN_IMAGES, "ImageNet-1k train (assumed)"
 
 

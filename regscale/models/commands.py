@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 DEFAULT_VAES = ("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema")
 
@@ -26,8 +27,14 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, str]]:
 
     if args.encoder not in DINOV2_HUB:
         raise UserError(f"--encoder '{args.encoder}' has no known Hub location (known: {', '.join(DINOV2_HUB)})")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     files = [(DINOV2_HUB[args.encoder], DINOV2_FILE)]
     for repo in args.vae or DEFAULT_VAES:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError as err:
+            raise UserError(f"--vae {repo!r} is not a Hugging Face repo id ({str(err).splitlines()[0]})") from None
         files += [(repo, name) for name in VAE_FILES]
     return files
 
@@ -52,6 +59,7 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
     from huggingface_hub import constants, hf_hub_download
 
     from regscale.errors import UserError
+    from regscale.paths import check_writable
 
     targets = _targets(args)
     print(f"Hugging Face cache: {constants.HF_HUB_CACHE}")
@@ -59,6 +67,7 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
         print(f"  {'would fetch' if args.dry_run else 'fetch'} {constants.ENDPOINT}/{repo}/{name}")
     if args.dry_run:
         return 0
+    check_writable(Path(constants.HF_HUB_CACHE), "the Hugging Face cache (HF_HOME)")
     _check_online(constants.ENDPOINT)
     for repo, name in targets:
         try:
