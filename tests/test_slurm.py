@@ -4,8 +4,10 @@ go in together and one driver loop acts on them while they run:
 
   base     trains to the end; its chained evaluation (afterok) starts only after training ended
   preempt  gets `scancel --signal=USR2` mid-training: saves, requeues itself, resumes, same weights
-  limit    a 2-minute time limit inside a 200-step run: SLURM's USR2 at limit - signal_lead_s (or
-           the loop's deadline from SLURM's end time) -> save, requeue (a timeout), resume, finish
+  limit    a 3-minute time limit inside a 200-step run: SLURM's USR2 at limit - signal_lead_s (or
+           the loop's deadline from SLURM's end time) -> save, requeue (a timeout), resume, finish;
+           the limit stays until an attempt has saved at it, so the test holds however slowly a
+           loaded machine starts training (attempts killed before their first step just requeue)
   broken   training fails (corrupt dataset) twice from the same step: the run stops with a report,
            the job fails and SLURM cancels its evaluation job (kill-on-invalid-dependency)
 """
@@ -30,7 +32,7 @@ import torch
 
 from regscale.config import load_config
 from regscale.launch import runs
-from tests.fixtures.slurm import HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, scontrol_field, wait_until
+from tests.fixtures.slurm import HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
@@ -114,9 +116,9 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
 
     signaller = threading.Thread(target=preempt_mid_training, daemon=True)
     signaller.start()
-    # long enough (200 steps) that the 2-minute limit always falls inside training, whatever the load
-    others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45",
-                           "train.max_steps=200"),
+    # long enough (200 steps) that the limit falls inside training, whatever the load
+    others = [submit_async(common, "limit", "slurm.time_limit_min=3", "slurm.signal_lead_s=45",
+                           "train.max_steps=200", "slurm.max_failures_at_step=20"),
               submit_async(common, "broken", f"data.path={broken}", "data.synthetic=0",
                            "slurm.max_failures_at_step=2")]
     limit, failing = (submitted(p) for p in others)
@@ -129,8 +131,8 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     subprocess.run(["scancel", preempt.eval, limit.eval], check=True, timeout=30)
 
     def drive() -> bool:
-        if not seen["limit_extended"] and int(scontrol_field(limit.train, "Restarts") or 0) >= 1:
-            # the limit was hit and the job requeued: let the next attempt run to the end
+        if not seen["limit_extended"] and saved_at_limit(limit.run_dir):
+            # an attempt saved at the limit and the job requeued: let the next attempts run to the end
             subprocess.run(["scontrol", "update", f"JobId={limit.train}", "TimeLimit=30"], check=True, timeout=30)
             seen["limit_extended"] = True
         if seen["resumed"] is None and all(job_state(j) in TERMINAL for j in (failing.train, failing.eval)):
@@ -153,6 +155,14 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             local.wait(timeout=60)
     return dict(base=base, preempt=preempt, limit=limit, broken=failing, local=(local.returncode, local_out),
                 local_dir=root / "runs" / "local", **seen)
+
+
+def saved_at_limit(run_dir: Path) -> list[runs.Attempt]:
+    """The attempts from the first one that stopped at the time limit with a checkpoint on (an
+    attempt that the limit killed before its first step saved nothing: it comes before)."""
+    attempts = runs.read_attempts(run_dir)
+    first = next((i for i, a in enumerate(attempts) if a.end in REQUEUE_ENDS and a.end_step), None)
+    return [] if first is None else attempts[first:]
 
 
 def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -217,8 +227,11 @@ def test_usr2_preemption_requeues_and_resumes_to_the_same_weights(scenarios: dic
 def test_time_limit_requeues_and_resumes(scenarios: dict) -> None:
     run = scenarios["limit"]
     assert job_state(run.train) == "COMPLETED"
-    attempts = assert_resumed_chain(run, max_steps=200)
-    assert 0 < attempts[0].end_step < 200
+    chain = saved_at_limit(run.run_dir)
+    assert len(chain) >= 2 and 0 < chain[0].end_step < 200, runs.read_attempts(run.run_dir)
+    for before, after in zip(chain, chain[1:]):
+        assert after.start_step == before.end_step > 0, chain
+    assert chain[-1].end == "completed" and chain[-1].end_step == 200
     log = (run.run_dir / "jobs" / f"{run.train}_0_log.out").read_text()
     assert "this job is timed-out" in log  # submitit counted it against slurm.max_requeues as a timeout
 

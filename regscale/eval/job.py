@@ -271,9 +271,9 @@ def evaluate_samples(samples_path: Path, ref_batch: Optional[str], *, inception:
     and samples entries on rank 0, None elsewhere. Inputs are checked before any feature work."""
     rank, _, device = dist_setup()
     samples = check_samples(Path(samples_path), num_samples)
-    reference = open_reference(ref_batch, cfg, random_inception, hash_file=rank == 0)
     if not random_inception:
         resolve_weights(inception)
+    reference = open_reference(ref_batch, cfg, random_inception, hash_file=rank == 0)
     net = load_inception(inception, random_init=random_inception, seed=seed, device=device)
     scored = score(samples, reference, net, batch_size=batch_size, device=device, num_samples=num_samples)
     if rank != 0:

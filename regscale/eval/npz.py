@@ -81,7 +81,7 @@ def npz_members(path: Path) -> list[str]:
     """Array names in an .npz (raises a UserError naming the file when it is not one)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: {'a directory' if path.is_dir() else 'no such file'}; expected an .npz file")
     try:
         with zipfile.ZipFile(path) as zf:
             return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]

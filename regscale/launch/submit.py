@@ -127,6 +127,7 @@ def check_new_run_dir(cfg: Config) -> Path:
     """<run.dir>/<run.name>, if a new run can start there: not a run already, a usable name for the
     batch script, a folder (or a path to one) that this user can write."""
     run_dir = runs.run_dir_of(cfg)
+    check_value("run.name", str(cfg.run.name))
     check_value("run directory", str(run_dir))
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} exists and is not a directory; choose another "
@@ -268,9 +269,10 @@ def check_inputs(cfg: Config) -> None:
         from regscale.eval.job import check_reference
 
         check_reference(ev.ref_batch, cfg, ev.random_inception)
-    if ev.inception is not None and not Path(ev.inception).is_file():
-        raise ConfigError(f"'eval.inception' is not a file: {ev.inception} (expected the TF-ported Inception "
-                          "weights, e.g. weights-inception-2015-12-05-6726825d.pth)")
+    if ev.inception is not None and not ev.random_inception:
+        from regscale.eval.inception import load_inception
+
+        load_inception(ev.inception)
 
 
 @dataclass

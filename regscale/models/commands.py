@@ -46,9 +46,10 @@ def _check_online(endpoint: str, timeout: float = 5.0) -> None:
 
     from regscale.errors import UserError
 
-    host = urlparse(endpoint).hostname or endpoint
+    parts = urlparse(endpoint)
+    host = parts.hostname or endpoint
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, parts.port or (80 if parts.scheme == "http" else 443)), timeout=timeout).close()
     except OSError as err:
         raise UserError(f"cannot reach {host} ({err}): run `regscale fetch-weights` on a machine with internet, "
                         "then copy its Hugging Face cache ($HF_HOME, default ~/.cache/huggingface) here") from None
