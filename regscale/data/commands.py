@@ -30,17 +30,17 @@ def _device(text: str) -> str:
 def _check_paths(src: str, out: str, stage: str | None) -> None:
     """SRC and OUT apart, OUT (or its staging folder) a writable place for a dataset."""
     from regscale.config import is_remote
-    from regscale.data.shards import MANIFEST
     from regscale.paths import check_disjoint, check_output
 
     if is_remote(out):
-        if stage is not None:
-            check_output(stage, "--stage", kind="dir", inputs=[src], ours=lambda d: True)  # scratch, reused
-        return
-    if stage is not None:
+        local, what = stage, "--stage"  # None: a temporary folder of its own
+    elif stage is not None:
         raise UserError("--stage is for a remote OUT (s3://, gs://, ...); a local OUT is written in place")
-    check_disjoint(src, "SRC", out, "OUT")
-    check_output(out, "OUT", kind="dir", ours=lambda d: (d / MANIFEST).is_file())
+    else:
+        local, what = out, "OUT"
+        check_disjoint(src, "SRC", out, "OUT")
+    if local is not None:  # what an existing one holds is judged by prepare against its manifest
+        check_output(local, what, kind="dir", inputs=[src], ours=lambda d: True)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
