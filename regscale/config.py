@@ -390,16 +390,20 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {str(err).splitlines()[0]}")
 
 
-def _load_yaml(path: Path) -> DictConfig:
+def _read_yaml_file(path: Path, what: str) -> str:
+    """The text of a YAML file; a ConfigError naming it when it is absent or unreadable."""
     if not path.exists():
-        raise ConfigError(f"recipe file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     if not path.is_file():
-        raise ConfigError(f"{path}: not a file (expected a recipe YAML)")
+        raise ConfigError(f"{path}: not a file (expected a {what})")
     try:
-        text = path.read_text()
+        return path.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the recipe ({err})") from None
-    return _parse_yaml(text, str(path))
+        raise ConfigError(f"{path}: cannot read the {what} ({err})") from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    return _parse_yaml(_read_yaml_file(path, "recipe file"), str(path))
 
 
 def _parse_yaml(text: str, source: str) -> DictConfig:
@@ -476,6 +480,11 @@ def to_yaml(cfg: Config) -> str:
 def config_hash(cfg: Config) -> str:
     """A short stable hash of the resolved configuration."""
     return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:12]
+
+
+def load_saved_config(path: Path) -> Config:
+    """The resolved configuration saved by `to_yaml` in a file (a run directory's config.yaml)."""
+    return from_yaml_text(_read_yaml_file(path, "saved configuration"), str(path))
 
 
 def from_yaml_text(text: str, source: str = "saved config", overrides: list[str] = ()) -> Config:

@@ -487,6 +487,7 @@ FETCH = [
     Case("encoder-unknown", ["fetch-weights", "--encoder", "nope", "--dry-run"], "nope"),
     Case("repo-id-invalid", ["fetch-weights", "--vae", "not a repo!!", "--dry-run"], "not a repo!!"),
     Case("offline", ["fetch-weights"], "127.0.0.1", env={"HF_ENDPOINT": "http://127.0.0.1:9"}),
+    Case("endpoint-port-out-of-range", ["fetch-weights"], "127.0.0.1", env={"HF_ENDPOINT": "http://127.0.0.1:99999"}),
     Case("cache-read-only", ["fetch-weights"], "{RO}", env={"HF_HUB_CACHE": "{RO}/hub"}),
 ]
 
@@ -566,6 +567,8 @@ TRAIN = [
     Case("shard-truncated", train(), "shard.00000.mds", lambda d: _truncate(_shard(d), 1000)),
     Case("lr-nan", train("train.lr=nan"), "train.lr"),
     Case("tracking-port", train("mlflow.tracking_uri=http://127.0.0.1:99999"), "mlflow.tracking_uri"),
+    Case("remote-without-credentials", train("data.path=s3://regscale-no-bucket/x"), "s3://regscale-no-bucket/x",
+         env=NO_CREDENTIALS),
 ]
 
 

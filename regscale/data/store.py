@@ -137,3 +137,10 @@ class Store:
         if self.remote is not None:
             return not self.list_remote()
         return not self.local.exists() or all(p.name == ".tmp" for p in self.local.iterdir())
+
+
+def check_remote_index(uri: str) -> None:
+    """A remote dataset answers with its index.json (credentials, network, the path itself)."""
+    with tempfile.TemporaryDirectory(prefix="regscale-index-") as tmp:
+        if Store(uri, tmp).fetch("index.json") is None:
+            raise UserError(f"{uri}: no index.json there (expected MDS shards written by `regscale prepare`)")

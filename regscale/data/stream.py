@@ -29,6 +29,7 @@ from streaming.base.dataloader import StreamingDataLoader
 
 from regscale.config import Config, is_remote
 from regscale.data import shm
+from regscale.data.store import remote_failure
 from regscale.data.shards import (CHEAP_HASH, IMAGE_SHAPE, MOMENTS_SHAPE, ShardError, check_shard_files, decode_image,
                                   shard_problems, verify_hint)
 from regscale.errors import UserError
@@ -186,6 +187,10 @@ class TrainStream:
         except (FileNotFoundError, RuntimeError, ValueError) as err:
             raise ShardError(f"cannot open the dataset at {self.path} ({type(err).__name__}: {err}); "
                              f"{verify_hint(self.path)}") from None
+        except Exception as err:  # a remote store's client: no credentials, no network, no permission
+            if options["remote"] is None:
+                raise
+            raise remote_failure(self.path, err) from None
         self._lock_fd = shm.hold_prefix(self.dataset._shm_prefix_int)
 
     @property

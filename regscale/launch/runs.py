@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from regscale.config import Config, from_yaml_text
+from regscale.config import Config, load_saved_config
 from regscale.errors import UserError
 from regscale.fsutil import write_atomic
 from regscale.rundir import CHECKPOINTS, CONFIG, step_of
@@ -36,11 +36,7 @@ def load_run_config(run_dir: Path) -> Config:
     path = run_dir / CONFIG
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no {CONFIG})")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: unreadable ({err})") from None
-    return from_yaml_text(text, str(path))
+    return load_saved_config(path)
 
 
 def latest_step(run_dir: Path) -> int:

@@ -49,8 +49,9 @@ def _check_online(endpoint: str, timeout: float = 5.0) -> None:
     parts = urlparse(endpoint)
     host = parts.hostname or endpoint
     try:
-        socket.create_connection((host, parts.port or (80 if parts.scheme == "http" else 443)), timeout=timeout).close()
-    except OSError as err:
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+        socket.create_connection((host, port), timeout=timeout).close()
+    except (OSError, OverflowError, ValueError) as err:  # refused, no route, no such host, port out of range
         raise UserError(f"cannot reach {host} ({err}): run `regscale fetch-weights` on a machine with internet, "
                         "then copy its Hugging Face cache ($HF_HOME, default ~/.cache/huggingface) here") from None
 

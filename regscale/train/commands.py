@@ -12,14 +12,17 @@ EXIT_REQUEUE = 3  # "preempted" / "deadline": a checkpoint was saved, start me a
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One training process (start one per GPU: srun, torchrun, or plain for one process)."""
-    from regscale.config import check_paths_for_training, load_config
+    from regscale.config import check_paths_for_training, is_remote, load_config
     from regscale.data.shards import check_local_shards
+    from regscale.data.store import check_remote_index
     from regscale.dist import read_layout
     from regscale.train.loop import train
 
     cfg = load_config(args.recipe, args.overrides)
     check_paths_for_training(cfg)
     check_local_shards(cfg.data.path, cfg.data.synthetic)
+    if is_remote(cfg.data.path):
+        check_remote_index(cfg.data.path)
     run_dir = Path(cfg.run.dir) / str(cfg.run.name)
     tracker = None
     if not args.no_track and read_layout().is_main:
