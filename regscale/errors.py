@@ -26,8 +26,8 @@ def os_error_message(err: OSError) -> str:
     where = err.filename if err.filename is not None else "?"
     if err.filename2 is not None:
         where = f"{where} -> {err.filename2}"
-    if err.errno == errno.ENOSPC:
-        return f"no space left on {where}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on {where if err.filename is not None else 'the device being written'} (disk or quota full)"
     reason = err.strerror or type(err).__name__
     return f"{where}: {reason}" if err.filename is not None else reason
 

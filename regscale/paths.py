@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from regscale.errors import UserError
+from regscale.fsutil import NoSpaceError, no_space, no_space_message
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.yaml"  # what makes a folder a run directory
@@ -95,3 +97,13 @@ def check_disjoint(a: str | os.PathLike, a_what: str, b: str | os.PathLike, b_wh
         raise UserError(f"{a_what} {a} and {b_what} {b} overlap (one is inside the other); "
                         "choose separate folders")
 
+
+@contextmanager
+def writing_into(folder: str | os.PathLike) -> Iterator[None]:
+    """A disk that fills up while a command writes into `folder`: one line naming the folder."""
+    try:
+        yield
+    except OSError as err:
+        if no_space(err):
+            raise NoSpaceError(no_space_message(Path(folder))) from None
+        raise

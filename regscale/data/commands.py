@@ -62,6 +62,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print("OK")
         return 0
     from regscale.data.prepare import PrepareOptions, part_from_env, prepare
+    from regscale.paths import writing_into
 
     if args.out is None:
         raise UserError("prepare needs SRC and OUT (or --verify OUT)")
@@ -72,7 +73,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                           chunk_size=args.chunk_size, batch_size=args.batch_size,
                           part=args.part or part_from_env(), workers=args.workers, device=args.device,
                           stage=args.stage, progress=not args.quiet)
-    summary = prepare(args.src, args.out, opts)
+    with writing_into(args.stage or args.out):
+        summary = prepare(args.src, args.out, opts)
     if not summary.complete:
         print(f"part {opts.part[0]}/{opts.part[1]} done; {summary.chunks_done}/{summary.chunks} chunks complete. "
               "The part that finishes last writes index.json (or rerun this command to finish).")

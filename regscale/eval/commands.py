@@ -72,7 +72,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from regscale.eval.job import dist_setup, sample_checkpoint
     from regscale.rundir import step_name
 
-    from regscale.paths import check_output
+    from regscale.paths import check_output, writing_into
 
     target = Path(args.target)
     cfg = _target_config(target, args.recipe, args.overrides)
@@ -95,7 +95,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                  kind="dir", ours=is_sampling_output)
     rank, _, device = dist_setup()
     try:
-        npz, _ = sample_checkpoint(cfg, target, out, step, device, args.weights)
+        with writing_into(out):
+            npz, _ = sample_checkpoint(cfg, target, out, step, device, args.weights)
     finally:
         teardown()
     if rank == 0:

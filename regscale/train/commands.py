@@ -51,11 +51,20 @@ def is_export(path: Path) -> bool:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """One consolidated safetensors file from a run's checkpoint, whatever engine/world size."""
+    from safetensors import SafetensorError
+
+    from regscale.errors import UserError, one_line
+    from regscale.fsutil import NoSpaceError, no_space_message
     from regscale.paths import check_output
     from regscale.train.checkpoint import export_safetensors
 
-    check_output(args.out, "--out", inputs=[args.run_dir], suffixes=(".safetensors",), ours=is_export)
-    manifest = export_safetensors(args.run_dir, args.out, step=args.step, weights=args.weights)
+    out = check_output(args.out, "--out", inputs=[args.run_dir], suffixes=(".safetensors",), ours=is_export)
+    try:
+        manifest = export_safetensors(args.run_dir, args.out, step=args.step, weights=args.weights)
+    except SafetensorError as err:  # the library's writer reports the OS's error inside its own
+        if "os error 28" in str(err):
+            raise NoSpaceError(no_space_message(out.parent)) from None
+        raise UserError(f"--out {args.out}: cannot write it ({one_line(str(err))})") from None
     print(f"wrote {args.out}: {args.weights} weights of step {manifest['step']} "
           f"({manifest['engine']['kind']}, {manifest['world_size']} processes)")
     return 0
