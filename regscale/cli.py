@@ -32,14 +32,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Submit training (+ chained evaluation); with --dry-run, the same checks and the plan only."""
+    """Submit training (+ chained evaluation); with --dry-run, the plan only, after the same checks
+    (what a real submit would refuse about the run's files is a warning in the plan)."""
     from regscale.launch.plan import format_plan, make_plan
-    from regscale.launch.submit import check_inputs, check_request, submit
+    from regscale.launch.submit import check_request, submit
 
     if args.dry_run:
         request = check_request(args.recipe, args.overrides, local=args.local, sweep=args.sweep)
         cfg = request.base
-        check_inputs(cfg)
         print(format_plan(cfg, make_plan(cfg)))
         print(f"config hash    {config_hash(cfg)}")
         if args.sweep:
@@ -81,8 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The verb's arguments; its options may stand anywhere among its key=value overrides
+    (`regscale submit RECIPE a=1 --dry-run b=2`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -46,6 +46,14 @@ def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
     }
 
 
+def _import_deepspeed() -> Any:
+    """deepspeed, told the accelerator we run on: its auto-detection warns in every CPU process."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
 def _fp32_fragment(param: nn.Parameter) -> Optional[tuple[int, torch.Tensor]]:
     """(offset in the flattened parameter, live fp32 view) of this rank's master copy, or None."""
     if hasattr(param, "ds_id"):  # ZeRO-3: a contiguous partition of the padded flat parameter
@@ -69,8 +77,7 @@ class DeepSpeedEngine(Engine):
     kind = "deepspeed"
 
     def __init__(self, cfg: Config, model: nn.Module, env: DistEnv, plan: BatchPlan) -> None:
-        import deepspeed
-
+        deepspeed = _import_deepspeed()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg = cfg
         self.env = env
@@ -193,6 +200,7 @@ def assemble_ema(path: Path) -> dict[str, torch.Tensor]:
 
 def consolidate(path: Path, weights: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights (EMA over them for weights='ema') from a DeepSpeed checkpoint directory."""
+    _import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # it prints progress

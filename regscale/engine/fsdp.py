@@ -20,10 +20,18 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map
 
 from regscale.config import Config, ConfigError
 from regscale.dist import DistEnv
 from regscale.engine.base import Engine, StepResult, adamw, apply_block_options, trainable
+
+
+def _own_outputs(module: nn.Module, args: Any, output: Any) -> Any:
+    """The root's outputs as tensors of their own. FSDP2 hooks them for backward, and an in-place op
+    on a view would skip that hook (it warns about it): the REPA projector's output is such a view,
+    since nn.Linear computes a [B, T, h] input as one 2-D matmul viewed back to 3-D."""
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t, output)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -45,6 +53,7 @@ class FSDPEngine(Engine):
               if cfg.train.precision == "bf16" else MixedPrecisionPolicy())
         for block in model.blocks:
             fully_shard(block, mp_policy=mp)
+        model.register_forward_hook(_own_outputs)  # runs before FSDP's own post-forward hook
         fully_shard(model, mp_policy=mp)
         self.module = model
         named = trainable(model)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from regscale.config import Config, batch_plan, is_remote
 from regscale.data.shards import INDEX, read_index
+from regscale.errors import UserError
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -25,6 +27,7 @@ class Plan:
     checkpoints: int
     max_s_per_step_for_ckpt: float
     jobs: list[str]
+    warning: Optional[str]  # what a real submit would refuse (data.path missing, ...)
 
 
 def dataset_size(cfg: Config) -> tuple[int, str]:
@@ -33,8 +36,22 @@ def dataset_size(cfg: Config) -> tuple[int, str]:
     if cfg.data.synthetic:
         return cfg.data.synthetic, "data.synthetic"
     if path and not is_remote(path) and (Path(path) / INDEX).is_file():
-        return sum(shard["samples"] for shard in read_index(path)), f"{path}/{INDEX}"
+        try:
+            return sum(shard["samples"] for shard in read_index(path)), f"{path}/{INDEX}"
+        except UserError:  # an unreadable index: the plan's warning says so
+            pass
     return IMAGENET_TRAIN_IMAGES, "ImageNet-1k train (assumed)"
+
+
+def refusal(cfg: Config) -> Optional[str]:
+    """Why `regscale submit` would refuse the run's files (data, weights, reference), or None."""
+    from regscale.launch.submit import check_inputs
+
+    try:
+        check_inputs(cfg)
+    except UserError as err:
+        return str(err)
+    return None
 
 
 def make_plan(cfg: Config) -> Plan:
@@ -66,6 +83,7 @@ def make_plan(cfg: Config) -> Plan:
         checkpoints=t.max_steps // t.ckpt_every,
         max_s_per_step_for_ckpt=usable_s / t.ckpt_every,
         jobs=jobs,
+        warning=refusal(cfg),
     )
 
 
@@ -91,4 +109,6 @@ def format_plan(cfg: Config, plan: Plan) -> str:
         "jobs:",
     ]
     lines += [f"  - {job}" for job in plan.jobs]
+    if plan.warning:
+        lines.append(f"WARNING        {plan.warning} (a submit without --dry-run refuses this)")
     return "\n".join(lines)
