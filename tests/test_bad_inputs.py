@@ -143,8 +143,8 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 
 def run_case(case: Case, materials: Path, read_only: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run one case in a copy of the materials and assert its outcome."""
+             monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run one case in a copy of the materials, assert its outcome, return its stdout."""
     d = tmp_path / "D"
     shutil.copytree(materials, d)
     if case.setup is not None:
@@ -171,6 +171,7 @@ def run_case(case: Case, materials: Path, read_only: Path, tmp_path: Path, capsy
         after = _snapshot(d)
         changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
         assert not changed, f"inputs changed: {sorted(changed)}"
+    return out
 
 
 def _ids(cases: list[Case]) -> list[str]:
@@ -231,26 +232,33 @@ def sub(*overrides: str, dry_run: bool = True) -> list[str]:
             *overrides, *(["--dry-run"] if dry_run else [])]
 
 
+# What the request itself gets wrong: refused the same way with --dry-run and without.
+REQUEST = [
+    Case("nodes-0", ["slurm.nodes=0"], "slurm.nodes"),
+    Case("local-2-nodes", ["slurm.nodes=2", "train.batch_size=16"], "slurm.nodes"),
+    Case("profile-unknown", ["slurm.cluster=slurm", "slurm.profile=nope"], "nope"),
+    Case("profile-bad-key", ["slurm.cluster=slurm", "slurm.profile={D}/p.yaml"], "bogus",
+         lambda d: _write(d / "p.yaml", "bogus: 1\n")),
+    Case("unsafe-partition", ["slurm.cluster=slurm", "slurm.partition=a;b"], "slurm.partition"),
+    Case("name-with-space", ["run.name=a b"], "run.name"),
+    Case("existing-run", ["run.name=r1"], "r1"),
+    Case("run-dir-is-file", ["run.dir={D}/samples.npz"], "samples.npz"),
+    Case("run-dir-read-only", ["run.dir={RO}"], "{RO}"),
+    Case("tracking-port", ["mlflow.tracking_uri=http://127.0.0.1:0"], "mlflow.tracking_uri"),
+    Case("no-sbatch", ["slurm.cluster=slurm"], "sbatch", env={"PATH": "/nonexistent"}),
+]
+# What the run's files get wrong: a real submit refuses, a dry run warns in its plan.
+FILES = [
+    Case("index-corrupt", [], "index.json", lambda d: _write(d / "data" / "index.json", "{oops")),
+    Case("shard-truncated", [], "shard.00000.mds", lambda d: _truncate(_shard(d), 1000)),
+    Case("ref-garbage", ["eval.ref_batch={D}/g.npz"], "g.npz", lambda d: _write(d / "g.npz", "garbage")),
+    Case("ref-nan", ["eval.ref_batch={D}/ref.npz"], "ref.npz", lambda d: _reference(d, poison="sigma")),
+]
 SUBMIT = [
-    *[Case(f"{kind}-{c.id}", sub(*c.argv, dry_run=kind == "dry"), c.names, c.setup, c.env) for kind in ("dry", "real")
-      for c in [
-          Case("nodes-0", ["slurm.nodes=0"], "slurm.nodes"),
-          Case("local-2-nodes", ["slurm.nodes=2", "train.batch_size=16"], "slurm.nodes"),
-          Case("profile-unknown", ["slurm.cluster=slurm", "slurm.profile=nope"], "nope"),
-          Case("profile-bad-key", ["slurm.cluster=slurm", "slurm.profile={D}/p.yaml"], "bogus",
-               lambda d: _write(d / "p.yaml", "bogus: 1\n")),
-          Case("unsafe-partition", ["slurm.cluster=slurm", "slurm.partition=a;b"], "slurm.partition"),
-          Case("name-with-space", ["run.name=a b"], "run.name"),
-          Case("existing-run", ["run.name=r1"], "r1"),
-          Case("run-dir-is-file", ["run.dir={D}/samples.npz"], "samples.npz"),
-          Case("run-dir-read-only", ["run.dir={RO}"], "{RO}"),
-          Case("index-corrupt", [], "index.json", lambda d: _write(d / "data" / "index.json", "{oops")),
-          Case("shard-truncated", [], "shard.00000.mds", lambda d: _truncate(_shard(d), 1000)),
-          Case("ref-garbage", ["eval.ref_batch={D}/g.npz"], "g.npz", lambda d: _write(d / "g.npz", "garbage")),
-          Case("ref-nan", ["eval.ref_batch={D}/ref.npz"], "ref.npz", lambda d: _reference(d, poison="sigma")),
-          Case("tracking-port", ["mlflow.tracking_uri=http://127.0.0.1:0"], "mlflow.tracking_uri"),
-          Case("no-sbatch", ["slurm.cluster=slurm"], "sbatch", env={"PATH": "/nonexistent"}),
-      ]],
+    *[Case(f"{kind}-{c.id}", sub(*c.argv, dry_run=kind == "dry"), c.names, c.setup, c.env)
+      for kind in ("dry", "real") for c in REQUEST],
+    *[Case(f"real-{c.id}", sub(*c.argv, dry_run=False), c.names, c.setup) for c in FILES],
+    *[Case(f"dry-warns-{c.id}", sub(*c.argv), c.names, c.setup, code=0) for c in FILES],
     Case("sweep-malformed", [*sub(), "--sweep", "train.lr"], "train.lr"),
     Case("sweep-unknown-key", [*sub(), "--sweep", "train.lrr=1,2"], "train.lrr"),
     Case("sweep-nan", [*sub(), "--sweep", "train.lr=1e-4,nan"], "train.lr"),
@@ -260,7 +268,9 @@ SUBMIT = [
 
 @pytest.mark.parametrize("case", SUBMIT, ids=_ids(SUBMIT))
 def test_submit_and_dry_run_apply_the_same_checks(case, materials, read_only, tmp_path, capsys, monkeypatch):
-    run_case(case, materials, read_only, tmp_path, capsys, monkeypatch)
+    out = run_case(case, materials, read_only, tmp_path, capsys, monkeypatch)
+    if case.code == 0:  # the dry run's warning names the file a real submit refuses
+        assert any(line.startswith("WARNING") and case.names in line for line in out.splitlines()), out
     assert not (tmp_path / "D" / "runs" / "new").exists()
 
 
