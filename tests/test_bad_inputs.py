@@ -521,7 +521,6 @@ def comp(*extra: str) -> list[str]:
 COMPARE = [
     Case("store-missing", ["compare", "--runs-dir", "{D}/nope"], "nope"),
     Case("store-not-sqlite", comp(), "mlflow.db", lambda d: _write(d / "runs/mlflow.db", "garbage")),
-    Case("store-empty-file", comp(), "mlflow.db", lambda d: _write(d / "runs/mlflow.db", "")),
     Case("uri-unknown-scheme", ["compare", "--tracking-uri", "nosuch://x"], "nosuch://x"),
     Case("uri-port-out-of-range", ["compare", "--tracking-uri", "http://127.0.0.1:99999"], "99999"),
     Case("uri-env", ["compare"], "nosuch://y", env={"MLFLOW_TRACKING_URI": "nosuch://y"}),

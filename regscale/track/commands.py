@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def _check_store(uri: str, what: str) -> None:
                 head = f.read(len(SQLITE_MAGIC))
         except OSError as err:
             raise UserError(f"{what}: cannot read the MLflow store {db} ({err.strerror or err})") from None
-        if head != SQLITE_MAGIC:
+        if head and head != SQLITE_MAGIC:  # an empty file is an empty database to SQLite
             raise UserError(f"{what}: {db} is not an SQLite database (an MLflow store written by regscale); "
                             "nothing was read or changed")
 
