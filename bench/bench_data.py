@@ -7,6 +7,11 @@ dir, prepares it as MDS shards (raw; with --webp also WebP-lossless), then reads
 each loader in its own child process and reports wall rate and samples per CPU-second (user+sys
 of the loader and its DataLoader workers), which holds on a busy machine where wall time does
 not. "cores/GPU" is what it takes to feed SiT-XL/2 at ~500 images/s per GPU.
+
+The stream checks every shard's xxh64 once per process on first open (a shard changed in place
+stops training before its samples are used). One epoch is read here, so every shard's check is
+paid in full: the row "shard check off" is the same stream without it, and "check cost" is the
+CPU share it adds (later epochs of a run pay nothing: the check is once per DataLoader worker).
 """
 
 from __future__ import annotations
@@ -68,9 +73,13 @@ def _read_per_file(root: str, workers: int, batch: int, n: int) -> None:
     assert sum(len(b[2]) for b in loader) == n - n % batch
 
 
-def _read_stream(path: str, workers: int, batch: int, n: int) -> None:
+def _read_stream(path: str, workers: int, batch: int, n: int, check_shards: bool = True) -> None:
     from regscale.config import load_config
+    from regscale.data import stream as module
     from regscale.data.stream import TrainStream
+
+    if not check_shards:  # this child only: mark shards checked without reading them
+        module._Samples.check_shard = lambda self, shard_id: self.checked_shards.add(shard_id)
 
     cfg = load_config(None, [f"data.path={path}", f"data.num_workers={workers}", "slurm.gpus_per_node=1", "run.name=b"])
     stream = TrainStream(cfg, 0, 1, batch)
@@ -117,18 +126,37 @@ def main() -> None:
             prepare(str(root / "src"), str(root / enc), PrepareOptions(image_encoding=enc, chunk_size=4096, progress=False))
         rows = [("per-file PNG + .npy", _measure(_read_per_file, str(root / "src"), args.workers, args.batch, n)),
                 *[(f"TrainStream, {enc}", _measure(_read_stream, str(root / enc), args.workers, args.batch, n))
-                  for enc in encodings]]
+                  for enc in encodings],
+                ("TrainStream, raw, shard check off",
+                 _measure(_read_stream, str(root / "raw"), args.workers, args.batch, n, False))]
         sizes = {enc: sum(p.stat().st_size for p in (root / enc).rglob("*.mds")) / n / 1024 for enc in encodings}
+    print(f"CPU: {cpu_model()}")
     print(f"{n} samples, batch {args.batch}, {args.workers} DataLoader worker(s), {os.cpu_count()} cores on this "
           f"machine, torch threads 1; PNG {png_kib:.0f} KiB/image; shards: "
           + ", ".join(f"{enc} {kib:.0f}" for enc, kib in sizes.items()) + " KiB/sample")
-    print(f"{'loader':<22} {'wall s':>7} {'samples/s':>10} {'CPU s':>7} {'samples/CPU-s':>14} {'vs per-file':>12} "
+    print(f"{'loader':<34} {'wall s':>7} {'samples/s':>10} {'CPU s':>7} {'samples/CPU-s':>14} {'vs per-file':>12} "
           f"{'cores/GPU':>10}")
     base = n / rows[0][1][1]
     for name, (wall, cpu) in rows:
         per_core = n / cpu
-        print(f"{name:<22} {wall:>7.2f} {n / wall:>10.0f} {cpu:>7.2f} {per_core:>14.0f} {per_core / base:>11.1f}x "
+        print(f"{name:<34} {wall:>7.2f} {n / wall:>10.0f} {cpu:>7.2f} {per_core:>14.0f} {per_core / base:>11.1f}x "
               f"{GPU_RATE / per_core:>10.2f}")
+    checked, unchecked = rows[1][1][1], rows[-1][1][1]
+    print(f"shard check cost (first epoch, every shard hashed once per worker): {checked - unchecked:+.2f} CPU s, "
+          f"{checked / unchecked:.3f}x the stream's CPU time without it")
+
+
+def cpu_model() -> str:
+    """The processor's name (figures from different CPUs do not compare)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """`regscale VERB ...`: parses arguments and calls one function per verb.
 
 Heavy imports (torch, mlflow, submitit) happen inside the verbs, so `regscale config` is instant.
-A `ConfigError` (or any `UserError`) is printed as one line and exits 2, with no traceback.
+An expected failure (a `UserError`: bad input; an `OSError`: a path the system refuses) is printed
+as one line and exits 2; Ctrl-C exits 130. Neither shows a traceback unless REGSCALE_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable
+import traceback
+from typing import Callable, NoReturn
 
 from regscale.config import config_hash, load_config, to_yaml
 from regscale.data import commands as data
-from regscale.errors import UserError
+from regscale.errors import debug, expected_failure
 from regscale.eval import commands as evaluation
 from regscale.launch import commands as launch
 from regscale.models import commands as models
@@ -29,23 +32,32 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Submit training (+ chained evaluation); with --dry-run, print the plan only (what a real
-    submit would refuse about the run's files is a warning in it)."""
+    """Submit training (+ chained evaluation); with --dry-run, the plan only, after the same checks
+    (what a real submit would refuse about the run's files is a warning in the plan)."""
     from regscale.launch.plan import format_plan, make_plan
+    from regscale.launch.submit import check_request, submit
 
-    cfg = load_config(args.recipe, args.overrides)
     if args.dry_run:
+        request = check_request(args.recipe, args.overrides, local=args.local, sweep=args.sweep)
+        cfg = request.base
         print(format_plan(cfg, make_plan(cfg)))
         print(f"config hash    {config_hash(cfg)}")
+        if args.sweep:
+            print(f"sweep          {len(request.runs)} runs: {', '.join(str(c.run.name) for c in request.runs)}")
         print("dry run: nothing submitted")
         return 0
-    from regscale.launch.submit import submit
-
     return submit(args.recipe, args.overrides, local=args.local, sweep=args.sweep)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="regscale",
         description="Train SiT diffusion transformers with REG at cluster scale.",
     )
@@ -85,13 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.fn(args)
-    except UserError as err:
-        print(f"regscale {args.verb}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        if debug():
+            traceback.print_exc()
         print(f"regscale {args.verb}: interrupted", file=sys.stderr)
         return 130
-
+    except BrokenPipeError:  # `regscale status | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as err:
+        message = expected_failure(err)
+        if message is None:  # a bug: Python's traceback is the report
+            raise
+        if debug():
+            traceback.print_exc()
+        print(f"regscale {args.verb}: error: {message}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException,
+                              ValidationError)
 
-from regscale.errors import UserError
+from regscale.errors import UserError, one_line
 
 
 class ConfigError(UserError):
@@ -83,7 +85,7 @@ class ModelConfig:
                               f"'model.patch_size' ({arch['patch_size']})")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"'model.class_dropout_prob' must be in [0, 1); got {self.class_dropout_prob}")
-        for key in ("num_classes", "in_channels", "input_size", "projector_dim", "cls_token_dim"):
+        for key in ("num_classes", "in_channels", "input_size", "projector_dim", "cls_token_dim", "mlp_ratio"):
             _positive(f"model.{key}", getattr(self, key))
 
 
@@ -97,6 +99,12 @@ class EncoderConfig:
     random_depth: int = 2  # random_init only: blocks of the small encoder (width: model.cls_token_dim)
     resolution: int = 224
 
+    def check(self) -> None:
+        _positive("encoder.random_depth", self.random_depth)
+        if self.resolution <= 0 or self.resolution % 14:
+            raise ConfigError(f"'encoder.resolution' must be a positive multiple of 14 (DINOv2's patch); "
+                              f"got {self.resolution}")
+
 
 @dataclass
 class VAEConfig:
@@ -106,6 +114,9 @@ class VAEConfig:
     decoder: str = "stabilityai/sd-vae-ft-ema"
     scale: float = 0.18215
     random_init: bool = False  # smoke and tests only: a tiny randomly initialised AutoencoderKL
+
+    def check(self) -> None:
+        _positive("vae.scale", self.scale)
 
 
 @dataclass
@@ -139,6 +150,8 @@ class TrainConfig:
             _positive("train.micro_batch_size", self.micro_batch_size)
         _positive("train.max_steps", self.max_steps)
         _positive("train.lr", self.lr)
+        _positive("train.eps", self.eps)
+        _seed("train.seed", self.seed)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"'train.betas' must be two numbers in [0, 1); got {list(self.betas)}")
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
@@ -183,6 +196,8 @@ class DataConfig:
     def check(self) -> None:
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.synthetic", self.synthetic, allow_zero=True)
+        if self.shuffle_block_size is not None:
+            _positive("data.shuffle_block_size", self.shuffle_block_size)
 
 
 @dataclass
@@ -231,6 +246,8 @@ class SlurmConfig:
         _positive("slurm.signal_lead_s", self.signal_lead_s, allow_zero=True)
         _positive("slurm.max_requeues", self.max_requeues, allow_zero=True)
         _positive("slurm.max_failures_at_step", self.max_failures_at_step)
+        if self.mem_gb is not None:
+            _positive("slurm.mem_gb", self.mem_gb)
         if self.signal_lead_s >= self.time_limit_min * 60:
             raise ConfigError(f"'slurm.signal_lead_s' ({self.signal_lead_s}) must be shorter than the "
                               f"time limit ({self.time_limit_min} min)")
@@ -254,6 +271,10 @@ class SlurmConfig:
 class MlflowConfig:
     tracking_uri: Optional[str] = None  # None: sqlite:///<run.dir>/mlflow.db
     experiment: str = "regscale"
+
+    def check(self) -> None:
+        if self.tracking_uri is not None:
+            check_tracking_uri(self.tracking_uri, "'mlflow.tracking_uri'")
 
 
 @dataclass
@@ -282,6 +303,7 @@ class EvalConfig:
         """Refuse values this section cannot run with (at_steps against training: `validate`)."""
         _positive("eval.num_samples", self.num_samples)
         _positive("eval.batch_size", self.batch_size)
+        _seed("eval.seed", self.seed)
         _choice("eval.sampler", self.sampler, ("sde", "ode"))
         if self.steps < 2:
             raise ConfigError(f"'eval.steps' must be >= 2; got {self.steps}")
@@ -373,6 +395,8 @@ def _expected_type(key: str) -> str:
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
+    if isinstance(err, InterpolationResolutionError):
+        return ConfigError(f"{source}: '{key}' cannot be resolved: {one_line(str(err).splitlines()[0])}")
     if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
         return ConfigError(f"{source}: unknown key '{key}'{_closest(key)}")
     if isinstance(err, ValidationError):
@@ -386,15 +410,29 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {str(err).splitlines()[0]}")
 
 
-def _load_yaml(path: Path) -> DictConfig:
+def _read_yaml_file(path: Path, what: str) -> str:
+    """The text of a YAML file; a ConfigError naming it when it is absent or unreadable."""
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
     if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
+        raise ConfigError(f"{path}: not a file (expected a {what})")
     try:
-        loaded = OmegaConf.load(path)
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err})") from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    return _parse_yaml(_read_yaml_file(path, "recipe file"), str(path))
+
+
+def _parse_yaml(text: str, source: str) -> DictConfig:
+    try:
+        loaded = OmegaConf.create(text)
     except Exception as err:  # yaml.YAMLError and friends: name the file, keep the parser's line
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
     return loaded
 
 
@@ -413,33 +451,45 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not key=value (for example train.lr=2e-4)")
+        if any(ord(c) < 32 or ord(c) == 127 for c in item):  # refused, never cut or folded
+            raise ConfigError(f"override '{item.split('=', 1)[0]}': the value {item.split('=', 1)[1]!r} "
+                              "holds a control character (a newline, a tab, ...)")
+    parsed = OmegaConf.create()
+    for item in overrides:
+        try:
+            parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([item]))
+        except Exception as err:  # OmegaConf's and YAML's errors alike: name the override
+            raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from None
+    return parsed
+
+
+def _resolve(recipe: Optional[DictConfig], source: str, overrides: list[str], default_name: Optional[str]
+             ) -> Config:
+    """defaults <- recipe <- overrides, interpolations resolved, every value validated."""
+    merged = OmegaConf.structured(Config)
+    if recipe is not None:
+        _check_sections(recipe, Config(), source)
+        try:
+            merged = OmegaConf.merge(merged, recipe)
+        except OmegaConfBaseException as err:
+            raise _explain(err, source) from None
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
+        if default_name is not None and merged.run.name is None:
+            merged.run.name = default_name
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
-        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
+        raise _explain(err, f"{source} + overrides" if overrides else source) from None
+    validate(cfg)
+    return cfg
 
 
 def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Merge defaults <- recipe <- overrides into a validated `Config` (a frozen typed object)."""
-    schema = OmegaConf.structured(Config)
-    merged = schema
-    if recipe is not None:
-        path = Path(recipe)
-        loaded = _load_yaml(path)
-        _check_sections(loaded, Config(), str(path))
-        try:
-            merged = OmegaConf.merge(merged, loaded)
-        except OmegaConfBaseException as err:
-            raise _explain(err, str(path)) from None
-    try:
-        merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise _explain(err, "override") from None
-    if recipe is not None and merged.run.name is None:
-        merged.run.name = Path(recipe).stem
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
-    return cfg
+    if recipe is None:
+        return _resolve(None, "defaults", list(overrides), None)
+    path = Path(recipe)
+    return _resolve(_load_yaml(path), str(path), list(overrides), path.stem)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -452,15 +502,15 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:12]
 
 
-def from_yaml_text(text: str) -> Config:
-    """Load a resolved configuration saved by `to_yaml` (a run directory's config.yaml)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    except OmegaConfBaseException as err:
-        raise _explain(err, "saved config") from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
-    return cfg
+def load_saved_config(path: Path) -> Config:
+    """The resolved configuration saved by `to_yaml` in a file (a run directory's config.yaml)."""
+    return from_yaml_text(_read_yaml_file(path, "saved configuration"), str(path))
+
+
+def from_yaml_text(text: str, source: str = "saved config", overrides: list[str] = ()) -> Config:
+    """Load a resolved configuration saved by `to_yaml` (a run directory's config.yaml, an
+    export's metadata), with overrides; `source` names it in errors."""
+    return _resolve(_parse_yaml(text, source), source, list(overrides), None)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
@@ -493,6 +543,46 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'}; got {value}")
 
 
+def _seed(key: str, value: int) -> None:
+    if not 0 <= value < 2**31:
+        raise ConfigError(f"'{key}' must be in [0, 2^31); got {value}")
+
+
+def _check_leaves(cfg: Config) -> None:
+    """What no key may hold: a non-finite number, an empty string, a control character (a newline
+    would be cut in a batch script or a log line, so it is refused rather than passed on)."""
+    for key, value in flatten(cfg).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"'{key}' must be a finite number; got {value}")
+            if isinstance(item, str) and (not item or any(ord(c) < 32 or ord(c) == 127 for c in item)):
+                raise ConfigError(f"'{key}' must be a non-empty string without control characters "
+                                  f"(newlines, tabs, ...); got {item!r}")
+
+
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                    "databricks-uc", "uc")
+
+
+def check_tracking_uri(uri: str, what: str) -> None:
+    """An MLflow tracking URI that MLflow can use: a known scheme, a host and a port in range."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+", 1)[0]  # postgresql+psycopg2://...
+    if "://" not in uri or scheme not in TRACKING_SCHEMES:
+        if "://" in uri or ":" in uri.split("/", 1)[0]:
+            raise ConfigError(f"{what} {uri!r}: unknown scheme (expected one of "
+                              f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} or a local path)")
+        return  # a local path: MLflow's file store
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise ConfigError(f"{what} {uri!r}: {err}") from None
+    if scheme in ("http", "https") and (not parts.hostname or port == 0):
+        raise ConfigError(f"{what} {uri!r}: expected http(s)://HOST[:PORT] with a port in 1..65535")
+
+
 def is_remote(path: str) -> bool:
     return path.startswith(REMOTE_SCHEMES)
 
@@ -500,7 +590,9 @@ def is_remote(path: str) -> bool:
 def validate(cfg: Config) -> None:
     """Refuse values that cannot run, naming the key and the reason: each section's own checks,
     then the ones across sections."""
-    for section in (cfg.model, cfg.train, cfg.loss, cfg.data, cfg.engine, cfg.slurm, cfg.eval, cfg.run):
+    _check_leaves(cfg)
+    for section in (cfg.model, cfg.encoder, cfg.vae, cfg.train, cfg.loss, cfg.data, cfg.engine, cfg.slurm,
+                    cfg.mlflow, cfg.eval, cfg.run):
         section.check()
     s = cfg.slurm
     for nodes in s.node_counts:  # every world size the job may get must keep the global batch

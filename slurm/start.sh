@@ -32,6 +32,12 @@ die() { echo "slurm/start.sh: $*" >&2; exit 1; }
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=slurm/lib.sh
 . "$here/lib.sh"
+# The daemons started below outlive this script: they must not inherit its caller's descriptors
+# (`flock LOCK bash slurm/start.sh` would otherwise leave LOCK held for as long as the cluster runs).
+for fd in /proc/$$/fd/*; do
+  n=${fd##*/}
+  case $n in 0|1|2|255) ;; *) eval "exec $n>&-" 2> /dev/null || true ;; esac
+done
 
 # ---- 1. packages ------------------------------------------------------------------------------
 PKGS="munge slurmctld slurmd slurm-client slurmdbd mariadb-server"

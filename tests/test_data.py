@@ -294,6 +294,33 @@ def test_missing_or_corrupted_shard_is_named(reg_dataset, tmp_path, capsys):
     assert "sha1 hash mismatch" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("fault", ["bytes changed in place", "wrong hash in index.json"])
+def test_a_changed_shard_stops_training_before_its_samples_are_used(reg_dataset, tmp_path, fault):
+    """Same size, other bytes (or an index whose hash is wrong): the first open of the shard in a
+    DataLoader worker checks its xxh64 and stops the stream naming it; no sample of it comes out."""
+    data = tmp_path / "data"
+    shutil.copytree(reg_dataset, data)
+    victim = "chunk-000002/shard.00000.mds"
+    if fault == "bytes changed in place":
+        blob = bytearray((data / victim).read_bytes())
+        blob[len(blob) // 2] ^= 0x01
+        (data / victim).write_bytes(bytes(blob))
+    else:
+        index = json.loads((data / "index.json").read_text())
+        entry = next(s for s in index["shards"] if s["raw_data"]["basename"] == victim)
+        entry["raw_data"]["hashes"]["xxh64"] = "0" * 16
+        (data / "index.json").write_text(json.dumps(index))
+    chunk = json.loads((data / "chunk-000002" / "chunk.json").read_text())
+    stream = TrainStream(_cfg(data, workers=1), 0, 1, 8)
+    used: list[int] = []
+    with pytest.raises(ShardError, match=rf"shard {victim} of the dataset at {data} does not match its index.json "
+                                         r"\(.*xxh64 hash mismatch\).*no sample of it was used"):
+        for batch in stream:
+            used += batch["index"].tolist()
+    stream.close()
+    assert not set(used) & set(range(chunk["first"], chunk["stop"]))
+
+
 def _victim(data: str, conn) -> None:
     """A training process that uses the stream (1 worker) and then hangs until killed."""
     stream = TrainStream(_cfg(Path(data), workers=1), 0, 1, 8)

@@ -127,8 +127,9 @@ def test_bookkeeping_roundtrip(tmp_path: Path) -> None:
     got = runs.read_attempts(run_dir)
     assert [(a.start_step, a.end, a.end_step) for a in got] == [(0, "preempted", 20), (20, None, None),
                                                                   (20, "resumed", 20)]
-    (run_dir / "checkpoints").mkdir()
-    (run_dir / "checkpoints" / "latest").write_text("step_00000020\n")
+    (run_dir / "checkpoints" / "step_00000020").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000030.broken-1").mkdir()
+    (run_dir / "checkpoints" / "latest").write_text("garbage\n")  # a pointer only: the directories tell
     assert runs.latest_step(run_dir) == 20
     (run_dir / "jobs.json").write_text("{not json")
     with pytest.raises(UserError, match="jobs.json: unreadable"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from regscale.cliargs import positive_int
 from regscale.errors import UserError
 
 
@@ -13,6 +14,33 @@ def _part(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected i/n (for example 3/16), got {text!r}") from None
     return index, count
+
+
+def _device(text: str) -> str:
+    """A torch device that exists here (cpu, cuda, cuda:1, ...)."""
+    import torch
+
+    try:
+        torch.empty(0, device=torch.device(text))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a usable torch device here ({str(err).splitlines()[0]})") from None
+    return text
+
+
+def _check_paths(src: str, out: str, stage: str | None) -> None:
+    """SRC and OUT apart, OUT (or its staging folder) a writable place for a dataset."""
+    from regscale.config import is_remote
+    from regscale.paths import check_disjoint, check_output
+
+    if is_remote(out):
+        local, what = stage, "--stage"  # None: a temporary folder of its own
+    elif stage is not None:
+        raise UserError("--stage is for a remote OUT (s3://, gs://, ...); a local OUT is written in place")
+    else:
+        local, what = out, "OUT"
+        check_disjoint(src, "SRC", out, "OUT")
+    if local is not None:  # what an existing one holds is judged by prepare against its manifest
+        check_output(local, what, kind="dir", inputs=[src], ours=lambda d: True)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -34,16 +62,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print("OK")
         return 0
     from regscale.data.prepare import PrepareOptions, part_from_env, prepare
+    from regscale.paths import writing_into
 
     if args.out is None:
         raise UserError("prepare needs SRC and OUT (or --verify OUT)")
     if args.vae is not None and args.random_vae:
         raise UserError("--vae and --random-vae exclude each other")
+    _check_paths(args.src, args.out, args.stage)
     opts = PrepareOptions(vae=args.vae, random_vae=args.random_vae, image_encoding=args.image_encoding,
                           chunk_size=args.chunk_size, batch_size=args.batch_size,
                           part=args.part or part_from_env(), workers=args.workers, device=args.device,
                           stage=args.stage, progress=not args.quiet)
-    summary = prepare(args.src, args.out, opts)
+    with writing_into(args.stage or args.out):
+        summary = prepare(args.src, args.out, opts)
     if not summary.complete:
         print(f"part {opts.part[0]}/{opts.part[1]} done; {summary.chunks_done}/{summary.chunks} chunks complete. "
               "The part that finishes last writes index.json (or rerun this command to finish).")
@@ -75,10 +106,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
                    help="raw: fastest to read (default); webp: lossless, ~0.55x the bytes, ~1 core/GPU to decode")
     p.add_argument("--part", type=_part, help="i/n: do the i-th of n interleaved shares (default: the "
                    "SLURM array task, else 0/1)")
-    p.add_argument("--workers", type=int, default=1, help="local processes (each loads its own VAE)")
-    p.add_argument("--chunk-size", type=int, default=2048, help="samples per resumable chunk")
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
-    p.add_argument("--device", help="torch device for the VAE (default: cuda when available)")
+    p.add_argument("--workers", type=positive_int, default=1, help="local processes (each loads its own VAE)")
+    p.add_argument("--chunk-size", type=positive_int, default=2048, help="samples per resumable chunk")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call")
+    p.add_argument("--device", type=_device, help="torch device for the VAE (default: cuda when available)")
     p.add_argument("--stage", help="local staging directory for a remote OUT")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(fn=cmd_prepare)

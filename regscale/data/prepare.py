@@ -65,8 +65,13 @@ def part_from_env() -> tuple[int, int]:
     """(index, count) of this SLURM array task, or (0, 1) outside an array job."""
     if "SLURM_ARRAY_TASK_ID" not in os.environ or "SLURM_ARRAY_TASK_COUNT" not in os.environ:
         return 0, 1
-    first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-    return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
+    try:
+        task, count, first = (int(os.environ.get(name, "0")) for name in names)
+    except ValueError:
+        shown = ", ".join(f"{n}={os.environ.get(n)!r}" for n in names)
+        raise UserError(f"the SLURM array variables are not integers ({shown}); pass --part i/n") from None
+    return task - first, count
 
 
 def _manifest(source: Source, opts: PrepareOptions) -> dict[str, Any]:
@@ -77,14 +82,13 @@ def _manifest(source: Source, opts: PrepareOptions) -> dict[str, Any]:
             "moments": "from vae-sd/*.npy" if source.kind == "reg" else vae}
 
 
-def _claim_out(store: Store, manifest: dict[str, Any]) -> None:
-    """Write the manifest into an empty OUT, or check that OUT holds this very dataset."""
+def _check_out(store: Store, manifest: dict[str, Any]) -> bool:
+    """True when OUT is empty (to be claimed); raises unless OUT holds this very dataset."""
     found = store.read_json(MANIFEST)
     if found is None and store.is_empty():
-        store.write_json(MANIFEST, manifest)  # parts starting together all write the same file
-        return
+        return True
     found = found or store.read_json(MANIFEST)  # another part may have claimed OUT meanwhile
-    if found is None:
+    if not isinstance(found, dict):
         raise UserError(f"{store.out} is not empty and was not written by `regscale prepare` "
                         f"(no {MANIFEST}); choose an empty or new OUT")
     differs = [k for k in manifest if found.get(k) != manifest[k]]
@@ -92,6 +96,13 @@ def _claim_out(store: Store, manifest: dict[str, Any]) -> None:
         detail = ", ".join(f"{k}: {found.get(k)!r} there, {manifest[k]!r} now" for k in differs)
         raise UserError(f"{store.out} already holds a different dataset ({detail}); choose another OUT, "
                         "or delete it to start over")
+    return False
+
+
+def _claim_out(store: Store, manifest: dict[str, Any]) -> None:
+    """Write the manifest into an empty OUT, or check that OUT holds this very dataset."""
+    if _check_out(store, manifest):
+        store.write_json(MANIFEST, manifest)  # parts starting together all write the same file
 
 
 def _load_vae(opts: PrepareOptions, worker: int) -> tuple[Any, Any]:
@@ -237,12 +248,13 @@ class Progress:
             self.bar.stop()
 
 
-def _run_chunks(src: str, out: str, source: Source, store: Store, opts: PrepareOptions, todo: list[int]) -> None:
+def _run_chunks(src: str, out: str, source: Source, store: Store, opts: PrepareOptions, todo: list[int],
+                vae: Any) -> None:
+    """Write the chunks in `todo`: here with `vae` (one worker), or in --workers processes."""
     total = sum(min(opts.chunk_size, len(source.samples) - c * opts.chunk_size) for c in todo)
     progress = Progress(total, opts.progress, f"prepare part {opts.part[0]}/{opts.part[1]}")
     try:
         if opts.workers <= 1:
-            vae = _load_vae(opts, 0)[0] if source.kind == "imagefolder" and todo else None
             for chunk in todo:
                 _write_chunk(source, chunk, store, opts, vae, progress.advance)
             return
@@ -326,13 +338,19 @@ def prepare(src: str, out: str, opts: PrepareOptions) -> Summary:
         raise UserError(f"--part {index}/{count}: expected i/n with 0 <= i < n")
     source = scan_source(src)
     store = Store(out, opts.stage)
-    _claim_out(store, _manifest(source, opts))
-    _clean_own_tmp(store)
+    manifest = _manifest(source, opts)
+    _check_out(store, manifest)
     num_chunks = -(-len(source.samples) // opts.chunk_size)
     done = store.done_chunks()
     todo = [c for c in range(index, num_chunks, count) if c not in done]
+    # the VAE loads (or fails) before OUT is claimed for it; worker processes load their own
+    vae = _load_vae(opts, 0)[0] if source.kind == "imagefolder" and todo else None
+    if opts.workers > 1:
+        vae = None
+    _claim_out(store, manifest)
+    _clean_own_tmp(store)
     if todo:
-        _run_chunks(src, out, source, store, opts, todo)
+        _run_chunks(src, out, source, store, opts, todo, vae)
     done = store.done_chunks()
     if len(done) < num_chunks:
         return Summary(complete=False, chunks_done=len(done), chunks=num_chunks)

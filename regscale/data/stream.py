@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -32,37 +31,10 @@ from streaming.base.dataloader import StreamingDataLoader
 
 from regscale.config import Config, is_remote
 from regscale.data import shm
-from regscale.data.shards import IMAGE_SHAPE, MOMENTS_SHAPE, decode_image
+from regscale.data.store import remote_failure
+from regscale.data.shards import (CHEAP_HASH, IMAGE_SHAPE, MOMENTS_SHAPE, ShardError, check_shard_files, decode_image,
+                                  shard_problems, verify_hint)
 from regscale.errors import UserError
-
-
-class ShardError(UserError):
-    """A shard that is missing, truncated or unreadable at training time."""
-
-
-def _verify_hint(path: str) -> str:
-    return f"check the dataset with `regscale prepare --verify {path}`"
-
-
-def preflight_local(path: str) -> None:
-    """Every shard index.json lists is present with its recorded size (cheap: stat only)."""
-    root = Path(path)
-    index_file = root / "index.json"
-    if not index_file.is_file():
-        raise UserError(f"data.path {path}: no index.json (expected MDS shards written by `regscale prepare`)")
-    try:
-        shards = json.loads(index_file.read_text())["shards"]
-    except (ValueError, KeyError) as err:
-        raise ShardError(f"{index_file}: not a valid MDS index ({err}); {_verify_hint(path)}") from None
-    for info in shards:
-        raw = info["raw_data"]
-        shard = root / raw["basename"]
-        if not shard.is_file():
-            raise ShardError(f"shard {raw['basename']} of the dataset at {path} is missing; {_verify_hint(path)}")
-        size = shard.stat().st_size
-        if size != raw["bytes"]:
-            raise ShardError(f"shard {raw['basename']} of the dataset at {path} is corrupted: {size} bytes, "
-                             f"index.json says {raw['bytes']}; {_verify_hint(path)}")
 
 
 class _Samples(StreamingDataset):
@@ -72,21 +44,46 @@ class _Samples(StreamingDataset):
         super().__init__(**kwargs)
         self.where = where
         self.thread_error: Optional[BaseException] = None
+        self.checked_shards: set[int] = set()  # per process: DataLoader workers keep their own
+
+    def check_shard(self, shard_id: int) -> None:
+        """Once per process, before any of its samples is used: the shard's bytes match the xxh64
+        hash (and size and count) that index.json recorded when it was written. A shard changed in
+        place, or an index whose hashes are wrong, stops training here, naming the shard."""
+        shard = self.shards[shard_id]
+        info = {"raw_data": {"basename": shard.raw_data.basename, "bytes": shard.raw_data.bytes,
+                             "hashes": shard.raw_data.hashes}, "samples": shard.samples}
+        recorded = shard.raw_data.hashes or {}
+        algos = (CHEAP_HASH,) if CHEAP_HASH in recorded else tuple(recorded)[:1]
+        path = Path(shard.dirname, shard.split or "", shard.raw_data.basename)
+        problems = shard_problems(path, info, algos)
+        if problems:
+            raise ShardError(f"shard {shard.raw_data.basename} of the dataset at {self.where} does not match "
+                             f"its index.json ({'; '.join(problems)}): changed since it was written, or a wrong "
+                             f"index; no sample of it was used; {verify_hint(self.where)}")
+        self.checked_shards.add(shard_id)
 
     def _shard_name(self, sample_id: int) -> str:
         shard_id, _ = self.spanner[sample_id]
         return self.shards[shard_id].raw_data.basename
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, np.ndarray]:
+        shard_id, _ = self.spanner[sample_id]
         try:
-            raw = super().get_item(sample_id, retry)
+            raw = super().get_item(sample_id, retry)  # downloads a remote shard first
+        except Exception as err:
+            raise ShardError(f"shard {self._shard_name(sample_id)} of the dataset at {self.where} is unreadable "
+                             f"({type(err).__name__}: {err}); {verify_hint(self.where)}") from None
+        if shard_id not in self.checked_shards:
+            self.check_shard(shard_id)
+        try:
             image = decode_image(raw["image"])
             moments = np.asarray(raw["moments"], dtype=np.float32)
             if image.shape != IMAGE_SHAPE or moments.shape != MOMENTS_SHAPE:
                 raise ValueError(f"sample shapes {image.shape}, {moments.shape}")
         except Exception as err:
             raise ShardError(f"shard {self._shard_name(sample_id)} of the dataset at {self.where} is unreadable "
-                             f"({type(err).__name__}: {err}); {_verify_hint(self.where)}") from None
+                             f"({type(err).__name__}: {err}); {verify_hint(self.where)}") from None
         return {"image": image, "moments": moments, "label": np.int64(raw["label"]),
                 "index": np.int64(raw["index"])}
 
@@ -99,7 +96,7 @@ class _Samples(StreamingDataset):
         if self.thread_error is not None:  # streaming ends the epoch early on a download failure
             err = self.thread_error
             raise ShardError(f"reading a shard of the dataset at {self.where} failed ({type(err).__name__}: "
-                             f"{err}); {_verify_hint(self.where)}")
+                             f"{err}); {verify_hint(self.where)}")
 
 
 def _collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -161,7 +158,7 @@ class TrainStream:
             digest = hashlib.sha256(path.encode()).hexdigest()[:12]
             local = cfg.data.local_cache or str(Path(tempfile.gettempdir()) / f"regscale-cache-{digest}")
         else:
-            preflight_local(path)
+            check_shard_files(path)
             remote, local = None, path
         local = os.path.abspath(local)
         options = dict(where=path, remote=remote, local=local, shuffle=cfg.data.shuffle, shuffle_seed=cfg.train.seed,
@@ -193,7 +190,11 @@ class TrainStream:
             self.dataset = _Samples(**options)
         except (FileNotFoundError, RuntimeError, ValueError) as err:
             raise ShardError(f"cannot open the dataset at {self.path} ({type(err).__name__}: {err}); "
-                             f"{_verify_hint(self.path)}") from None
+                             f"{verify_hint(self.path)}") from None
+        except Exception as err:  # a remote store's client: no credentials, no network, no permission
+            if options["remote"] is None:
+                raise
+            raise remote_failure(self.path, err) from None
         self._lock_fd = shm.hold_prefix(self.dataset._shm_prefix_int)
 
     @property

@@ -11,15 +11,51 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
+
+from regscale.cliargs import non_negative_int, positive_int
+from regscale.errors import UserError
+
+SAMPLING_OUTPUTS = ("samples.npz", "shards", "eval_record.json")  # what marks a folder as sampling's
+
+
+def is_sampling_output(folder: Path) -> bool:
+    """A folder that `regscale sample` (or the evaluation job) wrote: sampling may resume in it."""
+    return any((folder / name).exists() for name in SAMPLING_OUTPUTS)
+
+
+def is_eval_record(path: Path) -> bool:
+    """A JSON record written by `regscale eval` (which may be replaced by a new one)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "metrics" in record and "evaluator" in record
+
+
+def _export_config_text(target: Path) -> str | None:
+    """The run configuration a `regscale export` file carries (None: none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(target), "pt") as f:
+            return (f.metadata() or {}).get("config")
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{target}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
 
 
 def _target_config(target: Path, recipe: str | None, overrides: list[str]):
-    """The Config for sampling `target`: the run's config.yaml, --recipe, or the export's metadata."""
-    from regscale.config import load_config
-    from regscale.errors import UserError
+    """The Config for sampling `target`: --recipe, the run's config.yaml, or the export's metadata."""
+    from regscale.config import from_yaml_text, load_config
 
+    if target.suffix == ".safetensors" and target.is_file():
+        text = _export_config_text(target)  # also: the file is readable, before any work
+        if recipe is not None:
+            return load_config(recipe, overrides)
+        if text is None:
+            raise UserError(f"{target}: the export carries no configuration; pass --recipe RECIPE "
+                            "(the model section must match the weights)")
+        return from_yaml_text(text, f"{target} (its configuration)", overrides)
     if recipe is not None:
         return load_config(recipe, overrides)
     if target.is_dir():
@@ -27,18 +63,6 @@ def _target_config(target: Path, recipe: str | None, overrides: list[str]):
             raise UserError(f"{target}: not a run directory (no config.yaml); give a run directory "
                             "or a .safetensors export")
         return load_config(target / "config.yaml", overrides)
-    if target.suffix == ".safetensors" and target.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(target), "pt") as f:
-            text = (f.metadata() or {}).get("config")
-        if text is None:
-            raise UserError(f"{target}: the export carries no configuration; pass --recipe RECIPE "
-                            "(the model section must match the weights)")
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:
-            tmp.write(text)
-            tmp.flush()
-            return load_config(tmp.name, overrides)
     raise UserError(f"{target}: no such run directory or .safetensors file")
 
 
@@ -48,23 +72,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from regscale.eval.job import dist_setup, sample_checkpoint
     from regscale.rundir import step_name
 
+    from regscale.paths import check_output, writing_into
+
     target = Path(args.target)
     cfg = _target_config(target, args.recipe, args.overrides)
-    rank, _, device = dist_setup()
     step = args.step
     if target.is_dir() and step is None:  # pin the newest valid checkpoint (none: loading says so)
         from regscale.train.checkpoint import find_valid
 
         found = find_valid(target / "checkpoints")
-        step = found[1]["step"] if found else None
+        if found is None:
+            raise UserError(f"{target / 'checkpoints'}: no valid checkpoint to sample (broken ones are "
+                            "named above; expected step_XXXXXXXX/ with manifest.json, written by `regscale train`)")
+        step = found[1]["step"]
     if args.out:
         out = Path(args.out)
     elif target.is_dir():
         out = target / "eval" / step_name(step or 0)
     else:
         out = target.with_name(target.stem + "_samples")
+    check_output(out, "--out" if args.out else "the output folder", inputs=[target, *filter(None, [args.recipe])],
+                 kind="dir", ours=is_sampling_output)
+    rank, _, device = dist_setup()
     try:
-        npz, _ = sample_checkpoint(cfg, target, out, step, device, args.weights)
+        with writing_into(out):
+            npz, _ = sample_checkpoint(cfg, target, out, step, device, args.weights)
     finally:
         teardown()
     if rank == 0:
@@ -79,7 +111,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from regscale.dist import teardown
     from regscale.eval.job import evaluate_samples, write_record
 
+    from regscale.paths import check_output
+
     samples = Path(args.samples)
+    out = Path(args.out) if args.out else samples.with_name(samples.stem + ".eval.json")
+    if Path(args.ref).resolve() == samples.resolve():
+        raise UserError(f"--ref {args.ref} is the samples file itself; give the ADM reference batch")
+    check_output(out, "--out" if args.out else "the record", suffixes=(".json",), ours=is_eval_record,
+                 inputs=[samples, args.ref, *filter(None, [args.inception])])
     try:
         record = evaluate_samples(samples, args.ref, inception=args.inception,
                                   random_inception=args.random_inception, batch_size=args.batch_size,
@@ -88,7 +127,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         teardown()
     if record is None:  # not rank 0
         return 0
-    out = Path(args.out) if args.out else samples.with_name(samples.stem + ".eval.json")
     write_record(out, record)
     width = max(map(len, record["metrics"]))
     for name, value in record["metrics"].items():
@@ -109,7 +147,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("target", metavar="CHECKPOINT_OR_RUN", help="run directory or .safetensors export")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.num_samples=10000 eval.cfg_scale=2.3")
     p.add_argument("--recipe", help="configuration for a .safetensors without one (its model section must match)")
-    p.add_argument("--step", type=int, help="checkpoint step of a run directory (default: newest valid)")
+    p.add_argument("--step", type=non_negative_int, help="checkpoint step of a run directory (default: newest valid)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="run directory: which weights")
     p.add_argument("--out", help="output directory (default: RUN/eval/step_XXXXXXXX or beside the export)")
     p.set_defaults(fn=cmd_sample)
@@ -122,8 +160,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--inception", help="TF-ported Inception weights file (default: the torch-fidelity cache)")
     p.add_argument("--random-inception", action="store_true",
                    help="random network for tests only: every number is tagged not comparable")
-    p.add_argument("--batch-size", type=int, default=100, help="images per forward, per process")
-    p.add_argument("--num-samples", type=int, help="use the first N samples and require that many (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images per forward, per process")
+    p.add_argument("--num-samples", type=positive_int,
+                   help="use the first N samples and require that many (default: all)")
     p.add_argument("--pr-distances", choices=("float16", "float32"), default="float16",
                    help="precision/recall distances: float16 as ADM (default), or float32")
     p.add_argument("--out", help="record JSON (default: SAMPLES.eval.json)")

@@ -27,7 +27,7 @@ from regscale.eval.features import Features, extract
 from regscale.eval.inception import InceptionFeatures, file_sha256, load_inception, resolve_weights
 from regscale.eval.metrics import (ADM_UNDEFINED, IS_SPLIT_SIZE, chunk_sizes, frechet, inception_score,
                                    precision_recall)
-from regscale.eval.npz import NpzArray, check_samples, load_reference, open_images
+from regscale.eval.npz import NpzArray, check_samples, load_reference, open_images, reference_stats
 from regscale.fsutil import write_atomic
 from regscale.rundir import step_name
 from regscale.track import progress
@@ -125,8 +125,9 @@ def check_reference(ref_batch: Optional[str], cfg: Optional[Config], random_ince
         if cfg is None:
             raise UserError("no reference: give an ADM reference batch (--ref)")
         ShardImages.check(cfg)
-    elif random_inception:
+    elif random_inception:  # its images only; statistics it holds must still be sound
         open_images(Path(ref_batch), what="reference images")
+        reference_stats(Path(ref_batch))
     else:
         load_reference(ref_batch, hasher=lambda p: None)
 

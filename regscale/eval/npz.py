@@ -81,7 +81,7 @@ def npz_members(path: Path) -> list[str]:
     """Array names in an .npz (raises a UserError naming the file when it is not one)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: {'a directory' if path.is_dir() else 'no such file'}; expected an .npz file")
     try:
         with zipfile.ZipFile(path) as zf:
             return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
@@ -132,7 +132,13 @@ def check_samples(path: Path, expected: int | None = None) -> NpzArray:
     if expected is not None and len(arr) < expected:
         raise UserError(f"{path}: holds {len(arr)} samples, fewer than the {expected} asked for "
                         "(eval.num_samples); finish sampling or lower eval.num_samples")
+    if min(len(arr), expected or len(arr)) < MIN_IMAGES:
+        raise UserError(f"{path}: {min(len(arr), expected or len(arr))} samples to score; precision/recall "
+                        f"(k=3) and the covariances need at least {MIN_IMAGES}")
     return arr
+
+
+MIN_IMAGES = 4  # k=3 nearest neighbours need 4 points; a covariance needs more than one
 
 
 REFERENCE_ARRAYS = {
@@ -166,12 +172,27 @@ def load_reference(path: str | Path, *, hasher: Callable[[Path], Optional[str]] 
     if missing:
         raise UserError(f"{path}: not an ADM reference batch: missing {', '.join(missing)} "
                         f"(has: {', '.join(members) or 'none'}); use e.g. VIRTUAL_imagenet256_labeled.npz")
-    with np.load(path) as npz:
-        stats = {}
-        for name, (shape, what) in REFERENCE_ARRAYS.items():
-            value = npz[name]
-            if value.shape != shape:
-                raise UserError(f"{path}: '{name}' ({what}) has shape {list(value.shape)}; expected {list(shape)}")
-            stats[name] = value.astype(np.float64)
+    stats = reference_stats(path)
     images = open_images(path, what="reference images")
     return ReferenceBatch(path=path, sha256=hasher(path), images=images, **stats)
+
+
+def reference_stats(path: Path) -> dict[str, np.ndarray]:
+    """The precomputed statistics a reference .npz holds (all or some), as float64, each checked
+    for its shape and for NaN/inf (a corrupt reference would give a NaN or a wrong FID)."""
+    stats = {}
+    with np.load(path, allow_pickle=False) as npz:
+        for name, (shape, what) in REFERENCE_ARRAYS.items():
+            if name not in npz.files:
+                continue
+            try:
+                value = npz[name]
+            except (ValueError, OSError, zipfile.BadZipFile) as err:
+                raise UserError(f"{path}: '{name}' ({what}) is unreadable ({err})") from None
+            if value.shape != shape:
+                raise UserError(f"{path}: '{name}' ({what}) has shape {list(value.shape)}; expected {list(shape)}")
+            if not np.isfinite(value).all():
+                raise UserError(f"{path}: '{name}' ({what}) holds NaN or infinite values; the reference "
+                                "batch is corrupt (fetch VIRTUAL_imagenet256_labeled.npz again)")
+            stats[name] = value.astype(np.float64)
+    return stats

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from regscale.config import Config, ConfigError, batch_plan, check_paths_for_training, is_remote
+from regscale.config import Config, batch_plan, is_remote
+from regscale.data.shards import INDEX, read_index
+from regscale.errors import UserError
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -34,17 +35,21 @@ def dataset_size(cfg: Config) -> tuple[int, str]:
     path = cfg.data.path
     if cfg.data.synthetic:
         return cfg.data.synthetic, "data.synthetic"
-    if path and not is_remote(path) and (Path(path) / "index.json").is_file():
-        index = json.loads((Path(path) / "index.json").read_text())
-        return sum(shard["samples"] for shard in index["shards"]), f"{path}/index.json"
+    if path and not is_remote(path) and (Path(path) / INDEX).is_file():
+        try:
+            return sum(shard["samples"] for shard in read_index(path)), f"{path}/{INDEX}"
+        except UserError:  # an unreadable index: the plan's warning says so
+            pass
     return IMAGENET_TRAIN_IMAGES, "ImageNet-1k train (assumed)"
 
 
 def refusal(cfg: Config) -> Optional[str]:
-    """Why `regscale submit` would refuse the run's files (data, weights), or None."""
+    """Why `regscale submit` would refuse the run's files (data, weights, reference), or None."""
+    from regscale.launch.submit import check_inputs
+
     try:
-        check_paths_for_training(cfg)
-    except ConfigError as err:
+        check_inputs(cfg)
+    except UserError as err:
         return str(err)
     return None
 

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from regscale.config import Config, from_yaml_text
+from regscale.config import Config, load_saved_config
 from regscale.errors import UserError
 from regscale.fsutil import write_atomic
-from regscale.rundir import CHECKPOINTS, step_name, step_of
+from regscale.rundir import CHECKPOINTS, CONFIG, step_of
 
 JOBS = "jobs.json"
 ATTEMPTS = "attempts.jsonl"
@@ -33,22 +33,20 @@ def run_dir_of(cfg: Config) -> Path:
 
 def load_run_config(run_dir: Path) -> Config:
     """The resolved configuration saved in a run directory."""
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     if not path.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    return from_yaml_text(path.read_text())
+        raise UserError(f"{run_dir}: not a run directory (no {CONFIG})")
+    return load_saved_config(path)
 
 
 def latest_step(run_dir: Path) -> int:
-    """Step of the newest complete checkpoint (checkpoints/latest names it), 0 when there is none."""
-    latest = run_dir / CHECKPOINTS / "latest"
-    if not latest.is_file():
+    """Step of the newest published checkpoint directory (step_XXXXXXXX), 0 when there is none.
+    The directory names are the truth; `checkpoints/latest` only points at the newest of them."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
         return 0
-    name = latest.read_text().strip()
-    step = step_of(name)
-    if step is None:
-        raise UserError(f"{latest}: expected a directory name like {step_name(1000)}, got {name!r}")
-    return step
+    steps = [step for p in root.iterdir() if (step := step_of(p.name)) is not None and p.is_dir()]
+    return max(steps, default=0)
 
 
 @dataclass
@@ -73,11 +71,11 @@ def _locked(run_dir: Path) -> Iterator[None]:
 def read_jobs(run_dir: Path) -> list[JobRecord]:
     """Every job submitted for this run, oldest first ([] before the first submission)."""
     path = run_dir / JOBS
-    if not path.is_file():
+    if not path.exists():
         return []
     try:
         return [JobRecord(**entry) for entry in json.loads(path.read_text())["jobs"]]
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: unreadable job record ({err})") from None
 
 
@@ -108,26 +106,30 @@ def read_attempts(run_dir: Path) -> list[Attempt]:
     attempts: list[Attempt] = []
     if not path.is_file():
         return attempts
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
-        event = entry.pop("event")
-        if event == "start":
-            attempts.append(Attempt(**entry))
-        elif event == "resume":  # `regscale resume`: a fresh start, whatever failed before
-            attempts.append(Attempt("resume", 0, entry["step"], entry["at"], "resumed", entry["step"], entry["at"]))
-        elif attempts:
-            attempts[-1].end = entry["end"]
-            attempts[-1].end_step = entry["end_step"]
-            attempts[-1].ended_at = entry["ended_at"]
-            attempts[-1].error = entry.get("error")
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            event = entry.pop("event")
+            if event == "start":
+                attempts.append(Attempt(**entry))
+            elif event == "resume":  # `regscale resume`: a fresh start, whatever failed before
+                attempts.append(Attempt("resume", 0, entry["step"], entry["at"], "resumed", entry["step"],
+                                        entry["at"]))
+            elif attempts:
+                end = (entry["end"], entry["end_step"], entry["ended_at"], entry.get("error"))
+                attempts[-1].end, attempts[-1].end_step, attempts[-1].ended_at, attempts[-1].error = end
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a line torn by a crash mid-append (or mangled by hand): that event is unknown
     return attempts
 
 
 def _append(run_dir: Path, entry: dict) -> None:
-    with open(run_dir / ATTEMPTS, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    with open(run_dir / ATTEMPTS, "a+b") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # the last append was cut short by a crash: start a new line
+                f.write(b"\n")
+        f.write((json.dumps(entry) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 

@@ -7,11 +7,12 @@ import pickle
 import shutil
 import subprocess
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from regscale.errors import UserError
+from regscale.errors import UserError, debug, expected_failure
 from regscale.launch import runs
 from regscale.rundir import CHECKPOINTS, step_name, step_of
 from regscale.train.checkpoint import published
@@ -175,11 +176,11 @@ def format_duration(seconds: Optional[float]) -> str:
 
 def find_runs(path: Path) -> list[Path]:
     """A run directory itself, or every run directory directly under `path`."""
-    if (path / "config.yaml").is_file():
+    if (path / "config.yaml").exists():
         return [path]
     if not path.is_dir():
         raise UserError(f"{path}: no such run directory (or folder of runs)")
-    return sorted(p for p in path.iterdir() if (p / "config.yaml").is_file())
+    return sorted(p for p in path.iterdir() if (p / "config.yaml").exists())
 
 
 def _fid(ev: EvalStatus) -> str:
@@ -236,13 +237,27 @@ def format_status(items: list[RunStatus], detail: bool) -> str:
     return "\n".join(lines)
 
 
+def _unreadable(run_dir: Path, err: Exception) -> str:
+    """The row of a run whose files cannot be read: its name and what is wrong."""
+    reason = expected_failure(err) or f"{type(err).__name__}: {err}"
+    return f"{run_dir.name:<28} UNREADABLE   {reason}"
+
+
 def status(path: Path) -> int:
-    """`regscale status [RUN_DIR]`."""
+    """`regscale status [RUN_DIR]`: every run is shown, also when another one's files are corrupt."""
     found = find_runs(path)
     if not found:
         print(f"no runs under {path}")
         return 0
-    print(format_status([run_status(d) for d in found], detail=len(found) == 1))
+    shown, broken = [], []
+    for run_dir in found:
+        try:
+            shown.append(run_status(run_dir))
+        except Exception as err:  # any corrupt file of one run (config, records, metrics): show the rest
+            if debug():
+                traceback.print_exc()
+            broken.append(_unreadable(run_dir, err))
+    print("\n".join([format_status(shown, detail=len(found) == 1), *broken]))
     return 0
 
 

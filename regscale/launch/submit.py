@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from regscale.config import (RESUMABLE_KEYS, Config, ConfigError, check_paths_for_training, load_config,
+from regscale.config import (RESUMABLE_KEYS, Config, ConfigError, check_paths_for_training, is_remote, load_config,
                              resumable, to_yaml)
 from regscale.errors import UserError
 from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.launch.profile import Profile, check_value, load_profile, sbatch_parameters, sbatch_test_args
+from regscale.paths import check_writable
 from regscale.rundir import CHECKPOINTS, step_name
 
 # ---------------------------------------------------------------------------------------------
@@ -122,13 +123,25 @@ class Launcher:
 # run directories
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create <run.dir>/<run.name> with config.yaml; refuse to reuse one that already ran."""
+def check_new_run_dir(cfg: Config) -> Path:
+    """<run.dir>/<run.name>, if a new run can start there: not a run already, a usable name for the
+    batch script, a folder (or a path to one) that this user can write."""
     run_dir = runs.run_dir_of(cfg)
+    check_value("run.name", str(cfg.run.name))
     check_value("run directory", str(run_dir))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} exists and is not a directory; choose another "
+                        "run.name or run.dir")
     if runs.read_jobs(run_dir) or (run_dir / CHECKPOINTS).exists():
         raise UserError(f"run directory {run_dir} already holds a run: continue it with "
                         f"`regscale resume {run_dir}`, or choose another run.name")
+    check_writable(run_dir, f"run directory {run_dir}")
+    return run_dir
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create <run.dir>/<run.name> with config.yaml; refuse to reuse one that already ran."""
+    run_dir = check_new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     return run_dir
@@ -253,15 +266,69 @@ def _point_name(base: str, point: list[str]) -> str:
     return base + "-" + "-".join(f"{o.split('=', 1)[0].rsplit('.', 1)[-1]}={o.split('=', 1)[1]}" for o in point)
 
 
+def check_inputs(cfg: Config) -> None:
+    """The files a run reads, before anything is submitted: the data (index.json and every local
+    shard's size), the encoder weights, and the evaluation's reference batch and Inception weights
+    (read the way the evaluation job reads them, so a broken one fails now, not after training)."""
+    from regscale.data.shards import check_local_shards
+
+    check_paths_for_training(cfg)
+    check_local_shards(cfg.data.path, cfg.data.synthetic)
+    ev = cfg.eval
+    if ev.ref_batch is not None and not is_remote(ev.ref_batch):
+        from regscale.eval.job import check_reference
+
+        check_reference(ev.ref_batch, cfg, ev.random_inception)
+    if ev.inception is not None and not ev.random_inception:
+        from regscale.eval.inception import load_inception
+
+        load_inception(ev.inception)
+
+
+@dataclass
+class Request:
+    """A checked submission: the configuration as given and one per run (per sweep point)."""
+
+    base: Config
+    runs: list[Config]
+
+
+def check_request(recipe: str, overrides: list[str], *, local: bool = False,
+                  sweep: Optional[list[str]] = None) -> Request:
+    """Every check of a submission that does not depend on the machine it is made from (the same
+    for `--dry-run` and a real submit): each run's configuration (one per sweep point), a new run
+    directory for each, the cluster profile and every value that goes into the batch script, the
+    local executor's single node, the SLURM tools when slurm.cluster=slurm."""
+    base = load_config(recipe, overrides)
+    points = parse_sweep(sweep) if sweep else []
+    cfgs = [load_config(recipe, [*overrides, *point, f"run.name={_point_name(str(base.run.name), point)}"])
+            for point in points] or [base]
+    on_slurm_only = base.slurm.cluster == "slurm"
+    profile = None if local or base.slurm.cluster == "local" else load_profile(base.slurm.profile)
+    for cfg in cfgs:
+        check_new_run_dir(cfg)
+        if profile is None and cfg.slurm.nodes != 1:
+            raise ConfigError(f"the local executor runs on one machine: slurm.nodes must be 1, got {cfg.slurm.nodes}")
+        if profile is not None:
+            sbatch_parameters(cfg, profile, str(cfg.run.name))
+    if on_slurm_only:
+        require_slurm_tools()
+    if len({c.run.name for c in cfgs}) != len(cfgs):
+        raise UserError(f"--sweep gives {len(cfgs)} points but only {len({c.run.name for c in cfgs})} "
+                        "distinct run names; repeat no value")
+    return Request(base, cfgs)
+
+
 def submit(recipe: str, overrides: list[str], *, local: bool = False, sweep: Optional[list[str]] = None) -> int:
     """`regscale submit`: one run, or one run per sweep point (a SLURM job array)."""
-    cfg = load_config(recipe, overrides)
-    check_paths_for_training(cfg)
+    request = check_request(recipe, overrides, local=local, sweep=sweep)
+    for one in request.runs:
+        check_inputs(one)
+    cfg = request.base
     profile = None if local or cfg.slurm.cluster == "local" else load_profile(cfg.slurm.profile)
-    points = parse_sweep(sweep) if sweep else None
     cluster = choose_cluster(cfg, local)
-    if points:
-        return _submit_sweep(cfg, recipe, overrides, points, cluster)
+    if sweep:
+        return _submit_sweep(cfg, request.runs, cluster)
     run_dir = runs.run_dir_of(cfg)
     launcher = Launcher(cfg, cluster, run_dir / "jobs", profile)
     launcher.check()
@@ -273,14 +340,9 @@ def submit(recipe: str, overrides: list[str], *, local: bool = False, sweep: Opt
     return 0
 
 
-def _submit_sweep(base: Config, recipe: str, overrides: list[str], points: list[list[str]], cluster: str) -> int:
+def _submit_sweep(base: Config, cfgs: list[Config], cluster: str) -> int:
     from regscale.launch.job import TrainJob
 
-    cfgs = []
-    for point in points:
-        cfg = load_config(recipe, [*overrides, *point, f"run.name={_point_name(str(base.run.name), point)}"])
-        check_paths_for_training(cfg)
-        cfgs.append(cfg)
     folder = Path(base.run.dir).resolve() / f"{base.run.name}.sweep"
     launcher = Launcher(cfgs[0], cluster, folder / "jobs")
     launcher.check()

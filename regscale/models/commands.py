@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 DEFAULT_VAES = ("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema")
 
@@ -26,8 +27,14 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, str]]:
 
     if args.encoder not in DINOV2_HUB:
         raise UserError(f"--encoder '{args.encoder}' has no known Hub location (known: {', '.join(DINOV2_HUB)})")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     files = [(DINOV2_HUB[args.encoder], DINOV2_FILE)]
     for repo in args.vae or DEFAULT_VAES:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError as err:
+            raise UserError(f"--vae {repo!r} is not a Hugging Face repo id ({str(err).splitlines()[0]})") from None
         files += [(repo, name) for name in VAE_FILES]
     return files
 
@@ -39,10 +46,12 @@ def _check_online(endpoint: str, timeout: float = 5.0) -> None:
 
     from regscale.errors import UserError
 
-    host = urlparse(endpoint).hostname or endpoint
+    parts = urlparse(endpoint)
+    host = parts.hostname or endpoint
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as err:
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+        socket.create_connection((host, port), timeout=timeout).close()
+    except (OSError, OverflowError, ValueError) as err:  # refused, no route, no such host, port out of range
         raise UserError(f"cannot reach {host} ({err}): run `regscale fetch-weights` on a machine with internet, "
                         "then copy its Hugging Face cache ($HF_HOME, default ~/.cache/huggingface) here") from None
 
@@ -52,6 +61,7 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
     from huggingface_hub import constants, hf_hub_download
 
     from regscale.errors import UserError
+    from regscale.paths import check_writable
 
     targets = _targets(args)
     print(f"Hugging Face cache: {constants.HF_HUB_CACHE}")
@@ -59,6 +69,7 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
         print(f"  {'would fetch' if args.dry_run else 'fetch'} {constants.ENDPOINT}/{repo}/{name}")
     if args.dry_run:
         return 0
+    check_writable(Path(constants.HF_HUB_CACHE), "the Hugging Face cache (HF_HOME)")
     _check_online(constants.ENDPOINT)
     for repo, name in targets:
         try:

@@ -4,31 +4,77 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
 from regscale.errors import UserError
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+CONNECT_TIMEOUT_S = 5
+
+
+def _check_store(uri: str, what: str) -> None:
+    """A tracking store this command can read without waiting minutes or changing a file: a known
+    URI, a server that answers a connection, an SQLite file that is a database (MLflow would
+    otherwise write its tables into any file it is given)."""
+    from urllib.parse import urlsplit
+
+    from regscale.config import check_tracking_uri
+
+    check_tracking_uri(uri, what)
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise UserError(f"{what} {uri}: no MLflow server answers ({err.strerror or err})") from None
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a command, not a training job
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    elif parts.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):])
+        try:
+            with open(db, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+        except OSError as err:
+            raise UserError(f"{what}: cannot read the MLflow store {db} ({err.strerror or err})") from None
+        if head and head != SQLITE_MAGIC:  # an empty file is an empty database to SQLite
+            raise UserError(f"{what}: {db} is not an SQLite database (an MLflow store written by regscale); "
+                            "nothing was read or changed")
+
+
 def _store(args: argparse.Namespace) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the SQLite store in --runs-dir (must exist)."""
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the SQLite store in --runs-dir (must exist),
+    checked: a usable URI, a reachable server, a file that is an SQLite database."""
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        _check_store(uri, "--tracking-uri" if args.tracking_uri else "$MLFLOW_TRACKING_URI")
         return uri
     db = Path(args.runs_dir).resolve() / "mlflow.db"
     if not db.is_file():
         raise UserError(f"no MLflow store at {db} (nothing tracked there yet); pass --runs-dir DIR "
                         "(the recipe's run.dir) or --tracking-uri URI")
-    return f"sqlite:///{db}"
+    uri = f"sqlite:///{db}"
+    _check_store(uri, "--runs-dir")
+    return uri
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Print the comparison table; write the plot and the CSV when asked."""
-    from regscale.track.compare import compare, plot, render_table, write_csv
+    from regscale.paths import check_output
+    from regscale.track.compare import compare, is_compare_csv, is_compare_plot, plot, render_table, write_csv
 
     if args.runs and args.filter:
         raise UserError("--filter selects among the experiment's runs: give RUN ... or --filter, not both")
-    summaries = compare(_store(args), args.runs, args.experiment, args.filter)
+    uri = _store(args)
+    inputs = [*args.runs, *([uri[len("sqlite:///"):]] if uri.startswith("sqlite:///") else [])]
+    if args.plot:
+        check_output(args.plot, "--plot", inputs=inputs, suffixes=(".png",), ours=is_compare_plot)
+    if args.csv:
+        check_output(args.csv, "--csv", inputs=inputs, suffixes=(".csv",), ours=is_compare_csv)
+    summaries = compare(uri, args.runs, args.experiment, args.filter)
     sys.stdout.write(render_table(summaries))
     if args.plot:
         plot(summaries, Path(args.plot))

@@ -93,7 +93,7 @@ def find_runs(client: Any, refs: list[str], experiment: str, filter_string: Opti
                     continue
                 except MlflowException:
                     pass
-            found = [] if exp is None else client.search_runs(
+            found = [] if exp is None or "'" in ref else client.search_runs(  # a quote: no such name
                 [exp.experiment_id], f"tags.mlflow.runName = '{ref}' and tags.`regscale.kind` = 'train'")
             if not found:
                 raise UserError(f"run '{ref}': no such run id, run directory or run name in experiment "
@@ -207,7 +207,7 @@ def plot(summaries: list[RunSummary], path: Path) -> None:
         else:
             ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="gray")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, metadata={"Software": PLOT_SOFTWARE})
 
 
 def compare(uri: str, refs: list[str], experiment: str,
@@ -217,3 +217,20 @@ def compare(uri: str, refs: list[str], experiment: str,
 
     client = MlflowClient(tracking_uri=uri)
     return [summarize(client, run) for run in find_runs(client, refs, experiment, filter_string)]
+
+
+PLOT_SOFTWARE = "regscale compare"  # in every plot's PNG metadata: a later --plot may replace it
+
+
+def is_compare_plot(path: Path) -> bool:
+    """A PNG written by `regscale compare --plot` (its metadata says so)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"\x89PNG") and PLOT_SOFTWARE.encode() in head
+
+
+def is_compare_csv(path: Path) -> bool:
+    """A CSV written by `regscale compare --csv` (its header row is ours)."""
+    with open(path, newline="", errors="replace") as f:
+        first = next(csv.reader(f), [])
+    return first[:2] == ["run", "run id"]

@@ -5,17 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from regscale.cliargs import non_negative_int
+
 EXIT_REQUEUE = 3  # "preempted" / "deadline": a checkpoint was saved, start me again
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One training process (start one per GPU: srun, torchrun, or plain for one process)."""
-    from regscale.config import check_paths_for_training, load_config
+    from regscale.config import check_paths_for_training, is_remote, load_config
+    from regscale.data.shards import check_local_shards
+    from regscale.data.store import check_remote_index
     from regscale.dist import read_layout
     from regscale.train.loop import train
 
     cfg = load_config(args.recipe, args.overrides)
     check_paths_for_training(cfg)
+    check_local_shards(cfg.data.path, cfg.data.synthetic)
+    if is_remote(cfg.data.path):
+        check_remote_index(cfg.data.path)
     run_dir = Path(cfg.run.dir) / str(cfg.run.name)
     tracker = None
     if not args.no_track and read_layout().is_main:
@@ -27,11 +34,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if status == "completed" else EXIT_REQUEUE
 
 
+EXPORT_METADATA = ("step", "weights", "config_hash")  # what `regscale export` writes into every file
+
+
+def is_export(path: Path) -> bool:
+    """Whether `path` is a safetensors file written by `regscale export` (which may be replaced)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return all(key in meta for key in EXPORT_METADATA)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """One consolidated safetensors file from a run's checkpoint, whatever engine/world size."""
+    from safetensors import SafetensorError
+
+    from regscale.errors import UserError, one_line
+    from regscale.fsutil import NoSpaceError, no_space_message
+    from regscale.paths import check_output
     from regscale.train.checkpoint import export_safetensors
 
-    manifest = export_safetensors(args.run_dir, args.out, step=args.step, weights=args.weights)
+    out = check_output(args.out, "--out", inputs=[args.run_dir], suffixes=(".safetensors",), ours=is_export)
+    try:
+        manifest = export_safetensors(args.run_dir, args.out, step=args.step, weights=args.weights)
+    except SafetensorError as err:  # the library's writer reports the OS's error inside its own
+        if "os error 28" in str(err):
+            raise NoSpaceError(no_space_message(out.parent)) from None
+        raise UserError(f"--out {args.out}: cannot write it ({one_line(str(err))})") from None
     print(f"wrote {args.out}: {args.weights} weights of step {manifest['step']} "
           f"({manifest['engine']['kind']}, {manifest['world_size']} processes)")
     return 0
@@ -49,7 +82,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     e = verbs.add_parser("export", help="write a checkpoint's weights as one safetensors file",
                          description=cmd_export.__doc__)
     e.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="runs/<name>")
-    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest valid)")
+    e.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (default: newest valid)")
     e.add_argument("--weights", choices=("ema", "model"), default="ema")
     e.add_argument("--out", type=Path, required=True, metavar="FILE.safetensors")
     e.set_defaults(fn=cmd_export)
