@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from sidebyside import synchronize
+from sidebyside import device_name, synchronize
 from torch import nn
 
 from regscale.config import EncoderConfig, LossConfig
@@ -87,18 +86,6 @@ def train_step_fn(model: nn.Module, batch: int, device: torch.device, precision:
     return step, count_flops
 
 
-def device_name(device: torch.device) -> str:
-    """The CPU or GPU the figures come from."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"CPU {cpu}"
-
-
 def bench_step(args, device: torch.device) -> None:
     """The real training step of regscale (and of the official code), interleaved step by step."""
     import sidebyside as sbs
@@ -111,15 +98,24 @@ def bench_step(args, device: torch.device) -> None:
     official = sbs.OfficialStep(Path(args.official), cfg, device, data_root) if args.official else None
     clock = sbs.StepClock(device, args.warmup, args.steps, between=official)
     sbs.run_train(cfg, work / "run", clock)
-    ours = sbs.median(clock.step_s)
+    flops = sbs.step_flops(cfg)
+    peak = sbs.matmul_flops(2048, torch.float32 if precision == "fp32" else torch.bfloat16, device)
     print(f"\n## training step, the real thing: size {args.size} batch {args.batch} {precision} on "
           f"{device_name(device)}, {torch.get_num_threads()} threads, {args.workers} data worker(s), random "
           f"DINOv2-B stand-in; median of {len(clock.step_s)} steps after {args.warmup} warm-up, interleaved")
-    print(f"  {'code':36s} {'s/step':>8s} {'img/s':>8s}")
-    print(f"  {'regscale train (1 process, FSDP)':36s} {ours:8.3f} {args.batch / ours:8.3f}")
+    print(f"  one step's math: {flops / 1e9:.1f} GFLOP (SiT fwd+bwd + DINOv2 fwd, FlopCounterMode); "
+          f"2048^3 matmul: {peak / 1e9:.1f} GFLOP/s")
+    print(f"  {'code':36s} {'s/step':>8s} {'img/s':>8s} {'GFLOP/s':>8s} {'of matmul':>9s}")
+    rows = [("regscale train (1 process, FSDP)", clock.step_s)]
     if official is not None:
-        theirs = sbs.median(clock.between_s)
-        print(f"  {'official train.py loop body':36s} {theirs:8.3f} {args.batch / theirs:8.3f}")
+        rows.append(("official train.py loop body", clock.between_s))
+    for name, times in rows:
+        seconds = sbs.median(times)
+        print(f"  {name:36s} {seconds:8.3f} {args.batch / seconds:8.3f} {flops / seconds / 1e9:8.1f} "
+              f"{flops / seconds / peak:9.0%}")
+    print(f"  data wait (regscale): {sbs.median(clock.metric('data_wait_s')[args.warmup:]):.4f} s/step")
+    if official is not None:
+        ours, theirs = sbs.median(clock.step_s), sbs.median(clock.between_s)
         print(f"  regscale / official speed: {theirs / ours:.2f}x  (each step: "
               f"ours {', '.join(f'{s:.2f}' for s in clock.step_s)}; "
               f"official {', '.join(f'{s:.2f}' for s in clock.between_s)})", flush=True)

@@ -23,6 +23,7 @@ import ast
 import copy
 import json
 import os
+import platform
 import socket
 import sys
 import time
@@ -48,9 +49,11 @@ def synchronize(device: torch.device) -> None:
 class StepClock:
     """A tracker for `regscale.train.loop.train` that times every step from boundary to boundary.
 
-    After regscale's step `s` (its metrics arrive with log_every=1), `between()` runs (the official
-    step, timed by itself) and the clock restarts, so regscale's time excludes it. Steps
-    1..warmup are discarded; after warmup + steps, `StopRun` is raised unless `finish_run`.
+    With log_every=1 the loop hands over each step's metrics; after regscale's step `s`,
+    `between()` runs (the official step, timed by itself) and the clock restarts, so regscale's
+    time excludes it. Steps 1..warmup are discarded, warmup+1..warmup+steps are measured; then
+    `StopRun` ends the run, or with `finish_run` the run goes on to its max_steps (checkpoint
+    saves) and those steps' times land in `after_s`.
     """
 
     def __init__(self, device: torch.device, warmup: int, steps: int,
@@ -59,6 +62,7 @@ class StepClock:
         self.between, self.finish_run = between, finish_run
         self.step_s: list[float] = []
         self.between_s: list[float] = []
+        self.after_s: list[float] = []
         self.rows: list[dict[str, float]] = []
         self.first_step_s = float("nan")
         self.start = self.mark = time.perf_counter()
@@ -82,20 +86,22 @@ class StepClock:
         if "loss" not in metrics:  # first-step time, checkpoint stall: rows only
             return
         synchronize(self.device)
-        now = time.perf_counter()
+        seconds = time.perf_counter() - self.mark
+        last = self.warmup + self.steps
         if step == 1:
-            self.first_step_s = now - self.start
+            self.first_step_s = time.perf_counter() - self.start
+        elif step > last:
+            self.after_s.append(seconds)
         elif step > self.warmup:
-            self.step_s.append(now - self.mark)
-        if self.between is not None:
-            synchronize(self.device)
+            self.step_s.append(seconds)
+        if self.between is not None and step <= last:
             t0 = time.perf_counter()
             self.between()
             synchronize(self.device)
             if step > self.warmup:
                 self.between_s.append(time.perf_counter() - t0)
         self.mark = time.perf_counter()
-        if step >= self.warmup + self.steps and not self.finish_run:
+        if step >= last and not self.finish_run:
             raise StopRun
 
     def metric(self, key: str) -> list[float]:
@@ -123,11 +129,11 @@ def run_train(cfg: Any, run_dir: Path, clock: StepClock) -> str:
 
 def bench_config(overrides: list[str]) -> Any:
     """A one-process training configuration: random DINOv2/VAE stand-ins, metrics every step,
-    no sample grids, no checkpoints unless the overrides ask."""
+    no sample grids, no checkpoints unless the overrides ask, this process's thread count."""
     from regscale.config import load_config
 
     base = ["encoder.random_init=true", "vae.random_init=true", "slurm.nodes=1", "slurm.gpus_per_node=1",
-            "slurm.cluster=local", "train.log_every=1", "train.sample_every=0", "train.max_steps=1000000",
+            "slurm.cluster=local", f"slurm.cpus_per_task={torch.get_num_threads()}", "train.log_every=1", "train.sample_every=0", "train.max_steps=1000000",
             "train.ckpt_every=1000000", "train.keep_every=0", "run.name=bench"]
     return load_config(None, base + list(overrides))
 
@@ -302,6 +308,53 @@ class OfficialStep:
         self.update_ema(self.ema, self.model)
         for value in (loss, loss_mean, proj_mean, cls_mean, grad_norm):  # the loop's per-step log
             value.mean().detach().item()
+
+
+def step_flops(cfg: Any) -> float:
+    """FLOPs of one training step's math, the same on both sides: the frozen DINOv2 forward and the
+    SiT's forward + backward at train.batch_size, counted by FlopCounterMode on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from regscale.models import build_model_from_config
+    from regscale.models.encoders import load_dinov2
+
+    b, m = cfg.train.batch_size, cfg.model
+    with torch.device("meta"):
+        model = build_model_from_config(m)
+        encoder = load_dinov2(cfg.encoder, m.cls_token_dim)
+        images = torch.randint(0, 256, (b, 3, 256, 256), dtype=torch.uint8)
+        x, t = torch.randn(b, m.in_channels, m.input_size, m.input_size), torch.rand(b)
+        y = torch.randint(0, m.num_classes, (b,))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        tokens = encoder.vit.forward_features(encoder.preprocess(images))
+        v, zs, v_cls = model(x, t, y, tokens[:, 0])
+        sum(out.float().square().mean() for out in (v, *zs, v_cls)).backward()
+    return float(counter.get_total_flops())
+
+
+def matmul_flops(n: int, dtype: torch.dtype, device: torch.device, iters: int = 10) -> float:
+    """Dense n x n x n matmul FLOP/s on random data: the machine's practical peak (median)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / median(times)
+
+
+def device_name(device: torch.device) -> str:
+    """The CPU or GPU the figures come from."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return f"CPU {names[0] if names else platform.processor() or 'unknown'}"
 
 
 def median(values: list[float]) -> float:

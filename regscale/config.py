@@ -33,6 +33,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=8),
 }
 
+ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+
 REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "az://", "hf://", "sftp://", "dbfs:/")
 
 
@@ -144,6 +146,7 @@ class EngineConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     async_checkpoint: bool = True
+    adamw: str = "fused"  # torch AdamW's implementation: fused | foreach | for-loop (bench/device_check.py)
 
 
 @dataclass
@@ -446,6 +449,7 @@ def validate(cfg: Config) -> None:
 
     e = cfg.engine
     _choice("engine.kind", e.kind, ("fsdp", "deepspeed"))
+    _choice("engine.adamw", e.adamw, ADAMW_IMPLEMENTATIONS)
     if e.zero_stage not in (1, 2, 3):
         raise ConfigError(f"'engine.zero_stage' must be 1, 2 or 3; got {e.zero_stage}")
     if e.offload_optimizer and e.kind != "deepspeed":
