@@ -128,7 +128,7 @@ def step_overrides(args, precision: str, data: Path) -> list[str]:
     return [f"model.size={args.size}", "encoder.random_depth=12", f"train.batch_size={args.batch}",
             f"train.precision={precision}", f"data.path={data}", f"data.num_workers={args.workers}",
             f"engine.compile={args.compile[0] == 'on'}",
-            *(f"model.{k}={v}" for k, v in arch.items() if v is not None)]
+            *(f"model.{k}={v}" for k, v in arch.items() if v is not None), *args.set]
 
 
 def bench_training(args, device: torch.device, options: dict) -> None:
@@ -202,6 +202,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64, help="step: images in the generated dataset")
     p.add_argument("--workers", type=int, default=1, help="step: DataLoader workers of each side")
     p.add_argument("--work", help="step: where the dataset and run go (default: a new temp dir)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="step: more regscale config overrides")
     p.add_argument("--sample-batch", type=int, default=8)
     p.add_argument("--sample-steps", type=int, default=10)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")

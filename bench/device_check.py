@@ -12,14 +12,14 @@ leaves what it measured. Parts, in order of importance:
   peak       the measured dense bf16 (and fp32) matmul FLOP/s: the MFU denominator
   train      `regscale.train.loop.train` at SiT-XL/2, batch 32, bf16, random DINOv2-B and VAE
              stand-ins, one process: FSDP compile off (beside the official step when --official
-             is given, interleaved; then an async and a blocking checkpoint save of the whole
-             training state), FSDP compile on, DeepSpeed ZeRO-2, FSDP compile on + foreach AdamW;
-             images/s, MFU, peak memory, time to first step, data wait
+             is given, interleaved), FSDP compile on, DeepSpeed ZeRO-2, FSDP compile on + foreach
+             AdamW; images/s, MFU, peak memory, time to first step, data wait
   optimizer  one AdamW step over XL/2's parameters, per implementation (fused, foreach, for-loop)
   sampler    XL/2 model calls/s without and with guidance, fp32 and bf16, and the hours 50K
              samples x 250 steps would take at that rate with the published guidance interval
   evaluator  Inception feature throughput (random weights) and the metric time for 50K x 2048
              against a 10K reference (FID, sFID, IS, precision/recall)
+  checkpoint the loop's stall for an async and a blocking save of the XL/2 training state (FSDP)
 Goals reported against (issue 13): MFU >= 50% at bf16 + compile; regscale's step >= 1.5x the
 official one; sampler bf16 >= 2x fp32.
 
@@ -32,6 +32,7 @@ with that target on PYTHONPATH.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -45,7 +46,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -146,6 +147,17 @@ class Report:
             os.replace(tmp, self.out / name)
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 in CUDA matmuls and convolutions on or off, meanwhile."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def sync(device: torch.device) -> None:
     sbs.synchronize(device)
 
@@ -211,15 +223,11 @@ def part_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
             v, zs, v_cls = m(*(t.to(dev) for t in inputs))
         return torch.cat([v.flatten(1), zs[0].flatten(1), v_cls.flatten(1)], 1).double().cpu()
 
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32(False):
         ref = outputs(model, torch.device("cpu"), None)
         on_device = model.to(device)
         fp32 = outputs(on_device, device, None)
         bf16 = outputs(on_device, device, torch.bfloat16)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     fp32_abs = (fp32 - ref).abs().max().item()
     bf16_rel = ((bf16 - fp32).norm() / fp32.norm()).item()
     return {"model": f"S/2 {sizes.parity_arch}", "batch": n, "outputs_max_abs": ref.abs().max().item(),
@@ -242,20 +250,20 @@ def train_overrides(sizes: Sizes, data: Path, engine: str, compile_: bool, adamw
 
 
 def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional[float], *, engine: str = "fsdp",
-                  compile_: bool = False, adamw: str = "auto", official: Optional[Path] = None,
+                  compile_: bool = False, adamw: str = "fused", official: Optional[Path] = None,
                   checkpoint: bool = False) -> dict[str, Any]:
     """One `regscale.train.loop.train` run: warm-up, timed steps (beside the official step when
-    `official` is a checkout), then with `checkpoint` an async save, one more step and the final
-    blocking save of the whole training state."""
+    `official` is a checkout); with `checkpoint`, one warm-up and one timed step, then an async save,
+    one more step and the final blocking save of the whole training state."""
     from regscale.train.health import device_peak_flops, train_flops_per_image
 
     free_memory(device)
-    measured = sizes.warmup + sizes.steps
-    extra = [f"train.ckpt_every={measured + 1}", f"train.max_steps={measured + 2}", "train.keep_last=1",
+    warmup, steps = (1, 1) if checkpoint else (sizes.warmup, sizes.steps)
+    extra = [f"train.ckpt_every={warmup + steps + 1}", f"train.max_steps={warmup + steps + 2}", "train.keep_last=1",
              "engine.async_checkpoint=true"] if checkpoint else []
     cfg = sbs.bench_config(train_overrides(sizes, work / "data" / "mds", engine, compile_, adamw) + extra)
     theirs = sbs.OfficialStep(official, cfg, device, work / "data") if official else None
-    clock = sbs.StepClock(device, sizes.warmup, sizes.steps, between=theirs, finish_run=checkpoint)
+    clock = sbs.StepClock(device, warmup, steps, between=theirs, finish_run=checkpoint)
     run_dir = work / f"run-{engine}-{'compiled' if compile_ else 'eager'}-{adamw}"
     shutil.rmtree(run_dir, ignore_errors=True)
     status = sbs.run_train(cfg, run_dir, clock)
@@ -267,7 +275,7 @@ def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional
         "status": status, "step_s": step_s, "steps_s": clock.step_s, "images_s": images_s,
         "tflops": images_s * flops / 1e12, "gflop_per_image": flops / 1e9,
         "gflop_per_image_loop_formula": train_flops_per_image(cfg) / 1e9,
-        "first_step_s": clock.first_step_s, "data_wait_s": sbs.median(clock.metric("data_wait_s")[sizes.warmup:]),
+        "first_step_s": clock.first_step_s, "data_wait_s": sbs.median(clock.metric("data_wait_s")[warmup:]),
     }
     if peak:
         out["mfu_measured_peak"] = images_s * flops / peak
@@ -284,12 +292,11 @@ def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional
     if checkpoint:
         stalls = clock.metric("ckpt/stall_s")
         kinds = clock.metric("ckpt/async")
-        out["checkpoint"] = {
-            "async_stall_s": next((s for s, a in zip(stalls, kinds) if a), None),
-            "blocking_stall_s": next((s for s, a in zip(stalls, kinds) if not a), None),
-            "step_with_async_save_s": clock.after_s[0] if clock.after_s else None,
-            "step_with_final_save_s": clock.after_s[1] if len(clock.after_s) > 1 else None,
-            "bytes": checkpoint_bytes(run_dir)}
+        out.update(async_stall_s=next((s for s, a in zip(stalls, kinds) if a), None),
+                   blocking_stall_s=next((s for s, a in zip(stalls, kinds) if not a), None),
+                   step_with_async_save_s=clock.after_s[0] if clock.after_s else None,
+                   step_with_final_save_s=clock.after_s[1] if len(clock.after_s) > 1 else None,
+                   checkpoint_bytes=checkpoint_bytes(run_dir))
     shutil.rmtree(run_dir, ignore_errors=True)
     del theirs, clock
     free_memory(device)
@@ -325,7 +332,8 @@ def part_optimizer(sizes: Sizes, device: torch.device) -> dict[str, Any]:
 
 
 def part_sampler(sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """Model calls/s of the SDE sampler at the training size, without and with guidance, fp32 and bf16."""
+    """Model calls/s of the SDE sampler at the training size, without and with guidance, fp32 (TF32
+    off, as the evaluation samples) and bf16 autocast."""
     from regscale.models import build_model
     from regscale.sampling import sample
 
@@ -339,7 +347,7 @@ def part_sampler(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         for guided, kw in (("unguided", {}), ("guided", dict(cfg_scale=2.3, cls_cfg_scale=2.3))):
             def run() -> None:
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                with tf32(False), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     sample(model, labels, seeds, steps=calls, **kw)
 
             seconds = timed(run, device, iters=2, warmup=1)
@@ -426,6 +434,8 @@ def table(body: dict[str, Any]) -> str:
         rows = figures.items() if part != "train" else (
             (f"{variant}: {k}", v) for variant, fig in figures.items() for k, v in fig.items())
         for key, value in rows:
+            if key.endswith("traceback"):
+                continue  # in the JSON
             if isinstance(value, dict):
                 lines += [f"| {part} | {key}.{k} | {_fmt(v)} |" for k, v in value.items()]
             elif not isinstance(value, list):
@@ -482,8 +492,7 @@ def main() -> None:
     official = args.official.resolve() if args.official else None
     if official is None:
         report.parts["skipped"]["official"] = "no --official checkout given"
-    part("fsdp_eager", 120, lambda: train_variant(sizes, device, work, peak_flops, official=official,
-                                                  checkpoint=True), into=train)
+    part("fsdp_eager", 100, lambda: train_variant(sizes, device, work, peak_flops, official=official), into=train)
     if sizes.compile:
         part("fsdp_compiled", 150, lambda: train_variant(sizes, device, work, peak_flops, compile_=True), into=train)
     else:
@@ -491,6 +500,7 @@ def main() -> None:
     part("sampler", 40, lambda: part_sampler(sizes, device))
     part("evaluator", 60, lambda: part_evaluator(sizes, device))
     part("optimizer", 20, lambda: part_optimizer(sizes, device))
+    part("checkpoint", 90, lambda: train_variant(sizes, device, work, peak_flops, checkpoint=True))
     part("zero2_eager", 60, lambda: train_variant(sizes, device, work, peak_flops, engine="deepspeed"), into=train)
     if sizes.compile:
         part("fsdp_compiled_foreach", 60, lambda: train_variant(sizes, device, work, peak_flops, compile_=True,
