@@ -190,8 +190,8 @@ def load_official_functions(checkout: Path, names: tuple[str, ...]) -> dict[str,
             continue
         try:
             exec(compile(ast.Module([node], type_ignores=[]), str(checkout / "train.py"), "exec"), namespace)
-        except (ImportError, NameError):
-            continue  # an import or constant the wanted functions do not use
+        except Exception:  # an import or constant that does not load here; a wanted function that
+            continue  # needs it fails when called, naming it
     missing = [n for n in names if n not in namespace]
     if missing:
         raise RuntimeError(f"{checkout}/train.py does not define {missing}: not the official REG checkout?")
