@@ -1,64 +1,38 @@
-"""Training-step and sampler throughput of the REG SiT.
+"""Training-step and sampler throughput of the REG SiT; the real step against the official code.
 
-    .venv/bin/python bench/bench_model.py --size XL/2 --batch 32 --precision bf16 fp32 --compile off on
-    .venv/bin/python bench/bench_model.py --size S/2 --batch 8 --official /path/to/REG   # vs upstream
+    .venv/bin/python bench/bench_model.py --size B/2 --batch 4 --threads 2 --official /path/to/REG
+    .venv/bin/python bench/bench_model.py --parts model --size XL/2 --batch 32 --precision bf16 fp32 --compile off on
 
-Training step = REG loss forward + backward + AdamW step (+ the frozen DINOv2 forward with
---encoder), timed after warm-up; prints images/s and the achieved FLOP/s (FLOPs counted once with
-torch's FlopCounterMode, forward + backward, encoder excluded). Sampler: images/s per model call
-of the SDE sampler, without guidance and with guidance everywhere (2x batch in one forward).
-With --official PATH (a checkout of the REG repo; nothing is copied), the same step is timed on
-upstream's `SiT` as the reference, with the same objective code around it.
+1. step: the real training step, `regscale.train.loop.train` on one process (FSDP engine, MDS data
+   stream, random DINOv2-B stand-in, EMA, the per-step agreement), and with --official PATH (a
+   checkout of the REG repo; nothing is copied) the official train.py loop body on the same data,
+   interleaved step by step in one run (bench/sidebyside.py says how). Prints the median seconds
+   per step of each and their ratio (> 1: regscale is faster).
+2. model: the model alone: REG loss forward + backward + AdamW step (+ the frozen DINOv2 forward with
+   --encoder), per precision and compile setting, timed after warm-up; images/s and the achieved
+   FLOP/s (FLOPs counted once with torch's FlopCounterMode, forward + backward, encoder excluded).
+3. sampler: images/s per model call of the SDE sampler, without guidance and with guidance
+   everywhere (2x batch in one forward).
+Figures are for comparing within one run: say which CPU or GPU and precision they came from.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+from sidebyside import device_name, synchronize
 from torch import nn
 
 from regscale.config import EncoderConfig, LossConfig
 from regscale.models import build_model
 from regscale.objective import draw, reg_loss
 from regscale.sampling import sample
-
-
-class Upstream(nn.Module):
-    """Upstream REG's SiT behind our call signature (for timing only)."""
-
-    def __init__(self, module: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.module, self.num_classes = module, num_classes
-
-    def forward(self, x, t, y, cls_t):
-        return self.module(x, t, y, cls_token=cls_t)
-
-
-def upstream_model(path: str, size: str, options: dict) -> nn.Module:
-    """Upstream's `SiT` (from the checkout at `path`) with our resolved architecture."""
-    from regscale.models.build import model_config
-
-    sys.path.insert(0, path)
-    from models.sit import SiT as UpstreamSiT  # upstream's module, from the given checkout
-
-    cfg = model_config(size, **options)
-    arch = cfg.resolved()
-    model = UpstreamSiT(depth=arch["depth"], hidden_size=arch["hidden_size"], decoder_hidden_size=arch["hidden_size"],
-                        num_heads=arch["num_heads"], patch_size=arch["patch_size"], encoder_depth=arch["encoder_depth"],
-                        num_classes=cfg.num_classes, z_dims=[cfg.cls_token_dim], projector_dim=cfg.projector_dim,
-                        qk_norm=False, fused_attn=cfg.fused_attn)
-    model.train()  # upstream drops labels inside forward when training; same cost
-    return Upstream(model, cfg.num_classes)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def autocast(device: torch.device, precision: str):
@@ -112,6 +86,51 @@ def train_step_fn(model: nn.Module, batch: int, device: torch.device, precision:
     return step, count_flops
 
 
+def bench_step(args, device: torch.device) -> None:
+    """The real training step of regscale (and of the official code), interleaved step by step."""
+    import sidebyside as sbs
+
+    precision = args.precision[0]
+    work = Path(args.work or tempfile.mkdtemp(prefix="regscale-bench-step-"))
+    data_root = work / "data"
+    mds = sbs.write_dataset(data_root, args.samples, num_classes=10)
+    cfg = sbs.bench_config(step_overrides(args, precision, mds))
+    official = sbs.OfficialStep(Path(args.official), cfg, device, data_root) if args.official else None
+    clock = sbs.StepClock(device, args.warmup, args.steps, between=official)
+    sbs.run_train(cfg, work / "run", clock)
+    flops = sbs.step_flops(cfg)
+    peak = sbs.matmul_flops(2048, torch.float32 if precision == "fp32" else torch.bfloat16, device)
+    print(f"\n## training step, the real thing: size {args.size} batch {args.batch} {precision} on "
+          f"{device_name(device)}, {torch.get_num_threads()} threads, {args.workers} data worker(s), random "
+          f"DINOv2-B stand-in; median of {len(clock.step_s)} steps after {args.warmup} warm-up, interleaved")
+    print(f"  one step's math: {flops / 1e9:.1f} GFLOP (SiT fwd+bwd + DINOv2 fwd, FlopCounterMode); "
+          f"2048^3 matmul: {peak / 1e9:.1f} GFLOP/s")
+    print(f"  {'code':36s} {'s/step':>8s} {'img/s':>8s} {'GFLOP/s':>8s} {'of matmul':>9s}")
+    rows = [("regscale train (1 process, FSDP)", clock.step_s)]
+    if official is not None:
+        rows.append(("official train.py loop body", clock.between_s))
+    for name, times in rows:
+        seconds = sbs.median(times)
+        print(f"  {name:36s} {seconds:8.3f} {args.batch / seconds:8.3f} {flops / seconds / 1e9:8.1f} "
+              f"{flops / seconds / peak:9.0%}")
+    print(f"  data wait (regscale): {sbs.median(clock.metric('data_wait_s')[args.warmup:]):.4f} s/step")
+    if official is not None:
+        ours, theirs = sbs.median(clock.step_s), sbs.median(clock.between_s)
+        print(f"  regscale / official speed: {theirs / ours:.2f}x  (each step: "
+              f"ours {', '.join(f'{s:.2f}' for s in clock.step_s)}; "
+              f"official {', '.join(f'{s:.2f}' for s in clock.between_s)})", flush=True)
+
+
+def step_overrides(args, precision: str, data: Path) -> list[str]:
+    """The bench's training configuration as `key=value` overrides."""
+    arch = {"depth": args.depth, "hidden_size": args.hidden_size, "num_heads": args.num_heads,
+            "encoder_depth": args.encoder_depth}
+    return [f"model.size={args.size}", "encoder.random_depth=12", f"train.batch_size={args.batch}",
+            f"train.precision={precision}", f"data.path={data}", f"data.num_workers={args.workers}",
+            f"engine.compile={args.compile[0] == 'on'}",
+            *(f"model.{k}={v}" for k, v in arch.items() if v is not None), *args.set]
+
+
 def bench_training(args, device: torch.device, options: dict) -> None:
     """Every (model, precision, compile) variant timed in interleaved rounds; the best round is printed."""
     encoder = None
@@ -119,32 +138,28 @@ def bench_training(args, device: torch.device, options: dict) -> None:
         from regscale.models.encoders import load_dinov2
 
         encoder = load_dinov2(EncoderConfig(random_init=True, random_depth=12), 768).to(device)  # ViT-B/14 cost
-    makers = [("regscale", lambda: build_model(args.size, **options))]
-    if args.official:
-        makers.append(("upstream", lambda: upstream_model(args.official, args.size, options)))
     variants = []
-    for name, make in makers:
-        for precision in args.precision:
-            for comp in args.compile:
-                torch.manual_seed(0)
-                model = make().to(device).train()
-                step, count_flops = train_step_fn(model, args.batch, device, precision, encoder)
-                flops = count_flops()
-                if comp == "on":
-                    model.forward = torch.compile(model.forward)
-                for _ in range(args.warmup):  # warm-up (and compilation) outside the timed rounds
-                    step()
-                variants.append(dict(name=name, precision=precision, comp=comp, step=step, flops=flops, best=float("inf")))
+    for precision in args.precision:
+        for comp in args.compile:
+            torch.manual_seed(0)
+            model = build_model(args.size, **options).to(device).train()
+            step, count_flops = train_step_fn(model, args.batch, device, precision, encoder)
+            flops = count_flops()
+            if comp == "on":
+                model.forward = torch.compile(model.forward)
+            for _ in range(args.warmup):  # warm-up (and compilation) outside the timed rounds
+                step()
+            variants.append(dict(precision=precision, comp=comp, step=step, flops=flops, best=float("inf")))
     for _ in range(args.rounds):
         for v in variants:
             v["best"] = min(v["best"], timed(v["step"], device, 0, args.iters))
-    print(f"training step: size {args.size} {options or ''} batch {args.batch} on {device}, "
+    print(f"\n## model alone: size {args.size} {options or ''} batch {args.batch} on {device_name(device)}, "
           f"{torch.get_num_threads()} threads ({'with' if encoder else 'without'} the DINOv2 forward); "
           f"best of {args.rounds} interleaved rounds of {args.iters} steps")
-    print(f"  {'model':9s} {'precision':9s} {'compile':7s} {'img/s':>9s} {'ms/step':>9s} {'GFLOP/step':>10s} {'TFLOP/s':>8s}")
+    print(f"  {'precision':9s} {'compile':7s} {'img/s':>9s} {'ms/step':>9s} {'GFLOP/step':>10s} {'TFLOP/s':>8s}")
     for v in variants:
         seconds = v["best"]
-        print(f"  {v['name']:9s} {v['precision']:9s} {v['comp']:7s} {args.batch / seconds:9.2f} {seconds * 1e3:9.1f} "
+        print(f"  {v['precision']:9s} {v['comp']:7s} {args.batch / seconds:9.2f} {seconds * 1e3:9.1f} "
               f"{v['flops'] / 1e9:10.2f} {v['flops'] / seconds / 1e12:8.4f}", flush=True)
 
 
@@ -155,7 +170,7 @@ def bench_sampler(args, device: torch.device, options: dict) -> None:
     labels = torch.arange(args.sample_batch, device=device) % model.num_classes
     seeds = list(range(args.sample_batch))
     steps = args.sample_steps
-    print(f"sampler (SDE, {steps} model calls, batch {args.sample_batch}, {args.precision[0]}): img/s per model call")
+    print(f"\n## sampler (SDE, {steps} model calls, batch {args.sample_batch}, {args.precision[0]}): img/s per model call")
     for label, kw in (("no guidance", {}), ("cfg in whole interval", dict(cfg_scale=2.3, cls_cfg_scale=2.3))):
         def run() -> None:
             with autocast(device, args.precision[0]):
@@ -181,7 +196,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--encoder", action="store_true", help="include a (random) ViT-B/14 DINOv2 forward per step")
-    p.add_argument("--official", metavar="PATH", help="a checkout of the official REG repo to time as reference")
+    p.add_argument("--official", metavar="PATH", help="step: a checkout of the official REG repo, timed beside ours")
+    p.add_argument("--parts", nargs="+", default=["step", "model", "sampler"], choices=["step", "model", "sampler"])
+    p.add_argument("--steps", type=int, default=6, help="step: measured steps of each side")
+    p.add_argument("--samples", type=int, default=64, help="step: images in the generated dataset")
+    p.add_argument("--workers", type=int, default=1, help="step: DataLoader workers of each side")
+    p.add_argument("--work", help="step: where the dataset and run go (default: a new temp dir)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="step: more regscale config overrides")
     p.add_argument("--sample-batch", type=int, default=8)
     p.add_argument("--sample-steps", type=int, default=10)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
@@ -194,8 +215,13 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     options = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
                                      encoder_depth=args.encoder_depth).items() if v is not None}
-    bench_training(args, device, options)
-    bench_sampler(args, device, options)
+    print(f"# torch {torch.__version__}, {device_name(device)}, precision {' '.join(args.precision)}")
+    if "step" in args.parts:
+        bench_step(args, device)
+    if "model" in args.parts:
+        bench_training(args, device, options)
+    if "sampler" in args.parts:
+        bench_sampler(args, device, options)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=8),
 }
 
+ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+
 REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "az://", "hf://", "sftp://", "dbfs:/")
 
 
@@ -210,9 +212,11 @@ class EngineConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     async_checkpoint: bool = True
+    adamw: str = "fused"  # torch AdamW's implementation: fused | foreach | for-loop (bench/device_check.py)
 
     def check(self) -> None:
         _choice("engine.kind", self.kind, ("fsdp", "deepspeed"))
+        _choice("engine.adamw", self.adamw, ADAMW_IMPLEMENTATIONS)
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"'engine.zero_stage' must be 1, 2 or 3; got {self.zero_stage}")
         if self.offload_optimizer and self.kind != "deepspeed":

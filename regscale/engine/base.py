@@ -84,7 +84,11 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def adamw(cfg: Config, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def adamw(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """torch AdamW with the recipe's hyper-parameters, in the `engine.adamw` implementation (fused:
+    one kernel for every tensor, on CUDA and CPU alike; 2.5x faster than the for-loop over FSDP's
+    DTensors on CPU, bench figures in recipes/sit_xl_4m.yaml)."""
     t = cfg.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                             weight_decay=t.weight_decay, foreach=device.type == "cuda" or None)
+    choice = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                             **choice[cfg.engine.adamw])

@@ -94,7 +94,7 @@ class DeepSpeedEngine(Engine):
             optimizer = DeepSpeedCPUAdam(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                                          weight_decay=t.weight_decay, adamw_mode=True)
         else:
-            optimizer = adamw(cfg, params, env.device)
+            optimizer = adamw(cfg, params)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(cfg, plan),
             dist_init_required=False)

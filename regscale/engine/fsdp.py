@@ -59,7 +59,7 @@ class FSDPEngine(Engine):
         named = trainable(model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.optimizer = adamw(cfg, self.params, env.device)
+        self.optimizer = adamw(cfg, self.params)
         with torch.no_grad():
             self.ema = {n: p.detach().clone().float() for n, p in named}
         # async saves write from a thread: give them their own gloo group so their collectives
