@@ -156,7 +156,7 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
 
 
 def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    from regscale.train.checkpoint import load_consolidated
+    from regscale.engine.export import load_consolidated
 
     return {w: load_consolidated(run_dir, weights=w)[0] for w in ("model", "ema")}
 

@@ -5,41 +5,49 @@ Gradient clipping, accumulation and the non-finite check (a skipped step) are De
 The EMA shadows this rank's fp32 master fragments: a piece of every parameter's flattened fp32
 copy, at an offset, so it is partitioned like the optimizer (ZeRO-1/2) or the weights (ZeRO-3).
 Each rank writes its fragments to ema/rank*.pt; they are assembled by offset on load or export.
+Saves go through `_Writer`, DeepSpeed's checkpoint engine slot: each state dict DeepSpeed hands
+over is copied to host memory in a staging thread and written, fsynced and hashed in a writer
+thread (inline for blocking saves), so ZeRO saves are as asynchronous as FSDP's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from regscale.config import BatchPlan, Config
+from regscale.checkpoints import file_entry
+from regscale.config import BatchPlan, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
-from regscale.engine.base import DTYPES, Engine, StepResult, adamw, apply_block_options, trainable
+from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options,
+                                  precision_autocast, trainable)
 
 log = logging.getLogger(__name__)
 
 
-def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
+def ds_config(engine: EngineConfig, train: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
     """DeepSpeed's configuration for this recipe and batch plan."""
-    zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
-    if cfg.engine.offload_optimizer:
+    zero: dict[str, Any] = {"stage": engine.zero_stage}
+    if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro,
         "gradient_accumulation_steps": plan.accumulation,
-        "gradient_clipping": cfg.train.grad_clip,
+        "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "fp16": {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -68,27 +76,29 @@ def _rank() -> int:
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
 
-    def __init__(self, cfg: Config, model: nn.Module, env: DistEnv, plan: BatchPlan) -> None:
+    def __init__(self, engine: EngineConfig, train: TrainConfig, model: nn.Module, env: DistEnv,
+                 plan: BatchPlan) -> None:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.cfg = cfg
+        self.precision = train.precision
         self.env = env
         model.to(env.device)
-        apply_block_options(model, cfg)
+        apply_block_options(model, engine)
         named = trainable(model)
         params = [p for _, p in named]
-        if cfg.engine.offload_optimizer:
+        if engine.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            t = cfg.train
-            optimizer = DeepSpeedCPUAdam(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                         weight_decay=t.weight_decay, adamw_mode=True)
+            optimizer = DeepSpeedCPUAdam(params, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
+                                         weight_decay=train.weight_decay, adamw_mode=True)
         else:
-            optimizer = adamw(cfg, params, env.device)
+            optimizer = adamw(train, params, env.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(cfg, plan),
+            model=model, optimizer=optimizer, config=ds_config(engine, train, plan),
             dist_init_required=False)
+        self.writer = _Writer()
+        self.ds.checkpoint_engine = self.writer
         self.module = self.ds
         self.names = [n for n, _ in named]
         self.shapes = {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in named}
@@ -106,8 +116,7 @@ class DeepSpeedEngine(Engine):
                 self.fragments[name] = frag
 
     def autocast(self) -> ContextManager:
-        dtype = DTYPES[self.cfg.train.precision]
-        return torch.autocast(self.env.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        return precision_autocast(self.precision, self.env.device)
 
     def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:
         self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps itself
@@ -129,14 +138,14 @@ class DeepSpeedEngine(Engine):
         torch._foreach_lerp_([self.ema[n] for n in names],
                              [self.fragments[n][1].float() for n in names], 1.0 - decay)
 
-    def save(self, path: Path, *, blocking: bool) -> Optional[Future]:
+    def save(self, path: Path, *, blocking: bool) -> SaveHandle:
+        self.writer.begin(path, blocking=blocking)
         self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
-        shard = {"fragments": {n: (off, self.ema[n].cpu()) for n, (off, _) in self.fragments.items()},
+        shard = {"fragments": {n: (off, self.ema[n]) for n, (off, _) in self.fragments.items()},
                  "shapes": self.shapes}
-        ema_dir = path / "ema"
-        ema_dir.mkdir(exist_ok=True)
-        torch.save(shard, ema_dir / f"rank{self.env.rank:05d}.pt")
-        return None
+        (path / "ema").mkdir(exist_ok=True)
+        self.writer.save(shard, str(path / "ema" / f"rank{self.env.rank:05d}.pt"))
+        return self.writer.end()
 
     def load(self, path: Path, manifest: dict[str, Any]) -> None:
         same_world = manifest.get("world_size") == self.env.world_size
@@ -162,6 +171,73 @@ class DeepSpeedEngine(Engine):
             for name, (off, frag) in self.fragments.items():
                 self.ema[name] = torch.zeros_like(frag, dtype=torch.float32)
                 _copy_slice(self.ema[name], full[name], off)
+
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _store(state: Any, path: Path, root: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Write one staged state dict and record its file (durable, hashed) under `root`."""
+    torch.save(state, path)
+    files[path.relative_to(root).as_posix()] = file_entry(path)
+
+
+def _host_copy(state: Any) -> Any:
+    """The state dict as it is now, whatever the next step changes: every tensor copied to
+    (compact) host memory, every other leaf (a loss scaler, counters, shapes) deep-copied."""
+    return tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else copy.deepcopy(x),
+                    state, is_leaf=lambda x: isinstance(x, torch.Size))  # a Size, not a tuple of ints
+
+
+class _Writer(TorchCheckpointEngine):
+    """DeepSpeed's checkpoint engine slot, filled by regscale: every `save(state_dict, path)`
+    between `begin` and `end` is staged (host copy) and written (torch.save, fsync, hash), in two
+    background threads unless the save is blocking. Loading is TorchCheckpointEngine's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stage = ThreadPoolExecutor(1, thread_name_prefix="regscale-ds-stage")
+        self._write = ThreadPoolExecutor(1, thread_name_prefix="regscale-ds-write")
+        self._root: Optional[Path] = None
+        self._blocking = True
+        self._files: dict[str, dict[str, Any]] = {}
+        self._writes: list[Future] = []
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # our host copy compacts every tensor: DeepSpeed need not clone them first
+
+    def begin(self, root: Path, *, blocking: bool) -> None:
+        self._root, self._blocking, self._files, self._writes = root, blocking, {}, []
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self._root is None:
+            raise RuntimeError("DeepSpeed saved outside DeepSpeedEngine.save")
+        root, files, target = self._root, self._files, Path(path)
+        if self._blocking:
+            _store(_host_copy(state_dict), target, root, files)
+            return
+        staged = self._stage.submit(_host_copy, state_dict)
+        self._writes.append(self._write.submit(lambda: _store(staged.result(), target, root, files)))
+
+    def end(self) -> SaveHandle:
+        """The handle of the save since `begin` (each pool runs its tasks in order, so a task
+        submitted last finishes after all the others)."""
+        files, writes = self._files, self._writes
+        self._root = None
+        if self._blocking:
+            return SaveHandle.finished(files)
+
+        def written() -> dict[str, dict[str, Any]]:
+            for w in writes:
+                w.result()
+            return files
+
+        return SaveHandle(self._stage.submit(lambda: None), self._write.submit(written))
+
+    def close(self) -> None:
+        self._stage.shutdown(wait=True)
+        self._write.shutdown(wait=True)
 
 
 def _copy_slice(dst: torch.Tensor, full: torch.Tensor, offset: int) -> None:

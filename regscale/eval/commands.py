@@ -46,16 +46,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Draw eval.num_samples images into an ADM-format .npz (resumable)."""
     from regscale.dist import teardown
     from regscale.eval.job import dist_setup, sample_checkpoint
-    from regscale.rundir import step_name
+    from regscale.rundir import CHECKPOINTS, step_name
 
     target = Path(args.target)
     cfg = _target_config(target, args.recipe, args.overrides)
     rank, _, device = dist_setup()
     step = args.step
     if target.is_dir() and step is None:  # pin the newest valid checkpoint (none: loading says so)
-        from regscale.train.checkpoint import find_valid
+        from regscale.checkpoints import find_valid
 
-        found = find_valid(target / "checkpoints")
+        found = find_valid(target / CHECKPOINTS)
         step = found[1]["step"] if found else None
     if args.out:
         out = Path(args.out)

@@ -24,6 +24,7 @@ from regscale.rundir import CHECKPOINTS, step_name, step_of
 JOBS = "jobs.json"
 ATTEMPTS = "attempts.jsonl"
 STOP_REPORT = "stop_report.json"
+RESUMED = "resumed"  # the end recorded for `regscale resume`: a fresh streak of attempts
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -116,7 +117,7 @@ def read_attempts(run_dir: Path) -> list[Attempt]:
         if event == "start":
             attempts.append(Attempt(**entry))
         elif event == "resume":  # `regscale resume`: a fresh start, whatever failed before
-            attempts.append(Attempt("resume", 0, entry["step"], entry["at"], "resumed", entry["step"], entry["at"]))
+            attempts.append(Attempt("resume", 0, entry["step"], entry["at"], RESUMED, entry["step"], entry["at"]))
         elif attempts:
             attempts[-1].end = entry["end"]
             attempts[-1].end_step = entry["end_step"]

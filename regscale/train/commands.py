@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-EXIT_REQUEUE = 3  # "preempted" / "deadline": a checkpoint was saved, start me again
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """One training process (start one per GPU: srun, torchrun, or plain for one process)."""
     from regscale.config import check_paths_for_training, load_config
@@ -22,14 +19,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from regscale.track.mlflow import Tracker
 
         tracker = Tracker.open(cfg, run_dir, recipe=Path(args.recipe))
-    status = train(cfg, run_dir, tracker)
-    print(f"regscale train: {status}")
-    return 0 if status == "completed" else EXIT_REQUEUE
+    outcome = train(cfg, run_dir, tracker)
+    print(f"regscale train: {outcome.value}")
+    return outcome.exit_code
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """One consolidated safetensors file from a run's checkpoint, whatever engine/world size."""
-    from regscale.train.checkpoint import export_safetensors
+    from regscale.engine.export import export_safetensors
 
     manifest = export_safetensors(args.run_dir, args.out, step=args.step, weights=args.weights)
     print(f"wrote {args.out}: {args.weights} weights of step {manifest['step']} "
