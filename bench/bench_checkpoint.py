@@ -5,9 +5,11 @@ AdamW state after one real step, so the saved state is fp32 weights + 2 moments 
 for SiT-XL/2). The "training" between saves is a sleep of --step-s (a GPU computing, the CPU
 free); per save it prints:
 
-    loop stall      what the loop waited for: the save call, the copy before the next optimizer
-                    step, the publication (async saves: the copy + publication only)
-    publish         the gathering of the file tables and rank 0's manifest/rename/retention
+    loop stall      what the loop waited for (ckpt/stall_s), the sum of:
+      call            the save call (state dicts, the engine's synchronous part)
+      copy            the wait, before the next optimizer step, for the copy to host memory
+      publish         the gathering of the file tables and rank 0's manifest/rename/retention
+                    (blocking saves: everything is in the call)
     save            from the save's start to its publication
     verify on start the newest-checkpoint verification a start does (this rank's share)
     sha256 on rank 0  what the publication cost before, when rank 0 hashed every file inside the
@@ -94,21 +96,24 @@ def measure(kind: str, mode: str, args: argparse.Namespace, root: Path) -> str:
     run_dir = root / f"{kind}-{mode}"
     engine, ckpt, state_bytes = build(kind, args.size, args.ranks, mode == "async", run_dir)
     manifest = {"step": 0, "images": 0}
-    stalls, publishes, saves = [], [], []
+    stalls, calls, copies, publishes, saves = [], [], [], [], []
     try:
         for step in range(1, args.saves + 1):
             manifest = dict(manifest, step=step)
+            t0 = time.perf_counter()
             done = ckpt.save(step, lambda: dict(manifest), blocking=mode == "blocking")
+            calls.append(time.perf_counter() - t0)
+            copies.append(0.0)
+            publishes.append(0.0)
             while done is None:  # the loop: compute, copy done before the optimizer step, agree
                 time.sleep(args.step_s)
+                t0 = time.perf_counter()
                 ckpt.wait_staged()
+                copies[-1] += time.perf_counter() - t0
                 writing, failed = dist.all_max(ckpt.flags())
                 t0 = time.perf_counter()
                 done = ckpt.agreed(writing, failed)
-                if done is not None:
-                    publishes.append(time.perf_counter() - t0)
-            if mode == "blocking":
-                publishes.append(float("nan"))
+                publishes[-1] += time.perf_counter() - t0
             stalls.append(done.stall_s)
             saves.append(done.save_s)
         t0 = time.perf_counter()
@@ -128,8 +133,9 @@ def measure(kind: str, mode: str, args: argparse.Namespace, root: Path) -> str:
         dist.teardown()
         shutil.rmtree(run_dir, ignore_errors=True)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return (f"{kind:9} {mode:8} {state_bytes / 1e9:8.2f} {on_disk / 1e9:8.2f} {mean(stalls):9.2f} "
-            f"{mean(publishes):9.2f} {mean(saves):8.2f} {verify_s:9.2f} {sha_s:9.2f}")
+    return (f"{kind:9} {mode:8} {state_bytes / 1e9:8.2f} {on_disk / 1e9:7.2f} {mean(stalls):7.2f} "
+            f"{mean(calls):6.2f} {mean(copies):6.2f} {mean(publishes):7.2f} {mean(saves):6.2f} "
+            f"{verify_s:8.2f} {sha_s:8.2f}")
 
 
 def main() -> None:
@@ -151,8 +157,8 @@ def main() -> None:
     print(f"# bench_checkpoint: {cpu_line()}")
     print(f"# SiT-{args.size}, the share of 1 rank of {args.ranks}; {args.saves} saves, a simulated "
           f"{args.step_s:.1f} s step between agreements; hashing: {hash_speeds()}")
-    print(f"{'engine':9} {'mode':8} {'state GB':>8} {'disk GB':>8} {'stall s':>9} {'publish s':>9} "
-          f"{'save s':>8} {'verify s':>9} {'sha256 s':>9}")
+    print(f"{'engine':9} {'mode':8} {'state GB':>8} {'disk GB':>7} {'stall s':>7} {'call s':>6} "
+          f"{'copy s':>6} {'publish':>7} {'save s':>6} {'verify s':>8} {'sha256 s':>8}")
     root = Path(tempfile.mkdtemp(prefix="regscale-bench-ckpt-", dir=args.dir))
     try:
         for kind in args.engines:

@@ -220,7 +220,9 @@ def test_time_limit_requeues_and_resumes(scenarios: dict) -> None:
     attempts = assert_resumed_chain(run, max_steps=200)
     assert 0 < attempts[0].end_step < 200
     log = (run.run_dir / "jobs" / f"{run.train}_0_log.out").read_text()
-    assert "this job is timed-out" in log  # submitit counted it against slurm.max_requeues as a timeout
+    # regscale requeued it (scontrol requeue), counted against slurm.max_requeues, the one bound
+    assert f"regscale: {attempts[0].end} at step {attempts[0].end_step}: requeueing (requeue 1 of at most" in log
+    assert "this job is timed-out" not in log, "submitit's own handler did not requeue it"
 
 
 def test_failing_training_stops_with_a_report_and_cancels_eval(scenarios: dict) -> None:

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 from torch import nn
@@ -22,7 +22,20 @@ from torch.utils.checkpoint import checkpoint
 
 from regscale.config import EngineConfig, TrainConfig
 
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.staging import DefaultStager
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def host_stager(device: torch.device) -> "DefaultStager":
+    """What async saves copy the state with before writing it: a background thread into host
+    buffers kept from one save to the next (pinned, with non-blocking copies, on CUDA)."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    cuda = device.type == "cuda"
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                        use_async_staging=True, use_non_blocking_copy=cuda))
 
 
 def precision_autocast(precision: str, device: torch.device) -> ContextManager:

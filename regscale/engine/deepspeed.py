@@ -13,7 +13,6 @@ thread (inline for blocking saves), so ZeRO saves are as asynchronous as FSDP's.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -24,12 +23,12 @@ from typing import Any, ContextManager, Optional
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.distributed.checkpoint.staging import DefaultStager
 
 from regscale.checkpoints import file_entry
 from regscale.config import BatchPlan, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
-from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options,
+from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options, host_stager,
                                   precision_autocast, trainable)
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ class DeepSpeedEngine(Engine):
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(engine, train, plan),
             dist_init_required=False)
-        self.writer = _Writer()
+        self.writer = _Writer(env.device)
         self.ds.checkpoint_engine = self.writer
         self.module = self.ds
         self.names = [n for n, _ in named]
@@ -178,52 +177,51 @@ class DeepSpeedEngine(Engine):
 
 
 def _store(state: Any, path: Path, root: Path, files: dict[str, dict[str, Any]]) -> None:
-    """Write one staged state dict and record its file (durable, hashed) under `root`."""
+    """Write one state dict and record its file (durable, hashed) under `root`."""
     torch.save(state, path)
     files[path.relative_to(root).as_posix()] = file_entry(path)
 
 
-def _host_copy(state: Any) -> Any:
-    """The state dict as it is now, whatever the next step changes: every tensor copied to
-    (compact) host memory, every other leaf (a loss scaler, counters, shapes) deep-copied."""
-    return tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else copy.deepcopy(x),
-                    state, is_leaf=lambda x: isinstance(x, torch.Size))  # a Size, not a tuple of ints
-
-
 class _Writer(TorchCheckpointEngine):
     """DeepSpeed's checkpoint engine slot, filled by regscale: every `save(state_dict, path)`
-    between `begin` and `end` is staged (host copy) and written (torch.save, fsync, hash), in two
-    background threads unless the save is blocking. Loading is TorchCheckpointEngine's."""
+    between `begin` and `end` is written (torch.save, fsync, hash) in a background thread after
+    the engine's stager copied it to host memory, or at once for a blocking save (the weights do
+    not change meanwhile, so nothing is copied). Loading is TorchCheckpointEngine's."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         super().__init__()
-        self._stage = ThreadPoolExecutor(1, thread_name_prefix="regscale-ds-stage")
+        self.device = device
+        self._stager: Optional[DefaultStager] = None
         self._write = ThreadPoolExecutor(1, thread_name_prefix="regscale-ds-write")
         self._root: Optional[Path] = None
         self._blocking = True
         self._files: dict[str, dict[str, Any]] = {}
+        self._staged: list[Future] = []
         self._writes: list[Future] = []
 
     def preserves_storage_sharing(self) -> bool:
-        return False  # our host copy compacts every tensor: DeepSpeed need not clone them first
+        return False  # nothing to clone first: a blocking save writes as is, an async one stages
 
     def begin(self, root: Path, *, blocking: bool) -> None:
-        self._root, self._blocking, self._files, self._writes = root, blocking, {}, []
+        self._root, self._blocking, self._files, self._staged, self._writes = root, blocking, {}, [], []
 
     def save(self, state_dict: Any, path: str) -> None:
         if self._root is None:
             raise RuntimeError("DeepSpeed saved outside DeepSpeedEngine.save")
         root, files, target = self._root, self._files, Path(path)
         if self._blocking:
-            _store(_host_copy(state_dict), target, root, files)
+            _store(state_dict, target, root, files)
             return
-        staged = self._stage.submit(_host_copy, state_dict)
+        if self._stager is None:
+            self._stager = host_stager(self.device)
+        staged = self._stager.stage(state_dict)
+        self._staged.append(staged)
         self._writes.append(self._write.submit(lambda: _store(staged.result(), target, root, files)))
 
     def end(self) -> SaveHandle:
-        """The handle of the save since `begin` (each pool runs its tasks in order, so a task
-        submitted last finishes after all the others)."""
-        files, writes = self._files, self._writes
+        """The handle of the save since `begin` (stager and writer each work in order, so their
+        last task finishes after all the others)."""
+        files, staged, writes = self._files, self._staged, self._writes
         self._root = None
         if self._blocking:
             return SaveHandle.finished(files)
@@ -233,11 +231,12 @@ class _Writer(TorchCheckpointEngine):
                 w.result()
             return files
 
-        return SaveHandle(self._stage.submit(lambda: None), self._write.submit(written))
+        return SaveHandle(staged[-1], self._write.submit(written))
 
     def close(self) -> None:
-        self._stage.shutdown(wait=True)
         self._write.shutdown(wait=True)
+        if self._stager is not None:
+            self._stager.close()
 
 
 def _copy_slice(dst: torch.Tensor, full: torch.Tensor, offset: int) -> None:

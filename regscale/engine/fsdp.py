@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import DefaultStager
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -28,7 +28,8 @@ from torch.distributed.tensor import DTensor
 from regscale.checkpoints import file_entry
 from regscale.config import ConfigError, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
-from regscale.engine.base import Engine, SaveHandle, StepResult, adamw, apply_block_options, trainable
+from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options, host_stager,
+                                  trainable)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -97,9 +98,7 @@ class FSDPEngine(Engine):
             dcp.save(state, storage_writer=writer)
             return SaveHandle.finished(writer.files)
         if self._stager is None:
-            cuda = self.device.type == "cuda"
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+            self._stager = host_stager(self.device)
         response = dcp.async_save(state, storage_writer=writer, process_group=self._save_group,
                                   async_stager=self._stager)
         written: Future = Future()
