@@ -29,12 +29,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Submit training (+ chained evaluation); with --dry-run, print the plan only."""
-    from regscale.config import check_paths_for_training
+    """Submit training (+ chained evaluation); with --dry-run, print the plan only (what a real
+    submit would refuse about the run's files is a warning in it)."""
     from regscale.launch.plan import format_plan, make_plan
 
     cfg = load_config(args.recipe, args.overrides)
-    check_paths_for_training(cfg)
     if args.dry_run:
         print(format_plan(cfg, make_plan(cfg)))
         print(f"config hash    {config_hash(cfg)}")
@@ -70,8 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The verb's arguments; its options may stand anywhere among its key=value overrides
+    (`regscale submit RECIPE a=1 --dry-run b=2`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.fn(args)
     except UserError as err:

@@ -120,16 +120,24 @@ def test_missing_recipe_file(tmp_path):
     assert proc.returncode == 2 and "recipe file not found" in proc.stderr and "nope.yaml" in proc.stderr
 
 
-def test_submit_refuses_missing_data_before_anything(tmp_path):
-    proc = run_cli("submit", "recipes/sit_xl_4m.yaml", "--dry-run")
-    assert proc.returncode == 2 and "'data.path' is required" in proc.stderr
-    proc = run_cli("submit", "recipes/sit_xl_4m.yaml", f"data.path={tmp_path}/absent", "--dry-run")
-    assert proc.returncode == 2 and "'data.path' does not exist" in proc.stderr and "absent" in proc.stderr
-    proc = run_cli("submit", "recipes/sit_xl_4m.yaml", f"data.path={tmp_path}", "--dry-run")
-    assert proc.returncode == 2 and "index.json" in proc.stderr
-    proc = run_cli("submit", "recipes/sit_xl_4m.yaml", "data.path=s3://b/in", "eval.ref_batch=/no/ref.npz",
-                   "--dry-run")
-    assert proc.returncode == 2 and "'eval.ref_batch' does not exist: /no/ref.npz" in proc.stderr
+@pytest.mark.parametrize("overrides, message", [
+    ([], "'data.path' is required"),
+    (["data.path={tmp}/absent"], "'data.path' does not exist: {tmp}/absent"),
+    (["data.path={tmp}"], "'data.path' has no index.json: {tmp}"),
+    (["data.path=s3://b/in", "eval.ref_batch=/no/ref.npz"], "'eval.ref_batch' does not exist: /no/ref.npz"),
+], ids=["no-data", "absent", "no-index", "no-ref"])
+def test_missing_files_warn_in_the_plan_and_stop_a_submit(tmp_path, capsys, overrides, message):
+    from regscale.cli import main
+
+    overrides = [o.format(tmp=tmp_path) for o in overrides] + [f"run.dir={tmp_path}/runs"]
+    message = message.format(tmp=tmp_path)
+    assert main(["submit", "recipes/sit_xl_4m.yaml", *overrides, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"WARNING        {message}" in out and "(a submit without --dry-run refuses this)" in out
+    assert "global 256 = 16 x 16 per GPU" in out and out.endswith("dry run: nothing submitted\n")
+    assert main(["submit", "recipes/sit_xl_4m.yaml", *overrides]) == 2  # before anything is submitted
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_config_verb_prints_published_values():
@@ -142,10 +150,14 @@ def test_config_verb_prints_published_values():
 
 
 def test_dry_run_plan():
-    proc = run_cli("submit", "recipes/sit_xl_4m.yaml", "data.path=s3://bucket/imagenet", "--dry-run")
+    # the user's own command with --dry-run anywhere among the overrides
+    proc = run_cli("submit", "recipes/sit_xl_4m.yaml", "data.path=s3://bucket/imagenet", "--dry-run",
+                   "slurm.nodes=4")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "16 = 2 node(s) x 8 GPU(s)" in out and "global 256 = 16 x 16 per GPU" in out
+    assert "32 = 4 node(s) x 8 GPU(s)" in out and "global 256 = 32 x 8 per GPU" in out
     assert "4,000,000 steps = 1,024,000,000 images = 799.3 epochs" in out
-    assert "afterok" in out and "nothing submitted" in out
+    assert "afterok" in out and "nothing submitted" in out and "WARNING" not in out
+    proc = run_cli("submit", "recipes/sit_xl_4m.yaml", "slurm.nodes=4", "--dry-run", "--nodes=4")
+    assert proc.returncode == 2 and "unrecognized arguments: --nodes=4" in proc.stderr
 

@@ -170,3 +170,73 @@ def test_status_of_a_submitted_run(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0 and "smoke" in out and "RUNNING" in out and "0/40" in out
     code, out = run_cli(capsys, "cancel", str(run_dir))
     assert code == 2 and "no SLURM jobs recorded" in out
+
+
+def test_status_shows_evaluations_checkpoints_attempts_and_the_stop_report(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    from regscale.eval.job import write_record
+    from regscale.launch.job import write_stop_report
+    from regscale.launch.status import eval_record_path
+    from regscale.launch.submit import prepare_run_dir
+
+    run_dir = prepare_run_dir(smoke_cfg(tmp_path))
+    runs.add_jobs(run_dir, [runs.JobRecord("4242", "train", "local"),
+                            runs.JobRecord("4243", "eval", "local", step=20),
+                            runs.JobRecord("4244", "eval", "local")])
+    runs.record_start(run_dir, "4242", 0, 0)
+    runs.record_end(run_dir, "failed", 20, error="RuntimeError: boom")
+    runs.record_start(run_dir, "4242", 1, 20)
+    for step in (20, 40):
+        (run_dir / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    (run_dir / "checkpoints" / ".tmp_step_00000060").mkdir()  # being written: not kept yet
+    (run_dir / "checkpoints" / "latest").write_text("step_00000040\n")
+    write_record(eval_record_path(run_dir, 20), {"step": 20, "metrics": {"fid_not_comparable": 31.25}})
+    write_stop_report(run_dir, "2 attempts in a row failed from the checkpoint at step 40", 40)
+    capsys.readouterr()
+
+    code, out = run_cli(capsys, "status", str(run_dir))
+    assert code == 0
+    assert "step 20 COMPLETED 31.25*, final PENDING -" in out  # the summary line: each evaluation
+    assert "checkpoints      20, 40 (newest: step 40)" in out
+    assert "job 4242 restart 0, from step 0 -> failed at step 20" in out and "RuntimeError: boom" in out
+    assert "job 4242 restart 1, from step 20 -> running (or killed)" in out
+    assert "eval job 4243     step 20      COMPLETED  FID 31.25*" in out
+    assert str(eval_record_path(run_dir, 20)) in out
+    assert "eval job 4244     final        PENDING    FID -" in out
+    assert "STOPPED at step 40" in out and "2 attempts in a row failed" in out
+    assert f"to continue      fix the cause, then: regscale resume {run_dir}" in out
+    assert "* FID from a random Inception network" in out
+
+
+def test_followers_read_what_the_jobs_write(tmp_path: Path) -> None:
+    from regscale.launch.follow import EvaluationFollower, TrainingFollower, Update
+    from regscale.track import progress
+    from regscale.train.health import MetricsLog
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    training = TrainingFollower(run_dir, smoke_cfg(tmp_path))  # batch 8, 40 steps
+    assert training() == Update("training", 0, 40, "steps", "starting: model, data, first step")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    log.log({"time/first_step_s": 3.0}, 1)
+    log.log({"loss": 0.5, "images_per_s": 16.0}, 10)
+    assert training() == Update("training", 10, 40, "steps", "loss 0.5000  16.0 img/s", 30 * 8 / 16.0)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "loss": 0.25')  # a line being written
+    assert training().done == 10
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(', "images_per_s": 20.0}\n')
+    assert training().done == 20
+
+    out_dir = tmp_path / "eval" / "step_00000040"
+    evaluation = EvaluationFollower(out_dir)
+    assert evaluation().stage == "starting" and evaluation().count() == ""
+    progress.record_to(out_dir / progress.FILE_NAME)
+    try:
+        progress.report("sampling", 4, 4, "batches (rank 0)")
+        assert evaluation() == Update("sampling", 4, 4, "batches (rank 0)")
+        progress.report("sample features", 64, 64, "images")
+        assert evaluation().count() == "64/64 images"
+    finally:
+        progress.record_to(None)
+    assert EvaluationFollower(out_dir)().stage == "starting"  # a new attempt starts afresh

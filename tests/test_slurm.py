@@ -192,6 +192,9 @@ def test_smoke_trains_on_two_nodes_and_completes(scenarios: dict) -> None:
     assert [(j.id, j.kind) for j in jobs] == [(base.train, "train"), (base.eval, "eval")]
     status = regscale("status", str(base.run_dir)).stdout
     assert "COMPLETED" in status and "40/40" in status and base.eval in status
+    # the evaluation's SLURM state and its FID (random Inception: marked not comparable)
+    assert re.search(rf"eval job {base.eval}\s+final\s+COMPLETED\s+FID \d+\.\d\d\*", status), status
+    assert "checkpoints      20, 40 (newest: step 40)" in status and "-> completed at step 40" in status
 
 
 def test_chained_eval_runs_only_after_training_completed(scenarios: dict) -> None:
@@ -292,6 +295,15 @@ def test_local_executor_runs_train_then_eval(scenarios: dict) -> None:
     assert code == 0, out
     assert out.index("training: completed") < out.index("evaluation @ step 40: local job")
     assert "regscale status" in out and "regscale ui" in out and "MLflow run" in out
+    # progress while the jobs run (plain lines when not on a terminal), then the result
+    assert re.search(r"^training: 40/40 steps  loss \d+\.\d{4}  \d+\.\d img/s", out, re.M), out
+    assert out.index("training: 40/40 steps") < out.index("training: completed")
+    assert "sampling: 1/1 batches (rank 0)" in out
+    assert re.search(r"^reference features: (\d+)/\1 images", out, re.M), out
+    record = run_dir / "eval" / "step_00000040" / "eval_record.json"
+    assert re.search(r"^result      FID [\d.]+, sFID [\d.]+, IS [\d.]+, precision [\d.]+, recall [\d.]+ "
+                     r"\(step 40\)\n\s+not comparable", out, re.M), out
+    assert f"record      {record}" in out
     jobs = runs.read_jobs(run_dir)
     assert [(j.kind, j.cluster) for j in jobs] == [("train", "local"), ("eval", "local")]
     assert runs.read_attempts(run_dir)[-1].end == "completed"

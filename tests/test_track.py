@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import getpass
 import json
 import logging
 import math
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from regscale.cli import main
 from regscale.config import load_config
 from regscale.errors import UserError
 from regscale.track.mlflow import RUN_ID_FILE, Tracker, config_params, register_run
+from regscale.track.ui import check_port
 from tests.fixtures.mlflow import free_port
 from tests.fixtures.train import TORCHRUN
 
@@ -71,6 +77,9 @@ def test_run_logs_params_metrics_tags_and_artifacts(mlflow_server, tmp_path, exp
     tags = run.data.tags
     assert tags["world_size"] == "2" and tags["engine"] == "fsdp" and tags["requeue_count"] == "0"
     assert tags["regscale.attempt"] == "1" and len(tags["mlflow.source.git.commit"]) == 40
+    # the UI's Source and User columns: the command that created the run, and who ran it
+    assert tags["mlflow.source.name"] == shlex.join(sys.argv) and tags["mlflow.source.type"] == "JOB"
+    assert tags["mlflow.user"] == getpass.getuser()
     artifacts = {a.path for d in ("config", "samples") for a in client.list_artifacts(run_id, d)}
     assert artifacts == {"config/config.yaml", "samples/step_00000010.png"}
     image = Path(client.download_artifacts(run_id, "samples/step_00000010.png", str(tmp_path)))
@@ -78,6 +87,8 @@ def test_run_logs_params_metrics_tags_and_artifacts(mlflow_server, tmp_path, exp
     # one run in the experiment: the lineage is never found (or duplicated) by name
     exp = client.get_experiment_by_name(experiment)
     assert len(client.search_runs([exp.experiment_id])) == 1
+    # a model-training experiment, not MLflow 3's default GenAI one
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 KILLED_ATTEMPT = """
@@ -140,7 +151,7 @@ def test_killed_and_resumed_run_continues_the_same_run(mlflow_server, tmp_path, 
     assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [run_id]
 
 
-def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experiment):
+def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experiment, capsys):
     cfg = make_cfg(tmp_path, mlflow_server.url, experiment)
     run_dir = tmp_path / "runs" / "smoke"
     tracker = Tracker.open(cfg, run_dir)
@@ -151,9 +162,13 @@ def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experimen
     # a later evaluation job adds to the finished run without touching its status; its retry
     # of an identical record makes no second child and no duplicate point
     evaluation = Tracker.attach(cfg, run_dir)
-    evaluation.log_eval(dict(result, fid=25.0), 40, {"num_samples": 64, "cfg_scale": 1.5, "weights": "ema"})
-    evaluation.log_eval(dict(result, fid=25.0), 40, {"num_samples": 64, "cfg_scale": 1.5, "weights": "ema"})
+    began = time.time() - 90  # the job started sampling 90 s before it logged
+    evaluation.log_eval(dict(result, fid=25.0), 40, {"num_samples": 64, "cfg_scale": 1.5, "weights": "ema"},
+                        started=began)
+    evaluation.log_eval(dict(result, fid=25.0), 40, {"num_samples": 64, "cfg_scale": 1.5, "weights": "ema"},
+                        started=began)
     evaluation.finish()
+    assert "View run" not in capsys.readouterr().out  # MLflow's own line at each run's end
 
     client = MlflowClient(mlflow_server.url)
     parent = client.get_run(tracker.run_id)
@@ -161,13 +176,18 @@ def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experimen
     fid = client.get_metric_history(tracker.run_id, "eval/fid")
     assert [(m.step, m.value) for m in fid] == [(20, 30.5), (40, 25.0)]
     assert steps_of(client, tracker.run_id, "eval/recall") == [20, 40]
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{tracker.run_id}'",
-                                  order_by=["attributes.start_time ASC"])
+    children = sorted(client.search_runs([parent.info.experiment_id],
+                                         f"tags.mlflow.parentRunId = '{tracker.run_id}'"),
+                      key=lambda c: int(c.data.tags["regscale.step"]))
     assert [c.data.tags["regscale.step"] for c in children] == ["20", "40"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert children[0].data.metrics == result
     assert children[1].data.params == {"num_samples": "64", "cfg_scale": "1.5", "weights": "ema"}
+    # each child runs from its evaluation's start to its end (default start: the tracker's creation)
+    assert children[0].info.start_time == tracker._started_ms <= children[0].info.end_time
+    assert children[1].info.start_time == int(began * 1000)
+    assert children[1].info.end_time - children[1].info.start_time >= 90_000
+    assert children[1].data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
 
 
 def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, capsys):
@@ -189,12 +209,13 @@ def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, ca
     with out_csv.open() as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["reg-a", "reg-b"]
-    assert [(r["train.lr"], r["best FID"], r["at step"]) for r in rows] == [
-        ("0.0001", "20.00", "200"), ("0.0002", "28.00", "200")]
-    assert [(r["step"], r["images/s"], r["GPU hours"]) for r in rows] == [
-        ("300", "500.0", "3.00"), ("300", "400.0", "2.40")]
-    assert set(rows[0]) == {"run", "run id", "train.lr", "status", "step", "best FID", "at step",
-                            "images/s", "GPU hours"}
+    # numbers as numbers (every digit), comparability in its own column
+    assert [(r["train.lr"], float(r["best FID"]), r["comparable"], r["at step"]) for r in rows] == [
+        ("0.0001", 20.0, "yes", "200"), ("0.0002", 28.0, "yes", "200")]
+    assert [(int(r["step"]), float(r["images/s"]), float(r["GPU hours"])) for r in rows] == [
+        (300, 500.0, 3.0), (300, 400.0, pytest.approx(2.4))]
+    assert set(rows[0]) == {"run", "run id", "train.lr", "status", "step", "best FID", "comparable",
+                            "at step", "images/s", "GPU hours"}
     with Image.open(out_png) as image:
         assert image.format == "PNG" and image.size == (1200, 480)
     # one run by name, and a filter on a param
@@ -229,7 +250,7 @@ def test_server_outage_does_not_stop_training(mlflow_server, tmp_path, experimen
         assert list((tmp_path / "runs" / "late").glob("mlflow_pending*.json"))
     finally:  # back on the same port and store, through `regscale ui`
         mlflow_server.start(via_ui=True)
-    assert mlflow_server.banner.startswith(f"MLflow UI at {mlflow_server.url} ")
+    assert mlflow_server.banner.startswith(f"MLflow UI ready at {mlflow_server.url} ")
     assert tracker.flush(120)
     tracker.finish("FINISHED")
     client = MlflowClient(mlflow_server.url)
@@ -285,3 +306,69 @@ def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, 
     assert {m.step: m.value for m in history} == logged and sorted(logged) == [1, 2]
     for key in ("loss/img", "loss/proj", "loss/cls", "grad_norm", "lr", "images_per_s", "data_wait_s"):
         assert steps_of(client, run.info.run_id, key) == [1, 2], key
+
+
+def test_ui_refuses_bad_port_and_workers(tmp_path, capsys):
+    (tmp_path / "mlflow.db").touch()  # a store is there; nothing may start
+    for args, message in ((["--port", "0"], "--port 0: expected a port number from 1 to 65535"),
+                          (["--port", "70000"], "--port 70000: expected a port number from 1 to 65535"),
+                          (["--workers", "0", "--port", str(free_port())], "--workers 0: expected 1 to "),
+                          (["--workers", "100000"], "--workers 100000: expected 1 to ")):
+        assert main(["ui", "--runs-dir", str(tmp_path), *args]) == 2
+        assert message in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["ui", "--runs-dir", str(tmp_path), "--port", str(port)]) == 2
+        assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow-ui.log").exists()
+
+
+def _alive(processes: list) -> list:
+    import psutil
+
+    alive = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ui_is_ready_when_it_answers_and_a_signal_stops_its_whole_tree(tmp_path, experiment, stop):
+    import psutil
+
+    runs_dir = tmp_path / "runs"
+    cfg = load_config(SMOKE, [f"run.dir={runs_dir}", f"mlflow.experiment={experiment}"])
+    with Tracker.open(cfg, runs_dir / "smoke") as tracker:
+        tracker.log_metrics({"loss": 1.0}, 5)
+    exp_id = MlflowClient(tracker.uri).get_experiment_by_name(experiment).experiment_id
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ui = subprocess.Popen([sys.executable, "-m", "regscale.cli", "ui", "--runs-dir", str(runs_dir), "--port",
+                           str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert ui.stdout.readline().startswith(f"MLflow UI ready at {url} ")
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as answer:  # ready: it answers at once
+            assert answer.status == 200
+        assert ui.stdout.readline().strip() == (
+            f"{experiment}: {url}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+        tree = psutil.Process(ui.pid).children(recursive=True)
+        assert len(_alive(tree)) >= 2  # mlflow server and its uvicorn worker(s)
+        runs = MlflowClient(url).search_runs([exp_id])  # requests that would each log a line
+        assert [r.info.run_id for r in runs] == [tracker.run_id]
+        ui.send_signal(stop)
+        out, err = ui.communicate(timeout=120)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+            ui.wait()
+    assert ui.returncode == 0 and out.strip() == "MLflow UI stopped" and "Traceback" not in err
+    assert _alive(tree) == []
+    check_port(port)  # nothing listens on the port any more (a new server could bind it)
+    log = (runs_dir / "mlflow-ui.log").read_text()
+    assert "Uvicorn running" in log and "/health" not in log and "runs/search" not in log

@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any, ContextManager, Optional
 
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from torch import nn
-from torch.distributed.checkpoint.staging import DefaultStager
+
+# told before its first import which accelerator we run on: its auto-detection warns in every CPU process
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.distributed.checkpoint.staging import DefaultStager  # noqa: E402
 
 from regscale.checkpoints import file_entry
 from regscale.config import BatchPlan, EngineConfig, TrainConfig

@@ -24,12 +24,20 @@ from torch.distributed.checkpoint.staging import DefaultStager
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map
 
 from regscale.checkpoints import file_entry
 from regscale.config import ConfigError, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
 from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options, host_stager,
                                   trainable)
+
+
+def _own_outputs(module: nn.Module, args: Any, output: Any) -> Any:
+    """The root's outputs as tensors of their own. FSDP2 hooks them for backward, and an in-place op
+    on a view would skip that hook (it warns about it): the REPA projector's output is such a view,
+    since nn.Linear computes a [B, T, h] input as one 2-D matmul viewed back to 3-D."""
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t, output)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -51,6 +59,7 @@ class FSDPEngine(Engine):
               if train.precision == "bf16" else MixedPrecisionPolicy())
         for block in model.blocks:
             fully_shard(block, mp_policy=mp)
+        model.register_forward_hook(_own_outputs)  # runs before FSDP's own post-forward hook
         fully_shard(model, mp_policy=mp)
         self.module = model
         named = trainable(model)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from regscale.eval.inception import LOGITS_DIM, POOL_DIM, SPATIAL_DIM, InceptionFeatures
 from regscale.eval.metrics import FeatureStats
+from regscale.track import progress
 
 
 class ImageSource(Protocol):
@@ -78,6 +79,7 @@ def extract(net: InceptionFeatures, images: ImageSource, batch_size: int, *,
             pools.append(pool.float().cpu().numpy())
             logits.append(logit.float().cpu().numpy())
             bar.update(len(batch) * world)
+            progress.report(desc, min(bar.n, n), n, "images")
     part = (np.concatenate(pools) if pools else np.zeros((0, POOL_DIM), np.float32),
             np.concatenate(logits) if logits else np.zeros((0, LOGITS_DIM), np.float32),
             pool_stats.to_cpu(), spatial_stats.to_cpu())

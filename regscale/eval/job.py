@@ -26,6 +26,7 @@ from regscale.errors import UserError
 from regscale.eval.features import Features, extract
 from regscale.eval.inception import InceptionFeatures, file_sha256, load_inception, resolve_weights
 from regscale.eval.metrics import frechet, inception_score, precision_recall
+from regscale.track import progress
 from regscale.eval.npz import NpzArray, check_samples, load_reference, open_images
 from regscale.fsutil import write_atomic
 from regscale.rundir import step_name
@@ -308,6 +309,8 @@ def evaluate(cfg: Config, weights: Path | dict, out_dir: Path, step: int, tracke
     ev = cfg.eval
     out_dir = Path(out_dir)
     rank, world, device = dist_setup()
+    if rank == 0:
+        progress.record_to(out_dir / progress.FILE_NAME)  # for a `regscale submit` waiting on this job
     # inputs first: no GPU time before we know the evaluation can finish
     if not ev.random_inception:
         resolve_weights(ev.inception)

@@ -24,6 +24,7 @@ from regscale.config import Config
 from regscale.errors import UserError
 from regscale.eval.npz import NpzArray, npz_members, write_npz
 from regscale.fsutil import write_atomic
+from regscale.track import progress as track_progress
 
 SETTINGS = "sampling.json"
 _SHARD = re.compile(r"^(\d{8})_(\d{8})\.npz$")
@@ -195,7 +196,8 @@ def _draw(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor]
     from regscale.sampling import sample
 
     ev = cfg.eval
-    for start, stop in tqdm(chunks, desc="sampling (rank 0's batches)", disable=not progress, mininterval=30):
+    for i, (start, stop) in enumerate(tqdm(chunks, desc="sampling (rank 0's batches)", disable=not progress,
+                                           mininterval=30)):
         y = torch.from_numpy(labels[start:stop]).to(device)
         seeds = [sample_seed(ev.seed, i) for i in range(start, stop)]
         latents, _ = sample(model, y, seeds, sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
@@ -205,6 +207,7 @@ def _draw(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor]
         path = _shard_path(shard_dir, start, stop)
         write_npz(path, {"images": (images.shape, np.uint8, [images]),
                          "labels": ((stop - start,), np.int64, [labels[start:stop]])})
+        track_progress.report("sampling", i + 1, len(chunks), "batches (rank 0)")
 
 
 def _assemble(shard_dir: Path, npz: Path, n: int, labels: np.ndarray) -> None:

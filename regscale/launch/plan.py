@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from regscale.config import Config, batch_plan, is_remote
+from regscale.config import Config, ConfigError, batch_plan, check_paths_for_training, is_remote
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -25,6 +26,7 @@ class Plan:
     checkpoints: int
     max_s_per_step_for_ckpt: float
     jobs: list[str]
+    warning: Optional[str]  # what a real submit would refuse (data.path missing, ...)
 
 
 def dataset_size(cfg: Config) -> tuple[int, str]:
@@ -36,6 +38,15 @@ def dataset_size(cfg: Config) -> tuple[int, str]:
         index = json.loads((Path(path) / "index.json").read_text())
         return sum(shard["samples"] for shard in index["shards"]), f"{path}/index.json"
     return IMAGENET_TRAIN_IMAGES, "ImageNet-1k train (assumed)"
+
+
+def refusal(cfg: Config) -> Optional[str]:
+    """Why `regscale submit` would refuse the run's files (data, weights), or None."""
+    try:
+        check_paths_for_training(cfg)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def make_plan(cfg: Config) -> Plan:
@@ -67,6 +78,7 @@ def make_plan(cfg: Config) -> Plan:
         checkpoints=t.max_steps // t.ckpt_every,
         max_s_per_step_for_ckpt=usable_s / t.ckpt_every,
         jobs=jobs,
+        warning=refusal(cfg),
     )
 
 
@@ -92,4 +104,6 @@ def format_plan(cfg: Config, plan: Plan) -> str:
         "jobs:",
     ]
     lines += [f"  - {job}" for job in plan.jobs]
+    if plan.warning:
+        lines.append(f"WARNING        {plan.warning} (a submit without --dry-run refuses this)")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 import time
@@ -12,7 +13,9 @@ from typing import Optional
 
 from regscale.errors import UserError
 from regscale.launch import runs
+from regscale.checkpoints import published
 from regscale.metrics import IMAGES_PER_S
+from regscale.rundir import CHECKPOINTS, step_name, step_of
 
 
 
@@ -51,6 +54,67 @@ def _last_metrics(run_dir: Path) -> dict:
 
 
 @dataclass
+class EvalStatus:
+    """One evaluation job: the step it evaluates (None: final), its state, its FID when done."""
+
+    job_id: str
+    step: Optional[int]
+    state: str
+    fid: Optional[float] = None
+    comparable: bool = True
+    record: Optional[Path] = None
+
+
+def eval_record_path(run_dir: Path, step: int) -> Path:
+    """Where the evaluation of checkpoint `step` writes its record (regscale.eval.job)."""
+    return run_dir / "eval" / step_name(step) / "eval_record.json"
+
+
+def read_fid(record: Path) -> tuple[Optional[float], bool]:
+    """(FID, comparable) from an evaluation record; a random Inception's FID is not comparable."""
+    metrics = json.loads(record.read_text()).get("metrics", {})
+    if "fid" in metrics:
+        return float(metrics["fid"]), True
+    if "fid_not_comparable" in metrics:
+        return float(metrics["fid_not_comparable"]), False
+    return None, True
+
+
+def local_job_state(run_dir: Path, job_id: str) -> str:
+    """State of a submitit local job from its files: the result it left, or its process."""
+    import psutil
+
+    folder = run_dir / "jobs"
+    result = folder / f"{job_id}_0_result.pkl"
+    if result.is_file():
+        with open(result, "rb") as f:
+            outcome = pickle.load(f)[0]  # ("success", value) or ("error", traceback), by submitit
+        return "COMPLETED" if outcome == "success" else "FAILED"
+    if not (folder / f"{job_id}_0_log.err").is_file():
+        return "PENDING"
+    try:
+        alive = any("submitit" in part for part in psutil.Process(int(job_id)).cmdline())
+    except (psutil.Error, ValueError):
+        alive = False
+    return "RUNNING" if alive else "FAILED"  # gone without a result: killed
+
+
+def eval_status(run_dir: Path, job: runs.JobRecord, slurm: dict[str, str], final_step: int) -> EvalStatus:
+    """An evaluation job's state (SLURM's, or the local job's files) and its FID once recorded."""
+    record = eval_record_path(run_dir, job.step if job.step is not None else final_step)
+    done = record.is_file()  # written at the job's very end
+    if job.cluster == "slurm":
+        state = slurm.get(job.id, "COMPLETED" if done else "UNKNOWN")
+    else:
+        state = "COMPLETED" if done else local_job_state(run_dir, job.id)
+    status = EvalStatus(job.id, job.step, state)
+    if done:
+        status.fid, status.comparable = read_fid(record)
+        status.record = record
+    return status
+
+
+@dataclass
 class RunStatus:
     run_dir: Path
     train_job: str
@@ -61,8 +125,11 @@ class RunStatus:
     max_steps: int
     images_per_s: Optional[float]
     eta_s: Optional[float]
-    evals: list[tuple[str, Optional[int], str]]
+    evals: list[EvalStatus]
     stop_reason: Optional[str]
+    checkpoints: list[int]
+    attempts: list[runs.Attempt]
+    stop_report: Optional[dict]
 
 
 def run_status(run_dir: Path) -> RunStatus:
@@ -89,15 +156,17 @@ def run_status(run_dir: Path) -> RunStatus:
     else:
         state = current.end.upper() if current and current.end else ("RUNNING" if current else "PENDING")
     report = run_dir / runs.STOP_REPORT
-    stop = json.loads(report.read_text())["reason"] if report.is_file() else None
-    evals = [(j.id, j.step, states.get(j.id, "local" if j.cluster == "local" else "UNKNOWN"))
-             for j in jobs if j.kind == "eval"]
+    stop = json.loads(report.read_text()) if report.is_file() else None
+    evals = [eval_status(run_dir, j, states, cfg.train.max_steps) for j in jobs if j.kind == "eval"]
+    kept = [step_of(p.name) for p in published(run_dir / CHECKPOINTS)]
     return RunStatus(run_dir, last_train.id if last_train else "-", state,
                      sum(a.job_id == last_train.id for a in attempts) - 1 if last_train and attempts else 0,
-                     step, ckpt, cfg.train.max_steps, rate, eta, evals, stop)
+                     step, ckpt, cfg.train.max_steps, rate, eta, evals, stop["reason"] if stop else None,
+                     sorted(kept), attempts, stop)
 
 
-def _duration(seconds: Optional[float]) -> str:
+def format_duration(seconds: Optional[float]) -> str:
+    """`-`, `4m05s` or `2h07m`."""
     if seconds is None:
         return "-"
     minutes = int(seconds // 60)
@@ -113,20 +182,57 @@ def find_runs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if (p / "config.yaml").is_file())
 
 
+def _fid(ev: EvalStatus) -> str:
+    return "-" if ev.fid is None else f"{ev.fid:.2f}" + ("" if ev.comparable else "*")
+
+
+def _evaluated(ev: EvalStatus) -> str:
+    return "final" if ev.step is None else f"step {ev.step}"
+
+
+def _when(unix: Optional[float]) -> str:
+    return "-" if unix is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
+
+
+def _attempt_line(a: runs.Attempt) -> str:
+    if a.job_id == "resume":
+        return f"  attempt  {_when(a.started_at)}  regscale resume from step {a.start_step}"
+    end = "running (or killed)" if a.end is None else f"{a.end} at step {a.end_step} ({_when(a.ended_at)})"
+    error = f": {a.error}" if a.error else ""
+    return f"  attempt  {_when(a.started_at)}  job {a.job_id} restart {a.restart}, from step {a.start_step} -> {end}{error}"
+
+
+def _detail(st: RunStatus) -> list[str]:
+    lines = [f"  run dir          {st.run_dir}",
+             f"  checkpoints      {', '.join(map(str, st.checkpoints)) or 'none yet'}"
+             + (f" (newest: step {st.ckpt_step})" if st.checkpoints else "")]
+    lines += [_attempt_line(a) for a in st.attempts]
+    for ev in st.evals:
+        lines.append(f"  eval job {ev.job_id:<8} {_evaluated(ev):<12} {ev.state:<10} FID {_fid(ev)}"
+                     + (f"  {ev.record}" if ev.record else ""))
+    if st.stop_report:
+        r = st.stop_report
+        lines.append(f"  STOPPED at step {r.get('step')} ({_when(r.get('stopped_at'))}, job {r.get('job_id')}, "
+                     f"{r.get('attempts')} attempts): {r.get('reason')}")
+        lines.append(f"  to continue      {r.get('resume')}")
+    return lines
+
+
 def format_status(items: list[RunStatus], detail: bool) -> str:
-    header = f"{'run':<28} {'train job':<12} {'state':<12} {'requeues':>8} {'step':>15} {'img/s':>8} {'ETA':>8}"
+    header = (f"{'run':<28} {'train job':<12} {'state':<12} {'requeues':>8} {'step':>15} {'img/s':>8} "
+              f"{'ETA':>8}  evaluations (state, FID)")
     lines = [header]
     for st in items:
         rate = f"{st.images_per_s:.1f}" if st.images_per_s else "-"
+        evals = ", ".join(f"{_evaluated(ev)} {ev.state} {_fid(ev)}" for ev in st.evals)
         lines.append(f"{st.run_dir.name:<28} {st.train_job:<12} {st.state:<12} {max(st.requeues, 0):>8} "
-                     f"{f'{st.step}/{st.max_steps}':>15} {rate:>8} {_duration(st.eta_s):>8}")
+                     f"{f'{st.step}/{st.max_steps}':>15} {rate:>8} {format_duration(st.eta_s):>8}  {evals or '-'}")
         if detail:
-            lines.append(f"  run dir          {st.run_dir}")
-            lines.append(f"  last checkpoint  step {st.ckpt_step}")
-            for job_id, step, state in st.evals:
-                lines.append(f"  eval job {job_id:<8} {'final' if step is None else f'step {step}':<12} {state}")
-        if st.stop_reason:
+            lines += _detail(st)
+        elif st.stop_reason:
             lines.append(f"  STOPPED: {st.stop_reason}")
+    if any(not ev.comparable for st in items for ev in st.evals):
+        lines.append("* FID from a random Inception network (eval.random_inception): not comparable")
     return "\n".join(lines)
 
 

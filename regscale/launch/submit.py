@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from regscale.config import (RESUMABLE_KEYS, Config, ConfigError, check_paths_for_training, load_config,
                              resumable, to_yaml)
@@ -166,12 +166,15 @@ def submit_slurm(cfg: Config, launcher: Launcher, run_dir: Path) -> Submitted:
     return Submitted(run_dir, job.job_id, _chain_evals(launcher, cfg, run_dir, job.job_id), mlflow)
 
 
-def _wait_local(job: Any, what: str, run_dir: Path) -> bool:
-    """Wait for a local job; print where its log is and how it ended."""
+def _wait_local(job: Any, what: str, run_dir: Path, updates: Callable[[], Any]) -> bool:
+    """Wait for a local job, showing its progress; print where its log is and how it ended."""
     import submitit
+
+    from regscale.launch.follow import follow
 
     print(f"{what}: local job {job.job_id}, log {job.paths.stdout.parent}", flush=True)
     try:
+        follow(job, updates)
         result = job.results()[0]
     except KeyboardInterrupt:
         job.cancel(check=False)  # the local processes must not outlive the command
@@ -183,31 +186,38 @@ def _wait_local(job: Any, what: str, run_dir: Path) -> bool:
         if report.is_file():
             print(f"stop report: {report}", file=sys.stderr)
         return False
-    print(f"{what}: {result if isinstance(result, str) else 'done'}", flush=True)
+    if isinstance(result, str):
+        print(f"{what}: {result}", flush=True)
     return True
 
 
 def run_local(cfg: Config, launcher: Launcher, run_dir: Path) -> Submitted:
     """The same chain on this machine, one job after the other: train, intermediate evals, final eval."""
+    from regscale.launch.follow import EvaluationFollower, TrainingFollower, format_result
     from regscale.launch.job import EvalJob, TrainJob
+    from regscale.launch.status import eval_record_path
 
     mlflow = mlflow_run_id(cfg, run_dir)
     print(f"run dir    {run_dir}\nMLflow run {mlflow}", flush=True)
     job = launcher.submit(TrainJob(str(run_dir)), str(cfg.run.name))
     train_id = job.job_id
     runs.add_jobs(run_dir, [runs.JobRecord(train_id, "train", "local")])
-    if not _wait_local(job, "training", run_dir):
+    if not _wait_local(job, "training", run_dir, TrainingFollower(run_dir, cfg)):
         raise UserError(f"training failed; logs under {job.paths.stdout.parent}; nothing evaluated")
     evals = []
     for step in [*cfg.eval.at_steps, None]:
         if step is not None and not (run_dir / CHECKPOINTS / step_name(step)).is_dir():
             print(f"eval @ step {step}: no checkpoint kept for that step (train.keep_every), skipped")
             continue
+        evaluated = cfg.train.max_steps if step is None else step
+        record = eval_record_path(run_dir, evaluated)
+        follower = EvaluationFollower(record.parent)  # before the job starts writing its progress
         job = launcher.submit(EvalJob(str(run_dir), step), f"{cfg.run.name}-eval")
         runs.add_jobs(run_dir, [runs.JobRecord(job.job_id, "eval", "local", step=step)])
         evals.append(job.job_id)
-        if not _wait_local(job, f"evaluation @ step {step or cfg.train.max_steps}", run_dir):
+        if not _wait_local(job, f"evaluation @ step {evaluated}", run_dir, follower):
             raise UserError(f"evaluation failed; logs under {job.paths.stdout.parent}")
+        print(format_result(record), flush=True)
     return Submitted(run_dir, train_id, evals, mlflow)
 
 

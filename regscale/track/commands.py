@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,29 +40,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Serve the MLflow UI for the store on 127.0.0.1 until interrupted."""
+    """Serve the MLflow UI for the store on 127.0.0.1 until Ctrl-C or SIGTERM."""
+    from regscale.track.ui import serve
+
     uri = _store(args)
     if not uri.startswith("sqlite:"):
         print(f"runs are on the tracking server {uri}: open it in a browser")
         return 0
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
-        try:
-            probe.bind(("127.0.0.1", args.port))
-        except OSError:
-            raise UserError(f"port {args.port} on 127.0.0.1 is in use; choose another with --port") from None
-    artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
-               "--port", str(args.port), "--workers", str(args.workers)]
-    print(f"MLflow UI at http://127.0.0.1:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
-    server = subprocess.Popen(command)
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
-        server.terminate()
-        server.wait()
-        raise
+    return serve(uri, args.port, args.workers)
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -91,9 +74,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_compare)
 
     p = verbs.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the runs' store",
-                         description="Start `mlflow ui` bound to 127.0.0.1 on the runs' store and "
-                         "print its address.")
-    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
-    p.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
+                         description="Start the MLflow UI bound to 127.0.0.1 on the runs' store; say "
+                         "where once it answers; Ctrl-C or SIGTERM stops it whole.")
+    p.add_argument("--port", type=int, default=5000, help="port, 1-65535 (default: 5000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server worker processes, 1 to 2 x the CPU cores (default: 1)")
     _store_args(p)
     p.set_defaults(fn=cmd_ui)

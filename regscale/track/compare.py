@@ -125,21 +125,29 @@ def _labels(summaries: list[RunSummary]) -> list[str]:
     return [f"{s.name} ({s.run_id[:8]})" if names.count(s.name) > 1 else s.name for s in summaries]
 
 
-def _fmt(value: Optional[float], digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _fmt(value: Optional[float], digits: Optional[int], missing: str) -> str:
+    """A number with `digits` decimals (None: every digit), or `missing`."""
+    if value is None:
+        return missing
+    return repr(float(value)) if digits is None else f"{value:.{digits}f}"
 
 
-def rows(summaries: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
-    """The comparison as a header and string rows (the terminal table and the CSV)."""
+def rows(summaries: list[RunSummary], exact: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The comparison as a header and string rows: rounded for the terminal table; `exact` for
+    the CSV (every digit, empty cells where there is no value, so spreadsheets read numbers)."""
     keys = differing_params(summaries)
-    header = ["run", "run id", *keys, "status", "step", "best FID", "at step", "images/s", "GPU hours"]
+    header = ["run", "run id", *keys, "status", "step", "best FID", "comparable", "at step", "images/s",
+              "GPU hours"]
+    missing = "" if exact else "-"
     body = []
     for label, s in zip(_labels(summaries), summaries):
         body.append([label, s.run_id, *(s.params.get(k, "") for k in keys), s.status,
-                     "-" if s.last_step is None else str(s.last_step),
-                     _fmt(s.best_fid, 2) + ("" if s.fid_comparable or s.best_fid is None else "*"),
-                     "-" if s.best_fid_step is None else str(s.best_fid_step),
-                     _fmt(s.images_per_s, 1), _fmt(s.gpu_hours, 2)])
+                     missing if s.last_step is None else str(s.last_step),
+                     _fmt(s.best_fid, None if exact else 2, missing),
+                     missing if s.best_fid is None else ("yes" if s.fid_comparable else "no"),
+                     missing if s.best_fid_step is None else str(s.best_fid_step),
+                     _fmt(s.images_per_s, None if exact else 1, missing),
+                     _fmt(s.gpu_hours, None if exact else 2, missing)])
     return header, body
 
 
@@ -151,9 +159,9 @@ def render_table(summaries: list[RunSummary]) -> str:
     header, body = rows(summaries)
     comparable = all(s.fid_comparable for s in summaries)
     table = Table(title=f"{len(summaries)} runs (recipe keys that differ; best FID at its step)",
-                  caption=None if comparable else "* random Inception network: not comparable")
+                  caption=None if comparable else "comparable no: a random Inception network's FID")
     for i, name in enumerate(header):
-        table.add_column(name, justify="right" if i >= len(header) - 5 else "left", overflow="fold")
+        table.add_column(name, justify="right" if i >= len(header) - 6 else "left", overflow="fold")
     for row in body:
         table.add_row(*[row[0], row[1][:8], *row[2:]])
     out = io.StringIO()
@@ -162,8 +170,8 @@ def render_table(summaries: list[RunSummary]) -> str:
 
 
 def write_csv(summaries: list[RunSummary], path: Path) -> None:
-    """The same rows as the table, full run ids, written atomically."""
-    header, body = rows(summaries)
+    """The same rows as the table with full run ids and every digit, written atomically."""
+    header, body = rows(summaries, exact=True)
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)

@@ -12,14 +12,17 @@ step already logged: on reopen the last step of every key is read back from the 
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -42,6 +45,8 @@ GPU_HOURS_FILE = "mlflow_gpu_hours"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 EVAL_PREFIX = "eval/"  # evaluation metrics mirrored on the training run: eval/fid, eval/sfid, ...
 GPU_HOURS = "gpu_hours"
+# MLflow 3 files an experiment without a kind under GenAI (traces, evaluations); this is model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 _BATCH = 1000  # MLflow's limit on metrics per log_batch
 _PARAM_BATCH = 100  # and on params / tags
@@ -86,6 +91,21 @@ def _git_tags() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def command_line() -> str:
+    """This process's command as the user typed it: `regscale VERB ...` for the CLI."""
+    argv = sys.argv
+    if argv and Path(argv[0]).name in ("regscale", "cli.py"):
+        argv = ["regscale", *argv[1:]]
+    return shlex.join(argv)
+
+
+def source_tags() -> dict[str, str]:
+    """The run's Source and User in the MLflow UI: the command that created it (type JOB: the UI
+    shows a LOCAL source's last path component only), and who ran it."""
+    return {"mlflow.source.name": command_line(), "mlflow.source.type": "JOB",
+            "mlflow.user": getpass.getuser()}
 
 
 def world_size(cfg: Config) -> int:
@@ -151,6 +171,8 @@ class Tracker:
                  params: dict[str, str], tags: dict[str, str], files: dict[str, Path], world: int) -> None:
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at" per run end
         # Our worker retries with its own backoff; MLflow's (7 retries, minutes) would stall it.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(_CONNECT_TIMEOUT_S))
@@ -178,6 +200,7 @@ class Tracker:
         self._retry_at = 0.0
         self._consumed: list[Path] = []  # pending files whose operations are queued
         self._t0 = self._gpu_saved = time.monotonic()
+        self._started_ms = _now_ms()  # an evaluation's child run starts when its job attached
         gpu_file = self.run_dir / GPU_HOURS_FILE
         self._gpu_hours0 = float(gpu_file.read_text()) if owner and gpu_file.is_file() else 0.0
         self._worker = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
@@ -297,8 +320,8 @@ class Tracker:
         exp = client.get_experiment_by_name(self._experiment)
         if exp is None:
             try:
-                exp_id = client.create_experiment(self._experiment,
-                                                  artifact_location=artifact_location(self.uri))
+                exp_id = client.create_experiment(self._experiment, artifact_location=artifact_location(self.uri),
+                                                  tags=EXPERIMENT_KIND)
             except MlflowException:  # another job created it meanwhile
                 exp = client.get_experiment_by_name(self._experiment)
                 if exp is None:
@@ -309,7 +332,10 @@ class Tracker:
                             "it or choose another mlflow.experiment")
         else:
             exp_id = exp.experiment_id
-        tags = {"regscale.run_dir": str(self.run_dir.resolve()), "regscale.attempt": "0"}
+            for key, value in EXPERIMENT_KIND.items():  # experiments made before regscale set it
+                if exp.tags.get(key) != value:
+                    client.set_experiment_tag(exp_id, key, value)
+        tags = {"regscale.run_dir": str(self.run_dir.resolve()), "regscale.attempt": "0", **source_tags()}
         run = client.create_run(exp_id, run_name=self._run_name, tags=tags)
         write_atomic(stored, run.info.run_id + "\n")
 
@@ -350,7 +376,8 @@ class Tracker:
         self._put({"op": "metrics", "metrics": values, "step": int(step), "ts": _now_ms()})
 
     def log_image(self, path: Path, step: int) -> None:
-        """Log a sample grid as samples/step_XXXXXXXX.png (copied now: the caller may reuse the file)."""
+        """Log a sample grid as samples/step_XXXXXXXX.<its suffix> (copied now: the caller may reuse
+        the file)."""
         dest = self.run_dir / OUTBOX / f"{step_name(step)}{Path(path).suffix or '.png'}"
         try:
             dest.parent.mkdir(exist_ok=True)
@@ -369,11 +396,15 @@ class Tracker:
         """Set run tags (values as strings)."""
         self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-    def log_eval(self, metrics: dict[str, float], step: int, info: dict[str, Any]) -> None:
+    def log_eval(self, metrics: dict[str, float], step: int, info: dict[str, Any],
+                 started: Optional[float] = None) -> None:
         """Record an evaluation of the checkpoint at training `step`: a nested child run (`info` as
-        params, `metrics`), and each metric mirrored on the training run as eval/<name> at `step`."""
+        params, `metrics`) that ran from `started` (Unix time; default: when this tracker was made,
+        i.e. when the evaluation job began) to now, and each metric mirrored on the training run
+        as eval/<name> at `step`."""
         self._put({"op": "eval", "metrics": {k: float(v) for k, v in metrics.items()},
-                   "step": int(step), "info": {k: str(v) for k, v in info.items()}, "ts": _now_ms()})
+                   "step": int(step), "info": {k: str(v) for k, v in info.items()}, "ts": _now_ms(),
+                   "start": int(started * 1000) if started is not None else self._started_ms})
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued is delivered (retrying now if the server was away);
@@ -560,10 +591,13 @@ class Tracker:
         if found:
             child = found[0].info.run_id
         else:
+            source = client.get_run(parent).data.tags  # the command that submitted the chain
             child = client.create_run(self._experiment_id, run_name=f"{self._run_name}-eval-{op['step']}",
-                                      start_time=op["ts"], tags={
+                                      start_time=op.get("start", op["ts"]), tags={
                                           "mlflow.parentRunId": parent, "regscale.kind": "eval",
                                           "regscale.eval_id": eval_id, "regscale.step": str(op["step"]),
+                                          **source_tags(),
+                                          **{k: v for k, v in source.items() if k.startswith("mlflow.source.")},
                                       }).info.run_id
         self._log_batch(child, params=op["info"],
                         metrics=[Metric(k, v, op["ts"], op["step"]) for k, v in op["metrics"].items()])

@@ -2,7 +2,8 @@
 
 Rank 0 alone, from the checkpoint just published (so no collective is needed whatever the
 engine): EMA weights -> a plain SiT -> the eval sampler with per-sample seeds -> VAE decode ->
-a PNG grid at <run_dir>/samples/step_XXXXXXXX.png.
+a JPEG grid at <run_dir>/samples/step_XXXXXXXX.jpg (quality 90: a 4x4 grid of 256 px
+samples is ~0.2-0.6 MB, against 2.5 MB as PNG).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from regscale.rundir import step_name
 
 GRID = 16
 MAX_STEPS = 50  # a preview, not an evaluation: fewer sampler steps than eval.steps
+JPEG_QUALITY = 90
 
 
 def sample_grid(cfg: Config, run_dir: Path, step: int, device: torch.device) -> Path:
-    """Write and return the PNG grid of EMA samples of checkpoint `step`."""
+    """Write and return the JPEG grid of EMA samples of checkpoint `step`."""
     from PIL import Image
 
     from regscale.models import build_model_from_config
@@ -45,7 +47,7 @@ def sample_grid(cfg: Config, run_dir: Path, step: int, device: torch.device) -> 
     side = int(math.sqrt(GRID))
     b, c, h, w = images.shape
     grid = images.reshape(side, side, c, h, w).transpose(0, 3, 1, 4, 2).reshape(side * h, side * w, c)
-    out = run_dir / "samples" / f"{step_name(step)}.png"
+    out = run_dir / "samples" / f"{step_name(step)}.jpg"
     with atomic_path(out) as tmp:
-        Image.fromarray(np.ascontiguousarray(grid)).save(tmp)
+        Image.fromarray(np.ascontiguousarray(grid)).save(tmp, format="JPEG", quality=JPEG_QUALITY)
     return out
