@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -223,9 +224,7 @@ class CheckpointStore:
             fsync_dir(sub)
         write_atomic(tmp / MANIFEST, json.dumps(_jsonable(manifest), indent=1))
         if final.exists():  # the same step saved again (after a rollback): replace it whole
-            aside = self.root / f".trash_{final.name}_{int(time.time() * 1e6)}"
-            os.replace(final, aside)
-            shutil.rmtree(aside, ignore_errors=True)
+            self._discard(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
         write_atomic(self.root / LATEST, final.name + "\n")
@@ -243,6 +242,12 @@ class CheckpointStore:
                 keep.add(path.name)
         for path in dirs:
             if path.name not in keep:
-                aside = self.root / f".trash_{path.name}"
-                os.replace(path, aside)
-                shutil.rmtree(aside, ignore_errors=True)
+                self._discard(path)
+
+    def _discard(self, path: Path) -> None:
+        """Rename a checkpoint out of sight at once and delete its files in the background (what
+        is left when the process ends, `clean_stale` removes at the next start)."""
+        aside = self.root / f".trash_{path.name}_{time.time_ns()}"
+        os.replace(path, aside)
+        threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True},
+                         name="regscale-retention", daemon=True).start()
