@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+
 def cmd_train(args: argparse.Namespace) -> int:
     """One training process (start one per GPU: srun, torchrun, or plain for one process)."""
     from regscale.config import check_paths_for_training, load_config
