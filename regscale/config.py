@@ -255,6 +255,9 @@ class EvalConfig:
     guidance_high: float = 1.0
     labels: str = "uniform"  # uniform | balanced
     seed: int = 0
+    precision: str = "fp32"  # the model while sampling: fp32 (published) | bf16 (autocast)
+    compile: bool = False  # torch.compile the model for sampling
+    pr_distances: str = "float16"  # precision/recall distances: float16 (ADM) | float32
     ref_batch: Optional[str] = None  # VIRTUAL_imagenet256_labeled.npz
     inception: Optional[str] = None  # TF-ported Inception weights; None: the torch-fidelity cache
     random_inception: bool = False  # smoke only: metrics are tagged as not comparable
@@ -277,6 +280,8 @@ class EvalConfig:
             raise ConfigError(f"'eval.guidance_low' ({self.guidance_low}) must be <= 'eval.guidance_high' "
                               f"({self.guidance_high})")
         _choice("eval.labels", self.labels, ("uniform", "balanced"))
+        _choice("eval.precision", self.precision, ("fp32", "bf16"))
+        _choice("eval.pr_distances", self.pr_distances, ("float16", "float32"))
 
 
 @dataclass

@@ -5,15 +5,35 @@ state in float64. Classifier-free guidance acts on both streams (separate scales
 guidance_low <= t <= guidance_high; there the conditional and unconditional branches run as one
 batched forward, elsewhere only the conditional branch runs. Sample i's noise comes only from
 seeds[i] (its own generator), so results do not depend on the batch size or the number of GPUs.
+The model runs in float32 (published) or under bfloat16 autocast (`precision="bf16"`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import ContextManager, Sequence
 
 import torch
 from torch import nn
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the model's compute dtype while sampling
+
+
+def model_precision(precision: str, device: torch.device) -> ContextManager:
+    """The context the model's forward runs in: nothing for fp32, autocast for bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}; got {precision!r}")
+    if PRECISIONS[precision] == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def compile_for_sampling(model: nn.Module) -> nn.Module:
+    """torch.compile of the whole model with static shapes: one graph per batch size met (the
+    batch, its guided double and a shorter last batch), no dynamic-shape kernels."""
+    return torch.compile(model, dynamic=False)
 
 
 def sde_time_grid(steps: int) -> torch.Tensor:
@@ -58,8 +78,9 @@ class _Guided:
     """The model's (image, class-token) velocity at one time, with CFG inside the interval."""
 
     def __init__(self, model: nn.Module, labels: torch.Tensor, cfg_scale: float, cls_cfg_scale: float,
-                 guidance_low: float, guidance_high: float) -> None:
+                 guidance_low: float, guidance_high: float, precision: str) -> None:
         self.model, self.labels = model, labels
+        self.autocast = model_precision(precision, labels.device)  # re-entered at every call
         self.null = torch.full_like(labels, model.num_classes)
         self.cfg_scale, self.cls_cfg_scale = cfg_scale, cls_cfg_scale
         self.low, self.high = guidance_low, guidance_high
@@ -74,11 +95,13 @@ class _Guided:
         n = x.shape[0]
         if not self.guided_at(t):
             time = torch.full((n,), t, device=x.device, dtype=self.dtype)
-            v, _, v_cls = self.model(x.to(self.dtype), time, self.labels, cls.to(self.dtype))
+            with self.autocast:
+                v, _, v_cls = self.model(x.to(self.dtype), time, self.labels, cls.to(self.dtype))
             return v.double(), v_cls.double()
         time = torch.full((2 * n,), t, device=x.device, dtype=self.dtype)
-        v, _, v_cls = self.model(torch.cat([x, x]).to(self.dtype), time, torch.cat([self.labels, self.null]),
-                                 torch.cat([cls, cls]).to(self.dtype))
+        with self.autocast:
+            v, _, v_cls = self.model(torch.cat([x, x]).to(self.dtype), time, torch.cat([self.labels, self.null]),
+                                     torch.cat([cls, cls]).to(self.dtype))
         v_c, v_u = v.double().chunk(2)
         c_c, c_u = v_cls.double().chunk(2)
         v = v_u + self.cfg_scale * (v_c - v_u)
@@ -90,7 +113,7 @@ class _Guided:
 @torch.no_grad()
 def sample(model: nn.Module, labels: torch.Tensor, seeds: Sequence[int], *, sampler: str = "sde",
            steps: int = 250, cfg_scale: float = 1.0, cls_cfg_scale: float = 1.0, guidance_low: float = 0.0,
-           guidance_high: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+           guidance_high: float = 1.0, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Latents [B,C,H,W] (scaled, as the model sees them) and class tokens [B,D], float32.
 
     sampler "sde": Euler-Maruyama with w(t) = 2t, `steps` model calls (published: 250).
@@ -98,13 +121,14 @@ def sample(model: nn.Module, labels: torch.Tensor, seeds: Sequence[int], *, samp
     Guidance (when a scale is not 1, for guidance_low <= t <= guidance_high) gives
     uncond + scale * (cond - uncond), with cfg_scale for the image and cls_cfg_scale for the class
     token; as upstream, cls_cfg_scale <= 0 keeps the class token's conditional drift.
+    precision "fp32" (published) runs the model as it is; "bf16" under bfloat16 autocast.
     """
     if len(seeds) != labels.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels but {len(seeds)} seeds: one seed per sample")
     device = labels.device
     noise = _PerSampleNoise(seeds, device, (model.in_channels, model.input_size, model.input_size), model.cls_token_dim)
     x, cls = noise()
-    velocity = _Guided(model, labels, cfg_scale, cls_cfg_scale, guidance_low, guidance_high)
+    velocity = _Guided(model, labels, cfg_scale, cls_cfg_scale, guidance_low, guidance_high, precision)
     if sampler == "sde":
         x, cls = _euler_maruyama(velocity, x, cls, sde_time_grid(steps).tolist(), noise)
     elif sampler == "ode":

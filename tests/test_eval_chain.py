@@ -59,11 +59,16 @@ def test_tiny_chain_with_random_networks(tmp_path, one_thread):
     assert record["evaluator"]["version"] and "RANDOM" in record["evaluator"]["network"]
     assert record["settings"]["cfg_scale"] == 1.5 and record["settings"]["guidance_high"] == 0.85
     assert record["samples"]["count"] == 4 and record["samples"]["labels"] == "uniform"
+    assert record["settings"]["precision"] == "fp32" and record["settings"]["compile"] is False
+    assert record["inception_score"] == {"chunk_sizes": [4]}  # ADM's chunks of 5,000: one short chunk
+    assert record["precision_recall"] == {"distances": "float16", "float32_blocks": 0, "blocks": 3}
+    assert any("0 log 0" in line for line in record["evaluator"]["adm_undefined"])
     assert json.loads((tmp_path / "eval" / RECORD).read_text()) == json.loads(json.dumps(record, default=str))
     with np.load(tmp_path / "eval" / "samples.npz") as npz:
         assert npz["arr_0"].shape == (4, 64, 64, 3) and npz["arr_0"].dtype == np.uint8
     (metrics, step, info), = tracker.evals
     assert step == 20 and metrics == record["metrics"] and info["comparable"] is False
+    assert info["precision"] == "fp32" and info["pr_distances"] == "float16"
     assert tracker.artifacts == [(tmp_path / "eval" / RECORD, "eval/step_00000020")]
 
 

@@ -79,18 +79,18 @@ def test_inception_score_matches_entropy_formula():
     rng = np.random.default_rng(2)
     logits = rng.standard_normal((1000, 1008)).astype(np.float32) * 4
     expected = []
-    for part in np.split(logits.astype(np.float64), 10):
+    for part in np.split(logits.astype(np.float64), [100 * i for i in range(1, 10)]):
         p = scipy.special.softmax(part, axis=1)
         # E_x KL(p(y|x) || p(y)) = H(p(y)) - E_x H(p(y|x))
         expected.append(np.exp(scipy.stats.entropy(p.mean(0)) - scipy.stats.entropy(p, axis=1).mean()))
-    assert inception_score(logits, splits=10) == pytest.approx(np.mean(expected), rel=1e-9)
+    assert inception_score(logits, split_size=100) == pytest.approx(np.mean(expected), rel=1e-9)
 
 
 def test_inception_score_extremes():
     assert inception_score(np.zeros((50, 1008))) == pytest.approx(1.0)
-    confident = np.full((100, 1008), -1e4)
-    confident[np.arange(100), np.arange(100)] = 1e4  # 10 splits of 10 distinct sure classes
-    assert inception_score(confident, splits=10) == pytest.approx(10.0, rel=1e-6)
+    confident = np.full((100, 1008), -1e4)  # every probability but one underflows: 0 log 0 = 0
+    confident[np.arange(100), np.arange(100)] = 1e4  # chunks of 10 distinct sure classes
+    assert inception_score(confident, split_size=10) == pytest.approx(10.0, rel=1e-6)
 
 
 def _brute_force_pr(ref: np.ndarray, smp: np.ndarray, k: int) -> tuple[float, float]:
@@ -111,10 +111,11 @@ def test_precision_recall_match_brute_force_knn(block):
     ref = rng.standard_normal((60, 6))
     smp = rng.standard_normal((45, 6)) * 1.3 + 0.4
     expected = _brute_force_pr(ref, smp, k=3)
-    got = precision_recall(ref, smp, k=3, block=block, dtype=torch.float64)
-    assert got == pytest.approx(expected, abs=1e-12)
-    assert 0.0 < got[0] < 1.0 and 0.0 < got[1] < 1.0  # the sets overlap only partly: a real test
-    assert precision_recall(ref, ref, k=3) == (1.0, 1.0)
+    got = precision_recall(ref, smp, k=3, block=block, distances="float32")
+    assert (got.precision, got.recall) == pytest.approx(expected, abs=1e-12)
+    assert 0.0 < got.precision < 1.0 and 0.0 < got.recall < 1.0  # the sets overlap only partly: a real test
+    same = precision_recall(ref, ref, k=3)
+    assert (same.precision, same.recall) == (1.0, 1.0)
 
 
 def test_spatial_features_are_hwc_flattened_first_seven_channels():

@@ -4,6 +4,7 @@ processes, bitwise) and of batch size (to float rounding); labels; resume after 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -114,3 +115,14 @@ def test_preempted_sampling_resumes_from_its_shards(tmp_path, one_thread):
     np.testing.assert_array_equal(resumed, reference)
     with pytest.raises(UserError, match="other settings \\(cfg_scale: 1.5 -> 2.0\\)"):
         _generate(tiny_eval_config("eval.cfg_scale=2.0"), state, tmp_path / "run")
+    with pytest.raises(UserError, match="other settings \\(precision: 'fp32' -> 'bf16'\\)"):
+        _generate(tiny_eval_config("eval.precision=bf16"), state, tmp_path / "run")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.precision=fp16", "'eval.precision' must be one of fp32, bf16; got 'fp16'"),
+    ("eval.pr_distances=float64", "'eval.pr_distances' must be one of float16, float32; got 'float64'"),
+])
+def test_eval_precision_settings_are_checked_when_loaded(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        tiny_eval_config(override)

@@ -135,3 +135,32 @@ def test_class_token_scale_zero_means_unguided_conditional():
     model = GaussianVelocity()
     sample(model, torch.tensor([1, 2]), [0, 1], steps=4, cfg_scale=1.0, cls_cfg_scale=0.0)
     assert all(n == 2 for _, n, _ in model.calls)  # nothing to guide: no unconditional branch
+
+
+def test_bf16_precision_runs_the_model_under_autocast(tiny_model):
+    labels, seeds = torch.tensor([1, 2, 10]), [3, 4, 5]
+    kwargs = dict(steps=4, cfg_scale=1.8, cls_cfg_scale=1.8, guidance_high=0.7)
+    out_dtypes = []
+    hook = tiny_model.final_layer.linear.register_forward_hook(lambda m, i, o: out_dtypes.append(o.dtype))
+    try:
+        x32, c32 = sample(tiny_model, labels, seeds, **kwargs)
+        x16, c16 = sample(tiny_model, labels, seeds, precision="bf16", **kwargs)
+    finally:
+        hook.remove()
+    assert set(out_dtypes[:4]) == {torch.float32} and set(out_dtypes[4:]) == {torch.bfloat16}
+    assert x16.dtype == torch.float32 and c16.dtype == torch.float32  # the state stays float64 -> float32
+    diff = (x16 - x32).abs().max().item()
+    assert 0 < diff < 0.05 * x32.abs().max().item()  # bf16 rounding of the same computation
+    with pytest.raises(ValueError, match="precision must be one of"):
+        sample(tiny_model, labels, seeds, precision="fp16", steps=3)
+
+
+def test_compiled_model_samples_as_the_eager_one(tiny_model):
+    from regscale.sampling import compile_for_sampling
+
+    labels, seeds = torch.tensor([1, 2, 10]), [3, 4, 5]
+    kwargs = dict(steps=4, cfg_scale=1.8, cls_cfg_scale=1.8, guidance_high=1.0)  # every call guided: 1 graph
+    compiled = compile_for_sampling(tiny_model)
+    assert compiled is not tiny_model and compiled.num_classes == tiny_model.num_classes
+    eager, got = sample(tiny_model, labels, seeds, **kwargs), sample(compiled, labels, seeds, **kwargs)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)

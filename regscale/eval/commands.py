@@ -83,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         record = evaluate_samples(samples, args.ref, inception=args.inception,
                                   random_inception=args.random_inception, batch_size=args.batch_size,
-                                  num_samples=args.num_samples)
+                                  num_samples=args.num_samples, pr_distances=args.pr_distances)
     finally:
         teardown()
     if record is None:  # not rank 0
@@ -124,6 +124,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
                    help="random network for tests only: every number is tagged not comparable")
     p.add_argument("--batch-size", type=int, default=100, help="images per forward, per process")
     p.add_argument("--num-samples", type=int, help="use the first N samples and require that many (default: all)")
+    p.add_argument("--pr-distances", choices=("float16", "float32"), default="float16",
+                   help="precision/recall distances: float16 as ADM (default), or float32")
     p.add_argument("--out", help="record JSON (default: SAMPLES.eval.json)")
     p.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
     p.set_defaults(fn=cmd_eval)

@@ -12,18 +12,17 @@ only, `eval.random_inception=true`) gives numbers that are comparable to nothing
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import math
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from regscale.errors import UserError
-from regscale.eval.metrics import spatial_features
+from regscale.eval.metrics import exact_float32, spatial_features
 
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                "weights-inception-2015-12-05-6726825d.pth")
@@ -83,17 +82,6 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _exact_float32() -> Iterator[None]:
-    """No TF32 in convolutions/matmuls while extracting (the TF evaluator ran in full fp32)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 class InceptionFeatures(nn.Module):
     """uint8 images [B,3,H,W] -> (pool3 [B,2048], sFID features [B,2023], logits [B,1008]).
 
@@ -116,7 +104,7 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"Inception expects uint8 images [B,3,H,W]; got {images.dtype} {tuple(images.shape)}")
-        with _exact_float32():
+        with exact_float32():
             pool, logits = self.net(images)
             spatial = spatial_features(self._spatial).float()
         self._spatial = None

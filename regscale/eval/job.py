@@ -25,17 +25,19 @@ from regscale.config import Config, config_hash, is_remote
 from regscale.errors import UserError
 from regscale.eval.features import Features, extract
 from regscale.eval.inception import InceptionFeatures, file_sha256, load_inception, resolve_weights
-from regscale.eval.metrics import frechet, inception_score, precision_recall
-from regscale.track import progress
+from regscale.eval.metrics import (ADM_UNDEFINED, IS_SPLIT_SIZE, chunk_sizes, frechet, inception_score,
+                                   precision_recall)
 from regscale.eval.npz import NpzArray, check_samples, load_reference, open_images
 from regscale.fsutil import write_atomic
 from regscale.rundir import step_name
+from regscale.track import progress
 
 # Bump when anything that changes the numbers changes (network port, preprocessing, formulas).
-EVALUATOR_VERSION = "regscale-adm-1"
+EVALUATOR_VERSION = "regscale-adm-2"
 PROTOCOL = ("ADM (guided-diffusion evaluations/evaluator.py): FID on pool_3, sFID on mixed_6/conv[..., :7] "
-            "flattened HWC, IS on softmax(pool_3 @ W) in 10 splits, precision/recall with k=3 manifolds "
-            "on pool_3; Frechet distance in float64")
+            "flattened HWC, IS on softmax(pool_3 @ W) in consecutive chunks of 5,000 (the last one "
+            "shorter), precision/recall with k=3 manifolds on pool_3 from float16 distance blocks of "
+            "10,000 x 10,000 (float32 for a block with a non-finite entry); Frechet distance in float64")
 RECORD = "eval_record.json"
 MAX_SHARD_REFERENCE = 10_000  # the ADM reference batch's size
 
@@ -160,9 +162,11 @@ def open_reference(ref_batch: Optional[str], cfg: Optional[Config], random_incep
 
 
 def score(samples: NpzArray, reference: Reference, net: InceptionFeatures, *, batch_size: int,
-          device: torch.device, num_samples: Optional[int] = None) -> Optional[dict[str, Any]]:
+          device: torch.device, num_samples: Optional[int] = None,
+          pr_distances: str = "float16") -> Optional[dict[str, Any]]:
     """FID, sFID, IS, precision, recall of `samples` (all of them, as ADM, unless num_samples).
-    Runs on every rank; on rank 0 {"metrics": {...}, "frechet": {metric: method}}, else None."""
+    Runs on every rank; on rank 0 {"metrics": {...}, "frechet": {metric: method}, "inception_score":
+    {...}, "precision_recall": {...}} (how each was computed), else None."""
     smp = extract(net, samples, batch_size, device=device, limit=num_samples, desc="sample features")
     ref = extract(net, reference.images, batch_size, device=device, desc="reference features")
     if smp is None or ref is None:
@@ -171,10 +175,10 @@ def score(samples: NpzArray, reference: Reference, net: InceptionFeatures, *, ba
         mu, sigma, mu_s, sigma_s = reference.stats
     else:
         (mu, sigma), (mu_s, sigma_s) = ref.pool_stats.mu_sigma(), ref.spatial_stats.mu_sigma()
-    return _metrics(smp, ref, mu, sigma, mu_s, sigma_s, device)
+    return _metrics(smp, ref, mu, sigma, mu_s, sigma_s, device, pr_distances)
 
 
-def _metrics(smp: Features, ref: Features, mu, sigma, mu_s, sigma_s, device) -> dict[str, Any]:
+def _metrics(smp: Features, ref: Features, mu, sigma, mu_s, sigma_s, device, pr_distances: str) -> dict[str, Any]:
     for name, feats in (("samples", smp), ("reference images", ref)):
         if feats.count <= 3:
             raise UserError(f"{feats.count} {name}: precision/recall (k=3) and the covariances need "
@@ -183,10 +187,13 @@ def _metrics(smp: Features, ref: Features, mu, sigma, mu_s, sigma_s, device) -> 
     s_mu_s, s_sigma_s = smp.spatial_stats.mu_sigma()
     fid, fid_method = frechet(s_mu, s_sigma, mu, sigma)
     sfid, sfid_method = frechet(s_mu_s, s_sigma_s, mu_s, sigma_s)
-    precision, recall = precision_recall(ref.pool, smp.pool, k=3, device=device)
-    metrics = {"fid": fid, "sfid": sfid, "inception_score": inception_score(smp.logits, splits=10),
-               "precision": precision, "recall": recall}
-    return {"metrics": metrics, "frechet": {"fid": fid_method, "sfid": sfid_method}}
+    pr = precision_recall(ref.pool, smp.pool, k=3, device=device, distances=pr_distances)
+    metrics = {"fid": fid, "sfid": sfid, "inception_score": inception_score(smp.logits, IS_SPLIT_SIZE),
+               "precision": pr.precision, "recall": pr.recall}
+    return {"metrics": metrics, "frechet": {"fid": fid_method, "sfid": sfid_method},
+            "inception_score": {"chunk_sizes": chunk_sizes(smp.count, IS_SPLIT_SIZE)},
+            "precision_recall": {"distances": pr.distances, "float32_blocks": pr.float32_blocks,
+                                 "blocks": pr.blocks}}
 
 
 def tag_metrics(metrics: dict[str, float], comparable: bool) -> dict[str, float]:
@@ -200,7 +207,8 @@ def evaluator_info(net: InceptionFeatures) -> dict[str, Any]:
     import regscale
 
     return {"version": EVALUATOR_VERSION, "regscale": regscale.__version__, "protocol": PROTOCOL,
-            "network": net.description, "torch_fidelity": torch_fidelity.__version__, "torch": torch.__version__}
+            "adm_undefined": list(ADM_UNDEFINED), "network": net.description,
+            "torch_fidelity": torch_fidelity.__version__, "torch": torch.__version__}
 
 
 def write_record(path: Path, record: dict[str, Any]) -> Path:
@@ -249,15 +257,18 @@ def load_weights(weights: Path | str | dict, step: Optional[int] = None,
 
 
 def build_sampling_model(cfg: Config, state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
-    """Our SiT for cfg.model with `state` loaded; a mismatch names the keys."""
+    """Our SiT for cfg.model with `state` loaded (a mismatch names the keys), compiled when
+    eval.compile."""
     from regscale.models import build_model_from_config
+    from regscale.sampling import compile_for_sampling
 
     model = build_model_from_config(cfg.model)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(f"weights do not fit model.size={cfg.model.size} {cfg.model.resolved()}: missing "
                         f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    return compile_for_sampling(model) if cfg.eval.compile else model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +277,8 @@ def build_sampling_model(cfg: Config, state: dict[str, torch.Tensor], device: to
 
 def evaluate_samples(samples_path: Path, ref_batch: Optional[str], *, inception: Optional[str] = None,
                      random_inception: bool = False, batch_size: int = 100, num_samples: Optional[int] = None,
-                     cfg: Optional[Config] = None, seed: int = 0) -> Optional[dict[str, Any]]:
+                     cfg: Optional[Config] = None, seed: int = 0,
+                     pr_distances: str = "float16") -> Optional[dict[str, Any]]:
     """Score an ADM-format samples .npz on all ranks: the record's metrics, evaluator, reference
     and samples entries on rank 0, None elsewhere. Inputs are checked before any feature work."""
     rank, _, device = dist_setup()
@@ -275,11 +287,13 @@ def evaluate_samples(samples_path: Path, ref_batch: Optional[str], *, inception:
         resolve_weights(inception)
     reference = open_reference(ref_batch, cfg, random_inception, hash_file=rank == 0)
     net = load_inception(inception, random_init=random_inception, seed=seed, device=device)
-    scored = score(samples, reference, net, batch_size=batch_size, device=device, num_samples=num_samples)
+    scored = score(samples, reference, net, batch_size=batch_size, device=device, num_samples=num_samples,
+                   pr_distances=pr_distances)
     if rank != 0:
         return None
     return {"metrics": tag_metrics(scored["metrics"], net.comparable), "comparable": net.comparable,
-            "frechet_method": scored["frechet"],
+            "frechet_method": scored["frechet"], "inception_score": scored["inception_score"],
+            "precision_recall": scored["precision_recall"],
             "note": None if net.comparable else "RANDOM Inception (eval.random_inception=true): these "
                                                 "numbers are not comparable to any published or other FID",
             "evaluator": evaluator_info(net), "reference": reference.info,
@@ -322,7 +336,8 @@ def evaluate(cfg: Config, weights: Path | dict, out_dir: Path, step: int, tracke
     outcome = None
     try:
         record = evaluate_samples(npz, ev.ref_batch, inception=ev.inception, random_inception=ev.random_inception,
-                                  batch_size=ev.batch_size, num_samples=ev.num_samples, cfg=cfg, seed=ev.seed)
+                                  batch_size=ev.batch_size, num_samples=ev.num_samples, cfg=cfg, seed=ev.seed,
+                                  pr_distances=ev.pr_distances)
         if rank == 0:
             outcome = ("ok", _finish_record(record, cfg, npz, step, world, weights_info, sample_s, time.time() - t1))
             write_record(out_dir / RECORD, outcome[1])
@@ -363,4 +378,5 @@ def _tracker_info(record: dict[str, Any]) -> dict[str, Any]:
             "num_samples": s["num_samples"], "sampler": s["sampler"], "steps": s["steps"],
             "cfg_scale": s["cfg_scale"], "cls_cfg_scale": s["cls_cfg_scale"],
             "guidance_low": s["guidance_low"], "guidance_high": s["guidance_high"], "labels": s["labels"],
+            "precision": s["precision"], "compile": s["compile"], "pr_distances": s["pr_distances"],
             "weights": record["weights"]["fingerprint"], "samples": record["samples"]["path"]}

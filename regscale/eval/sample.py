@@ -27,6 +27,7 @@ from regscale.fsutil import write_atomic
 from regscale.track import progress as track_progress
 
 SETTINGS = "sampling.json"
+SETTINGS_BEFORE_KEYS = {"precision": "fp32"}  # what shards pinned before a key existed were drawn with
 _SHARD = re.compile(r"^(\d{8})_(\d{8})\.npz$")
 
 
@@ -52,8 +53,8 @@ def sampling_settings(cfg: Config, weights_id: str) -> dict[str, Any]:
     return {"weights": weights_id, "num_samples": ev.num_samples, "seed": ev.seed, "labels": ev.labels,
             "num_classes": cfg.model.num_classes, "sampler": ev.sampler, "steps": ev.steps,
             "cfg_scale": ev.cfg_scale, "cls_cfg_scale": ev.cls_cfg_scale, "guidance_low": ev.guidance_low,
-            "guidance_high": ev.guidance_high, "vae_decoder": cfg.vae.decoder, "vae_random_init": cfg.vae.random_init,
-            "tf32": cfg.train.tf32}
+            "guidance_high": ev.guidance_high, "precision": ev.precision, "vae_decoder": cfg.vae.decoder,
+            "vae_random_init": cfg.vae.random_init, "tf32": cfg.train.tf32}
 
 
 def _shard_path(shard_dir: Path, start: int, stop: int) -> Path:
@@ -105,7 +106,7 @@ def pending_chunks(done: list[tuple[int, int]], n: int, batch_size: int) -> list
 def _check_settings(shard_dir: Path, settings: dict[str, Any]) -> None:
     path = shard_dir / SETTINGS
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {**SETTINGS_BEFORE_KEYS, **json.loads(path.read_text())}
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -202,7 +203,7 @@ def _draw(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tensor]
         seeds = [sample_seed(ev.seed, i) for i in range(start, stop)]
         latents, _ = sample(model, y, seeds, sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
                             cls_cfg_scale=ev.cls_cfg_scale, guidance_low=ev.guidance_low,
-                            guidance_high=ev.guidance_high)
+                            guidance_high=ev.guidance_high, precision=ev.precision)
         images = decode(latents).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         path = _shard_path(shard_dir, start, stop)
         write_npz(path, {"images": (images.shape, np.uint8, [images]),
