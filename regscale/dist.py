@@ -15,8 +15,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from regscale.errors import UserError
 
@@ -88,7 +89,8 @@ def export_launcher_env() -> None:
     """Under a plain srun or submitit's runner (SLURM or local), where no torchrun set RANK: export
     RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT by submitit's rule (the
     master is the job's first host; the port derives from the job id, or MASTER_PORT if set)."""
-    if "RANK" in os.environ or not ({"SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID"} & set(os.environ)):
+    in_task = "SLURM_PROCID" in os.environ or "SUBMITIT_LOCAL_JOB_ID" in os.environ  # not a salloc shell
+    if "RANK" in os.environ or not in_task:
         return
     import submitit
 
@@ -149,6 +151,9 @@ def setup(collective_s: float = COLLECTIVE_S) -> DistEnv:
     layout = read_layout()
     device = local_device(layout)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    for name, value in (("RANK", layout.rank), ("WORLD_SIZE", layout.world_size),
+                        ("LOCAL_RANK", layout.local_rank), ("LOCAL_WORLD_SIZE", layout.local_world_size)):
+        os.environ.setdefault(name, str(value))  # what torchrun sets, for libraries (DeepSpeed)
     if not dist.is_initialized():
         store = _store(layout, datetime.timedelta(seconds=_rendezvous_s()))
         timeout = datetime.timedelta(seconds=collective_s)
@@ -171,53 +176,80 @@ def _joined() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_max(values: list[float], device: "torch.device") -> list[float]:
-    """Element-wise maximum over ranks: the one tiny all-reduce per step."""
+@contextmanager
+def waiting(what: str) -> Iterator[None]:
+    """A collective that fails (a peer died, or none answered within the process group's
+    timeout) raises UserError saying what this rank waited for, instead of gloo's message."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as err:
+        text = str(err)
+        if not isinstance(err, dist.DistError) and not any(
+                k in text for k in ("Timed out", "timed out", "Connection closed", "Connection reset", "gloo")):
+            raise
+        first = (text.strip().splitlines() or [type(err).__name__])[0][:200]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise UserError(f"rank {rank} waited for every rank to {what}, in vain ({first}): another rank "
+                        "stopped or hangs; its log says why") from None
+
+
+def all_max(values: list[float], what: str = "agree on stopping and saving") -> list[float]:
+    """Element-wise maximum over ranks: the one tiny all-reduce per step. Host numbers, reduced
+    on the CPU (gloo), so that reading the result never waits for the GPU."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64)
     if _joined():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with waiting(what):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 
-def all_sum(values: list[float], device: "torch.device") -> list[float]:
+def all_sum(values: list[float], what: str = "sum the logged metrics") -> list[float]:
+    """Element-wise sum over ranks of host numbers (on the CPU, like all_max)."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64)
     if _joined():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with waiting(what):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
-def barrier() -> None:
+def barrier(what: str) -> None:
+    """Wait until every rank is here; `what` names the step, for the error."""
     import torch.distributed as dist
 
     if _joined():
-        dist.barrier()
+        with waiting(what):
+            dist.barrier()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: Any, src: int = 0, what: str = "share rank 0's decision") -> Any:
     """Rank `src`'s object on every rank."""
     import torch.distributed as dist
 
     if not _joined():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with waiting(what):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
-def gather_objects(obj: Any) -> list:
+def gather_objects(obj: Any, what: str = "exchange their parts") -> list:
     """Every rank's object, in rank order, on every rank."""
     import torch.distributed as dist
 
     if not _joined():
         return [obj]
     out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with waiting(what):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -240,6 +272,6 @@ def host_layout() -> HostLayout:
     """Gather every rank's hostname (a collective: all ranks call it)."""
     import torch.distributed as dist
 
-    hosts = tuple(gather_objects(socket.gethostname()))
+    hosts = tuple(gather_objects(socket.gethostname(), "exchange their host names"))
     rank = dist.get_rank() if _joined() else 0
     return HostLayout(hosts[:rank].count(hosts[rank]), hosts.count(hosts[rank]), hosts)

@@ -94,9 +94,9 @@ def materials(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mlflow.tracking import MlflowClient
     from safetensors.torch import save_file
 
+    from regscale.checkpoints import CheckpointStore, file_entry
     from regscale.config import load_config, to_yaml
     from regscale.data.synthetic import ensure_synthetic_dataset
-    from regscale.train.checkpoint import CheckpointStore
     from tests.fixtures.data import make_imagefolder
 
     root = tmp_path_factory.mktemp("bad-inputs")
@@ -109,7 +109,7 @@ def materials(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = CheckpointStore(run / "checkpoints", keep_last=2, keep_every=0)
     tmp = store.tmp_dir(4)
     _write(tmp / "__0_0.distcp", b"weights" * 64)
-    store.publish(tmp, {"step": 4, "images": 32})
+    store.publish(tmp, {"step": 4, "images": 32}, {"__0_0.distcp": file_entry(tmp / "__0_0.distcp")})
     (run / "metrics.jsonl").write_text('{"step": 4, "loss": 1.0, "images_per_s": 10.0}\n')
     client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     tracked = client.create_run(client.create_experiment("regscale"), run_name="r1",

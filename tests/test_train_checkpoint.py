@@ -1,9 +1,10 @@
-"""Checkpoint publication, verification, fallback and retention; the distributed environment,
-batch plan, stop flag and deadline; per-sample draws and thread pinning. In-process and fast
-(no training)."""
+"""Checkpoint publication, verification (parallel shares, format 1 still read), fallback,
+set-aside and retention; the distributed layout, batch plan, stop flag and deadline; per-sample
+draws and thread pinning. In-process and fast (no training)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -13,49 +14,86 @@ from pathlib import Path
 import pytest
 import torch
 
+from regscale.checkpoints import CheckpointStore, file_entry, find_valid, published, shares, verify
 from regscale.config import ConfigError, batch_plan, load_config
-from regscale.dist import Layout, read_layout
+from regscale.dist import DistEnv, Layout, read_layout
+from regscale.errors import UserError
 from regscale.fsutil import write_atomic
 from regscale.rundir import step_name
-from regscale.train.checkpoint import CheckpointStore, find_valid, published, verify
+from regscale.train.checkpoint import Checkpointer
 from regscale.train.noise import SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
 
 
-def _save(store: CheckpointStore, step: int, payload: bytes = b"weights") -> Path:
+def _save(store: CheckpointStore, step: int, payload: bytes = b"weights", reported: bool = True) -> Path:
+    """Publish a checkpoint of one file; `reported`: its writer hashed it (else publication does)."""
     tmp = store.tmp_dir(step)
     (tmp / "shard").mkdir(parents=True)
     (tmp / "shard" / "rank0.bin").write_bytes(payload + bytes([step % 256]))
-    return store.publish(tmp, {"step": step, "images": step * 8})
+    files = {"shard/rank0.bin": file_entry(tmp / "shard" / "rank0.bin")} if reported else {}
+    return store.publish(tmp, {"step": step, "images": step * 8}, files)
 
 
 def test_publish_writes_manifest_and_latest(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path, keep_last=2, keep_every=0)
-    final = _save(store, 5)
-    assert final.name == "step_00000005" and not store.tmp_dir(5).exists()
-    assert (tmp_path / "latest").read_text().strip() == "step_00000005"
+    for reported in (True, False):
+        final = _save(store, 5 + reported, reported=reported)
+        assert final.name == step_name(5 + reported) and not store.tmp_dir(5 + reported).exists()
+        assert (tmp_path / "latest").read_text().strip() == final.name
+        manifest = json.loads((final / "manifest.json").read_text())
+        assert manifest["files"]["shard/rank0.bin"]["size"] == 8 and manifest["total_bytes"] == 8
+        assert manifest["format"] == 2 and len(manifest["files"]["shard/rank0.bin"]["xxh3_128"]) == 32
+        assert verify(final) is None
+
+
+def test_format_1_manifests_still_verify(tmp_path: Path) -> None:
+    final = _save(CheckpointStore(tmp_path, keep_last=2, keep_every=0), 3)
     manifest = json.loads((final / "manifest.json").read_text())
-    assert manifest["files"]["shard/rank0.bin"]["size"] == 8 and manifest["total_bytes"] == 8
+    data = (final / "shard" / "rank0.bin").read_bytes()
+    manifest.update(format=1, files={"shard/rank0.bin": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}})
+    (final / "manifest.json").write_text(json.dumps(manifest))
     assert verify(final) is None
+    (final / "shard" / "rank0.bin").write_bytes(data[:-1] + b"X")
+    assert verify(final) == "shard/rank0.bin does not match its sha256"
 
 
-def test_broken_newest_falls_back_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = CheckpointStore(tmp_path, keep_last=5, keep_every=0)
+def test_shares_split_the_bytes_evenly_and_the_same_everywhere() -> None:
+    files = {f"f{i}": {"size": size} for i, size in enumerate([90, 50, 40, 30, 20, 10, 10])}
+    split = shares(files, 3)
+    assert sorted(sum(split, [])) == sorted(files) and split == shares(dict(reversed(files.items())), 3)
+    loads = [sum(files[f]["size"] for f in part) for part in split]
+    assert max(loads) - min(loads) <= 10, loads
+
+
+def _checkpointer(run_dir: Path) -> Checkpointer:
+    env = DistEnv(0, 0, 1, 1, torch.device("cpu"))
+    return Checkpointer(run_dir, engine=None, env=env, keep_last=5, keep_every=0)  # type: ignore[arg-type]
+
+
+def test_broken_newest_is_set_aside_and_all_broken_refuses(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = _checkpointer(tmp_path)
+    store = ckpt.store
     _save(store, 2)
     _save(store, 4)
     newest = _save(store, 6)
     (newest / "shard" / "rank0.bin").write_bytes(b"weightsX")  # same size, other bytes
     store.tmp_dir(8).mkdir()  # an unfinished write: never a candidate
     with caplog.at_level(logging.WARNING):
-        path, manifest = find_valid(tmp_path, quarantine=True)
-    assert path.name == "step_00000004" and manifest["step"] == 4
-    assert f"checkpoint {newest} is broken (shard/rank0.bin does not match its sha256)" in caplog.text
-    assert not newest.exists() and list(tmp_path.glob("step_00000006.broken-*"))
-    (tmp_path / "step_00000004" / "manifest.json").unlink()
-    assert find_valid(tmp_path)[0].name == "step_00000002"
-    assert "no manifest.json" in caplog.text
-    store.clean_stale()
+        path, manifest = ckpt.newest_valid(at_start=True)
+    assert path.name == step_name(4) and manifest["step"] == 4
+    assert f"checkpoint {newest} is broken (shard/rank0.bin does not match its xxh3_128)" in caplog.text
+    assert not newest.exists() and list(store.root.glob("step_00000006.broken-*"))
+    (store.root / step_name(4) / "manifest.json").unlink()
+    assert find_valid(store.root)[0].name == step_name(2)  # a reader skips it and leaves it
+    assert "no manifest.json" in caplog.text and (store.root / step_name(4)).is_dir()
+    ckpt.prepare()
     assert not store.tmp_dir(8).exists()
+    (store.root / step_name(2) / "shard" / "rank0.bin").unlink()
+    for _ in range(2):  # every checkpoint broken: refused, and again on the next start
+        with pytest.raises(UserError, match=r"no checkpoint is readable \(step_00000002.broken-\d+, "
+                                             r"step_00000004.broken-\d+, step_00000006.broken-\d+ failed"):
+            ckpt.newest_valid(at_start=True)
+    assert ckpt.newest_valid(at_start=False) is None
 
 
 def test_retention_keeps_last_every_nth_protected_and_newest(tmp_path: Path) -> None:

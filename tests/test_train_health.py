@@ -14,7 +14,7 @@ def test_nonfinite_steps_roll_back_to_the_last_checkpoint(smoke_data: Path, tmp_
     run = tmp_path / "run"
     result = launch_train(run, smoke_data, ["train.max_steps=6", "train.ckpt_every=2",
                                             "train.max_nonfinite_steps=2"],
-                          env={"REGSCALE_FAULT_NAN_STEPS": "3,4"})
+                          env={"REGSCALE_FAULT_NAN": "3,4"})
     assert result.returncode == 0, ok(result)
     assert "step 5: non-finite gradient norm, step skipped (2 in a row, 2 in total)" in result.stderr
     assert "2 non-finite steps in a row: rolled back to" in result.stderr

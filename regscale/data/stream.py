@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -103,6 +104,12 @@ def _collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process (it saves at a step boundary, then
+    shuts them down); by default a terminal's SIGINT would kill them mid-epoch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _worker_context(num_workers: int) -> Optional[str]:
     """Fork DataLoader workers where possible (cheap: no re-import of torch), also when this
     process was itself spawned, whose default would be to spawn them too."""
@@ -175,7 +182,8 @@ class TrainStream:
         self.loader = StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=cfg.data.num_workers,
                                           collate_fn=_collate, drop_last=True, pin_memory=torch.cuda.is_available(),
                                           persistent_workers=cfg.data.num_workers > 0,
-                                          multiprocessing_context=_worker_context(cfg.data.num_workers))
+                                          multiprocessing_context=_worker_context(cfg.data.num_workers),
+                                          worker_init_fn=_ignore_interrupts)
 
     def _open(self, options: dict[str, Any], first_on_host: bool) -> None:
         """Create the StreamingDataset. The host's first rank removes dead runs' shared memory

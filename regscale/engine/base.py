@@ -1,8 +1,9 @@
 """The one small interface the training loop sees, and what both engines share.
 
 An engine owns wrapping, backward, optimizer step (with clipping and non-finite skipping), the
-fp32 EMA, and saving/loading its own sharded checkpoint files. It knows nothing about data,
-losses, schedules of checkpoints or preemption: that is the loop's job.
+fp32 EMA, and saving/loading its own sharded checkpoint files (each rank writes, fsyncs and hashes
+its own files, in the background for async saves). It knows nothing about data, losses, schedules
+of checkpoints or preemption: that is the loop's and the Checkpointer's job.
 """
 
 from __future__ import annotations
@@ -13,21 +14,62 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Optional
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from regscale.config import Config
+from regscale.config import EngineConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.staging import DefaultStager
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def host_stager(device: torch.device) -> "DefaultStager":
+    """What async saves copy the state with before writing it: a background thread into host
+    buffers kept from one save to the next (pinned, with non-blocking copies, on CUDA)."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    cuda = device.type == "cuda"
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                        use_async_staging=True, use_non_blocking_copy=cuda))
+
+
+def precision_autocast(precision: str, device: torch.device) -> ContextManager:
+    """torch.autocast in `train.precision` on any device (off for fp32): what the model's forward
+    runs under where the engine does not cast by itself, and the frozen encoder's always."""
+    dtype = DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @dataclass(frozen=True)
 class StepResult:
     applied: bool  # False: the gradient norm was not finite, nothing changed but the skip count
     grad_norm: float  # before clipping, over all ranks
+
+
+@dataclass(frozen=True)
+class SaveHandle:
+    """One rank's part of a checkpoint save.
+
+    staged: done once the state is copied aside, so the weights may change again (the loop waits
+    for it before the next optimizer step). written: done once this rank's files are durable; its
+    result is their table, {relative path: checkpoints.file_entry}."""
+
+    staged: Future
+    written: Future
+
+    @staticmethod
+    def finished(files: dict[str, dict[str, Any]]) -> "SaveHandle":
+        """The handle of a save that already completed (a blocking one)."""
+        staged: Future = Future()
+        staged.set_result(None)
+        written: Future = Future()
+        written.set_result(files)
+        return SaveHandle(staged, written)
 
 
 class Engine(ABC):
@@ -53,9 +95,9 @@ class Engine(ABC):
         """ema <- decay * ema + (1 - decay) * weights, in fp32, on this rank's shard."""
 
     @abstractmethod
-    def save(self, path: Path, *, blocking: bool) -> Optional[Future]:
-        """Write this rank's part of a checkpoint into `path` (a directory every rank sees).
-        Returns a Future when the write continues in the background (after the host copy)."""
+    def save(self, path: Path, *, blocking: bool) -> SaveHandle:
+        """Write this rank's part of a checkpoint into `path` (a directory every rank sees); with
+        blocking=False the copy and the writes continue in the background."""
 
     @abstractmethod
     def load(self, path: Path, manifest: dict[str, Any]) -> None:
@@ -66,16 +108,16 @@ class Engine(ABC):
         """Release background resources."""
 
 
-def apply_block_options(model: nn.Module, cfg: Config) -> None:
+def apply_block_options(model: nn.Module, engine: EngineConfig) -> None:
     """Activation checkpointing and torch.compile per SiT block, from outside the model.
 
     Both keep parameter names unchanged (no wrapper modules), so checkpoints and exports read the
     same whatever the options.
     """
-    if cfg.engine.activation_checkpointing:
+    if engine.activation_checkpointing:
         for block in model.blocks:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    if cfg.engine.compile:
+    if engine.compile:
         for block in model.blocks:
             block.compile()
 
@@ -84,11 +126,10 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def adamw(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def adamw(train: TrainConfig, implementation: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """torch AdamW with the recipe's hyper-parameters, in the `engine.adamw` implementation (fused:
     one kernel for every tensor, on CUDA and CPU alike; 2.5x faster than the for-loop over FSDP's
     DTensors on CPU, bench figures in recipes/sit_xl_4m.yaml)."""
-    t = cfg.train
     choice = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                             **choice[cfg.engine.adamw])
+    return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
+                             weight_decay=train.weight_decay, **choice[implementation])

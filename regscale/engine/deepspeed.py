@@ -7,6 +7,9 @@ copy, at an offset, so it is partitioned like the optimizer (ZeRO-1/2) or the we
 Each rank writes its fragments to ema/rank*.pt; they are assembled by offset on load or export.
 On another number of ranks, the checkpoint is converted to DeepSpeed's universal format (per
 parameter: fp32 weights, Adam moments, step) and loaded from there, so nothing is lost.
+Saves go through `_Writer`, DeepSpeed's checkpoint engine slot: each state dict DeepSpeed hands
+over is copied to host memory in a staging thread and written, fsynced and hashed in a writer
+thread (inline for blocking saves), so ZeRO saves are as asynchronous as FSDP's.
 """
 
 from __future__ import annotations
@@ -17,43 +20,42 @@ import logging
 import math
 import os
 import shutil
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
 import torch
-from torch import nn
 
-from regscale.config import BatchPlan, Config
+# told before its first import which accelerator we run on: its auto-detection warns in every CPU process
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.distributed.checkpoint.staging import DefaultStager  # noqa: E402
+
+from regscale.checkpoints import file_entry
+from regscale.config import BatchPlan, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
-from regscale.engine.base import DTYPES, Engine, StepResult, adamw, apply_block_options, trainable
+from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options, host_stager,
+                                  precision_autocast, trainable)
 
 
-def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
+def ds_config(engine: EngineConfig, train: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
     """DeepSpeed's configuration for this recipe and batch plan."""
-    zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
-    if cfg.engine.offload_optimizer:
+    zero: dict[str, Any] = {"stage": engine.zero_stage}
+    if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro,
         "gradient_accumulation_steps": plan.accumulation,
-        "gradient_clipping": cfg.train.grad_clip,
+        "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "fp16": {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
-
-
-def _import_deepspeed() -> Any:
-    """deepspeed, told the accelerator we run on: its auto-detection warns in every CPU process."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-
-    return deepspeed
 
 
 def _fp32_fragment(param: nn.Parameter) -> Optional[tuple[int, torch.Tensor]]:
@@ -78,26 +80,29 @@ def _rank() -> int:
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
 
-    def __init__(self, cfg: Config, model: nn.Module, env: DistEnv, plan: BatchPlan) -> None:
-        deepspeed = _import_deepspeed()
+    def __init__(self, engine: EngineConfig, train: TrainConfig, model: nn.Module, env: DistEnv,
+                 plan: BatchPlan) -> None:
+        import deepspeed
+
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.cfg = cfg
+        self.precision = train.precision
         self.env = env
         model.to(env.device)
-        apply_block_options(model, cfg)
+        apply_block_options(model, engine)
         named = trainable(model)
         params = [p for _, p in named]
-        if cfg.engine.offload_optimizer:
+        if engine.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            t = cfg.train
-            optimizer = DeepSpeedCPUAdam(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                         weight_decay=t.weight_decay, adamw_mode=True)
+            optimizer = DeepSpeedCPUAdam(params, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
+                                         weight_decay=train.weight_decay, adamw_mode=True)
         else:
-            optimizer = adamw(cfg, params)
+            optimizer = adamw(train, engine.adamw, params)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(cfg, plan),
+            model=model, optimizer=optimizer, config=ds_config(engine, train, plan),
             dist_init_required=False)
+        self.writer = _Writer(env.device)
+        self.ds.checkpoint_engine = self.writer
         self.module = self.ds
         self.names = [n for n, _ in named]
         self.shapes = {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in named}
@@ -115,8 +120,7 @@ class DeepSpeedEngine(Engine):
                 self.fragments[name] = frag
 
     def autocast(self) -> ContextManager:
-        dtype = DTYPES[self.cfg.train.precision]
-        return torch.autocast(self.env.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        return precision_autocast(self.precision, self.env.device)
 
     def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:
         self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps itself
@@ -138,14 +142,14 @@ class DeepSpeedEngine(Engine):
         torch._foreach_lerp_([self.ema[n] for n in names],
                              [self.fragments[n][1].float() for n in names], 1.0 - decay)
 
-    def save(self, path: Path, *, blocking: bool) -> Optional[Future]:
+    def save(self, path: Path, *, blocking: bool) -> SaveHandle:
+        self.writer.begin(path, blocking=blocking)
         self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
-        shard = {"fragments": {n: (off, self.ema[n].cpu()) for n, (off, _) in self.fragments.items()},
+        shard = {"fragments": {n: (off, self.ema[n]) for n, (off, _) in self.fragments.items()},
                  "shapes": self.shapes}
-        ema_dir = path / "ema"
-        ema_dir.mkdir(exist_ok=True)
-        torch.save(shard, ema_dir / f"rank{self.env.rank:05d}.pt")
-        return None
+        (path / "ema").mkdir(exist_ok=True)
+        self.writer.save(shard, str(path / "ema" / f"rank{self.env.rank:05d}.pt"))
+        return self.writer.end()
 
     def load(self, path: Path, manifest: dict[str, Any]) -> None:
         if manifest.get("world_size") == self.env.world_size:
@@ -183,10 +187,12 @@ class DeepSpeedEngine(Engine):
         if self.env.rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
 
+    def close(self) -> None:
+        self.writer.close()
+
 
 def to_universal(path: Path, out: Path) -> None:
     """DeepSpeed's universal checkpoint (ds_to_universal) of the checkpoint directory `path`."""
-    _import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     # inject_missing_state: the universal-checkpoint info of a data-parallel-only model (no tensor or
@@ -197,6 +203,69 @@ def to_universal(path: Path, out: Path) -> None:
                               inject_missing_state=True)
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         ds_to_universal(args)  # it prints progress bars
+
+
+def _store(state: Any, path: Path, root: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Write one state dict and record its file (durable, hashed) under `root`."""
+    torch.save(state, path)
+    files[path.relative_to(root).as_posix()] = file_entry(path)
+
+
+class _Writer(TorchCheckpointEngine):
+    """DeepSpeed's checkpoint engine slot, filled by regscale: every `save(state_dict, path)`
+    between `begin` and `end` is written (torch.save, fsync, hash) in a background thread after
+    the engine's stager copied it to host memory, or at once for a blocking save (the weights do
+    not change meanwhile, so nothing is copied). Loading is TorchCheckpointEngine's."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self._stager: Optional[DefaultStager] = None
+        self._write = ThreadPoolExecutor(1, thread_name_prefix="regscale-ds-write")
+        self._root: Optional[Path] = None
+        self._blocking = True
+        self._files: dict[str, dict[str, Any]] = {}
+        self._staged: list[Future] = []
+        self._writes: list[Future] = []
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # nothing to clone first: a blocking save writes as is, an async one stages
+
+    def begin(self, root: Path, *, blocking: bool) -> None:
+        self._root, self._blocking, self._files, self._staged, self._writes = root, blocking, {}, [], []
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self._root is None:
+            raise RuntimeError("DeepSpeed saved outside DeepSpeedEngine.save")
+        root, files, target = self._root, self._files, Path(path)
+        if self._blocking:
+            _store(state_dict, target, root, files)
+            return
+        if self._stager is None:
+            self._stager = host_stager(self.device)
+        staged = self._stager.stage(state_dict)
+        self._staged.append(staged)
+        self._writes.append(self._write.submit(lambda: _store(staged.result(), target, root, files)))
+
+    def end(self) -> SaveHandle:
+        """The handle of the save since `begin` (stager and writer each work in order, so their
+        last task finishes after all the others)."""
+        files, staged, writes = self._files, self._staged, self._writes
+        self._root = None
+        if self._blocking:
+            return SaveHandle.finished(files)
+
+        def written() -> dict[str, dict[str, Any]]:
+            for w in writes:
+                w.result()
+            return files
+
+        return SaveHandle(staged[-1], self._write.submit(written))
+
+    def close(self) -> None:
+        self._write.shutdown(wait=True)
+        if self._stager is not None:
+            self._stager.close()
 
 
 def _copy_slice(dst: torch.Tensor, full: torch.Tensor, offset: int) -> None:
@@ -228,7 +297,6 @@ def assemble_ema(path: Path) -> dict[str, torch.Tensor]:
 
 def consolidate(path: Path, weights: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights (EMA over them for weights='ema') from a DeepSpeed checkpoint directory."""
-    _import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # it prints progress

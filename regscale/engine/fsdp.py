@@ -3,6 +3,8 @@
 Parameters stay fp32 and sharded (the optimizer's master weights); MixedPrecisionPolicy gathers
 them in bf16 for compute and reduces gradients in fp32. The EMA is a set of DTensors with the
 parameters' placements, so it is sharded exactly like them and DCP saves and reshards it.
+Async saves stage the state into (pinned, on CUDA) host buffers in a background thread that the
+engine keeps between saves, then write from another one; each rank hashes the files it wrote.
 """
 
 from __future__ import annotations
@@ -11,20 +13,24 @@ import math
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.staging import DefaultStager
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 
-from regscale.config import Config, ConfigError
+from regscale.checkpoints import file_entry
+from regscale.config import ConfigError, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
-from regscale.engine.base import Engine, StepResult, adamw, apply_block_options, trainable
+from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options, host_stager,
+                                  trainable)
 
 
 def _own_outputs(module: nn.Module, args: Any, output: Any) -> Any:
@@ -41,16 +47,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class FSDPEngine(Engine):
     kind = "fsdp"
 
-    def __init__(self, cfg: Config, model: nn.Module, env: DistEnv) -> None:
-        if cfg.train.precision == "fp16":
+    def __init__(self, engine: EngineConfig, train: TrainConfig, model: nn.Module, env: DistEnv) -> None:
+        if train.precision == "fp16":
             raise ConfigError("'train.precision' fp16 needs a loss scaler; with engine.kind=fsdp use "
                               "bf16 (or fp32), or engine.kind=deepspeed for fp16")
-        self.cfg = cfg
+        self.grad_clip = train.grad_clip
         self.device = env.device
         model.to(env.device)
-        apply_block_options(model, cfg)
+        apply_block_options(model, engine)
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if cfg.train.precision == "bf16" else MixedPrecisionPolicy())
+              if train.precision == "bf16" else MixedPrecisionPolicy())
         for block in model.blocks:
             fully_shard(block, mp_policy=mp)
         model.register_forward_hook(_own_outputs)  # runs before FSDP's own post-forward hook
@@ -59,19 +65,20 @@ class FSDPEngine(Engine):
         named = trainable(model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.optimizer = adamw(cfg, self.params)
+        self.optimizer = adamw(train, engine.adamw, self.params)
         with torch.no_grad():
             self.ema = {n: p.detach().clone().float() for n, p in named}
         # async saves write from a thread: give them their own gloo group so their collectives
-        # never interleave with the loop's
+        # never interleave with the loop's; their stager (and its host buffers) lives as long
         self._save_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._stager: DefaultStager | None = None
 
     def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:
         self.module.set_requires_gradient_sync(last_micro)
         (loss / accumulation).backward()
 
     def step(self, lr: float) -> StepResult:
-        clip = self.cfg.train.grad_clip
+        clip = self.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm=clip if clip > 0 else math.inf)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
@@ -93,12 +100,27 @@ class FSDPEngine(Engine):
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         return {"model": model_sd, "optim": optim_sd, "ema": self.ema}
 
-    def save(self, path: Path, *, blocking: bool) -> Optional[Future]:
+    def save(self, path: Path, *, blocking: bool) -> SaveHandle:
         state = self._state()
+        writer = _HashingWriter(path)
         if blocking:
-            dcp.save(state, checkpoint_id=str(path))
-            return None
-        return dcp.async_save(state, checkpoint_id=str(path), process_group=self._save_group)
+            dcp.save(state, storage_writer=writer)
+            return SaveHandle.finished(writer.files)
+        if self._stager is None:
+            self._stager = host_stager(self.device)
+        response = dcp.async_save(state, storage_writer=writer, process_group=self._save_group,
+                                  async_stager=self._stager)
+        written: Future = Future()
+
+        def uploaded(upload: Future) -> None:
+            err = upload.exception()
+            if err is not None:
+                written.set_exception(err)
+            else:
+                written.set_result(writer.files)
+
+        response.upload_completion.add_done_callback(uploaded)
+        return SaveHandle(response.staging_completion, written)
 
     def load(self, path: Path, manifest: dict[str, Any]) -> None:
         state = self._state()
@@ -107,9 +129,35 @@ class FSDPEngine(Engine):
                        optim_state_dict=state["optim"])
 
     def close(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
         if self._save_group is not None:
             dist.destroy_process_group(self._save_group)
             self._save_group = None
+
+
+class _HashingWriter(FileSystemWriter):
+    """DCP's file writer, recording the size and hash of every file this rank writes (after the
+    writer's fsync), and of the metadata file on the coordinator."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        self.root = Path(path)
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        future = super().write_data(plan, planner)
+        for result in future.wait():
+            rel = result.storage_data.relative_path
+            if rel not in self.files:
+                self.files[rel] = file_entry(self.root / rel)
+        return future
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        super().finish(metadata, results)
+        for meta in self.root.glob("*.metadata"):
+            self.files[meta.name] = file_entry(meta)
 
 
 def consolidate(path: Path, weights: str) -> dict[str, torch.Tensor]:

@@ -70,19 +70,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Draw eval.num_samples images into an ADM-format .npz (resumable)."""
     from regscale.dist import teardown
     from regscale.eval.job import dist_setup, sample_checkpoint
-    from regscale.rundir import step_name
-
     from regscale.paths import check_output, writing_into
+    from regscale.rundir import CHECKPOINTS, step_name
 
     target = Path(args.target)
     cfg = _target_config(target, args.recipe, args.overrides)
     step = args.step
-    if target.is_dir() and step is None:  # pin the newest valid checkpoint (none: loading says so)
-        from regscale.train.checkpoint import find_valid
+    if target.is_dir() and step is None:  # pin the newest valid checkpoint
+        from regscale.checkpoints import find_valid
 
-        found = find_valid(target / "checkpoints")
+        found = find_valid(target / CHECKPOINTS)
         if found is None:
-            raise UserError(f"{target / 'checkpoints'}: no valid checkpoint to sample (broken ones are "
+            raise UserError(f"{target / CHECKPOINTS}: no valid checkpoint to sample (broken ones are "
                             "named above; expected step_XXXXXXXX/ with manifest.json, written by `regscale train`)")
         step = found[1]["step"]
     if args.out:

@@ -248,7 +248,7 @@ def load_weights(weights: Path | str | dict, step: Optional[int] = None,
             meta = f.metadata() or {}
         return state, {"source": str(path), "fingerprint": weights_fingerprint(state), "metadata": meta}
     if path.is_dir() and (path / "checkpoints").is_dir():
-        from regscale.train.checkpoint import load_consolidated
+        from regscale.engine.export import load_consolidated
 
         state, manifest = load_consolidated(path, step=step, weights=which)
         return state, {"source": str(path), "step": manifest.get("step"), "weights": which,

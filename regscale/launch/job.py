@@ -1,42 +1,44 @@
-"""What runs inside a job: the training callable (requeued through submitit) and the evaluation one.
+"""What runs inside a job: the training callable (requeued by `scontrol requeue`) and the evaluation one.
 
-Every task (one per GPU) runs `TrainJob()`. It exports the torch.distributed variables, calls
-`regscale.train.loop.train(cfg, run_dir, tracker)` (which always resumes from the newest checkpoint,
-so an outside `scontrol requeue` resumes too) and acts on its answer:
+Every task (one per GPU) runs `TrainJob()`. It takes over the stop signals at once (one StopFlag,
+handed to the loop: regscale.train.preempt owns preemption), exports the torch.distributed
+variables, calls `regscale.train.loop.train` (which always resumes from the newest checkpoint, so
+a job restarted by anyone resumes too) and acts on its Outcome:
 
-- "completed": the job ends; the chained evaluation job (afterok) may start;
-- "preempted" / "deadline": a checkpoint was saved; rank 0 requeues the job through submitit's own
-  signal handler (checkpoint() -> pickle -> `scontrol requeue` -> exit);
+- completed: the job ends; the chained evaluation job (afterok) may start;
+- preempted / deadline: a checkpoint was saved; rank 0 requeues the job (`scontrol requeue`; under
+  the local executor, submitit's restart code) and the next attempt resumes from it;
+- interrupted (SIGINT): a checkpoint was saved; the job fails without a requeue (stop_report.json);
 - an exception: rank 0 requeues as well, unless the run keeps failing at the same checkpoint step.
 
-Requeues are bounded by slurm.max_requeues and counted in attempts.jsonl; a run that hits the bound
-or fails slurm.max_failures_at_step times in a row from the same step stops: stop_report.json says
-why, the job fails, and SLURM cancels the evaluation job that depends on it.
+The one requeue bound is slurm.max_requeues, counted in attempts.jsonl; a run that hits it or fails
+slurm.max_failures_at_step times in a row from the same step stops: stop_report.json says why (the
+last error), the job fails, and SLURM cancels the evaluation job that depends on it.
 """
 
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import submitit
 
 from regscale.config import Config
+from regscale.errors import UserError
 from regscale.fsutil import write_atomic
 from regscale.launch import runs
+from regscale.outcome import Outcome
 from regscale.rundir import CHECKPOINTS, step_name
 
-REQUEUE_ENDS = ("preempted", "deadline")
+NOT_FAILED = (*(o.value for o in Outcome if o is not Outcome.FAILED), runs.RESUMED)  # attempts.jsonl ends
 FAILURE_GRACE_S = 15.0  # a failing rank > 0 waits this long before exiting (srun --kill-on-bad-exit)
 DISTRIBUTED_NAMES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
@@ -52,7 +54,7 @@ def stop_reason(attempts: list[runs.Attempt], start_step: int, restarts: int, cf
         return f"the job was requeued {restarts} times; slurm.max_requeues is {s.max_requeues}"
     failed = []
     for attempt in reversed(attempts):
-        if attempt.start_step != start_step or attempt.end in REQUEUE_ENDS + ("completed", "resumed"):
+        if attempt.start_step != start_step or attempt.end in NOT_FAILED:
             break
         failed.append(attempt)  # ended with an error, or killed without recording an end
     if len(failed) >= s.max_failures_at_step:
@@ -104,11 +106,6 @@ def open_tracker(cfg: Config, run_dir: Path, *, attach: bool = False) -> Any:
     return Tracker.attach(cfg, run_dir) if attach else Tracker.open(cfg, run_dir)
 
 
-def _entry(path: str) -> Callable[..., Any]:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def _being_cancelled() -> bool:
     """True when SLURM no longer runs this job (scancel, time limit passed): do not requeue it."""
     job = os.environ.get("SLURM_JOB_ID")
@@ -122,14 +119,19 @@ def _being_cancelled() -> bool:
     return bool(state) and state != "RUNNING"
 
 
-def _requeue(handler: Any) -> None:
-    """Requeue through submitit's USR2 handler (installed before the callable ran); exits the process."""
-    if getattr(handler, "__name__", "") != "checkpoint_and_try_requeue":
-        raise RuntimeError("not running under submitit's job runner: cannot requeue")
+def requeue(env: submitit.JobEnvironment, outcome: Outcome) -> None:
+    """End this attempt so that the job runs again and resumes from the newest checkpoint:
+    `scontrol requeue` on SLURM (which then ends the other tasks), the local executor's restart
+    code otherwise. Exits the process (no result is recorded for an attempt that goes on)."""
+    if env.cluster != "slurm":
+        from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+        sys.exit(LOCAL_REQUEUE_RETURN_CODE)
     if _being_cancelled():
         print("regscale: the job is being cancelled: not requeueing", file=sys.stderr, flush=True)
         return
-    handler(signal.SIGUSR2, None)
+    subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60, capture_output=True)
+    sys.exit(outcome.exit_code)
 
 
 def _local_layout_by_host() -> None:
@@ -155,19 +157,17 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-class TrainJob(submitit.helpers.Checkpointable):
-    """The training job of one run directory (picklable; the same pickle serves every requeue).
+class TrainJob:
+    """The training job of one run directory (picklable; the same pickle serves every requeue)."""
 
-    entry: "module:function" called as entry(cfg, run_dir, tracker) -> status; the training loop
-    by default.
-    """
-
-    def __init__(self, run_dir: str, entry: str = "regscale.train.loop:train") -> None:
+    def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
-        self.entry = entry
 
     def __call__(self) -> str:
-        requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's, before train() installs its own
+        from regscale.train.loop import train
+        from regscale.train.preempt import StopFlag
+
+        stop = StopFlag().install()  # from here on a stop signal waits for a step boundary
         env = job_environment()
         export_deadline()
         run_dir = Path(self.run_dir)
@@ -187,10 +187,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         if watcher:
             watcher.start()
         try:
-            status = _entry(self.entry)(cfg, run_dir, open_tracker(cfg, run_dir) if rank0 else None)
+            outcome = train(cfg, run_dir, open_tracker(cfg, run_dir) if rank0 else None, stop=stop)
         except Exception as err:
             if rank0:
-                self._after_failure(run_dir, cfg, err, restarts, requeue_handler)
+                self._after_failure(env, run_dir, cfg, err, restarts)
             else:  # give rank 0 time to record the failure and requeue before srun ends the step
                 time.sleep(FAILURE_GRACE_S)
             raise
@@ -199,30 +199,35 @@ class TrainJob(submitit.helpers.Checkpointable):
                 watcher.stop()
         if rank0:
             step = runs.latest_step(run_dir)
-            runs.record_end(run_dir, status, step)
-            if status in REQUEUE_ENDS:
+            runs.record_end(run_dir, outcome.value, step)
+            if outcome.requeue:
                 reason = stop_reason([], step, restarts + 1, cfg)
                 if reason:
                     write_stop_report(run_dir, reason, step)
                     raise RunStopped(reason)
-                print(f"regscale: {status} at step {step}: requeueing (requeue {restarts + 1} of at "
-                      f"most {cfg.slurm.max_requeues})", flush=True)
-                _requeue(requeue_handler)
-        return status
+                print(f"regscale: {outcome.value} at step {step}: requeueing (requeue {restarts + 1} of "
+                      f"at most {cfg.slurm.max_requeues})", flush=True)
+                requeue(env, outcome)
+            elif outcome is Outcome.INTERRUPTED:  # the job fails: its evaluation must not start
+                reason = f"interrupted (SIGINT) at step {step}"
+                write_stop_report(run_dir, reason, step)
+                raise RunStopped(reason)
+        return outcome.value
 
-    def _after_failure(self, run_dir: Path, cfg: Config, err: Exception, restarts: int,
-                       requeue_handler: Any) -> None:
+    def _after_failure(self, env: submitit.JobEnvironment, run_dir: Path, cfg: Config, err: Exception,
+                       restarts: int) -> None:
         """Record the failure; requeue unless the run is failing over and over at the same step."""
         step = runs.latest_step(run_dir)
-        runs.record_end(run_dir, "failed", step, error=f"{type(err).__name__}: {err}")
-        traceback.print_exc()
+        runs.record_end(run_dir, Outcome.FAILED.value, step, error=f"{type(err).__name__}: {err}")
+        if not isinstance(err, UserError):  # a UserError's message says it all
+            traceback.print_exc()
         reason = stop_reason(runs.read_attempts(run_dir), step, restarts + 1, cfg)
         if reason:
             write_stop_report(run_dir, reason, step)
             return
         print(f"regscale: training failed at step {step}; requeueing to retry from the newest "
               "checkpoint", file=sys.stderr, flush=True)
-        _requeue(requeue_handler)
+        requeue(env, Outcome.FAILED)
 
 
 class EvalJob(submitit.helpers.Checkpointable):

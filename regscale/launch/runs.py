@@ -24,6 +24,7 @@ from regscale.rundir import CHECKPOINTS, CONFIG, step_of
 JOBS = "jobs.json"
 ATTEMPTS = "attempts.jsonl"
 STOP_REPORT = "stop_report.json"
+RESUMED = "resumed"  # the end recorded for `regscale resume`: a fresh streak of attempts
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -113,7 +114,7 @@ def read_attempts(run_dir: Path) -> list[Attempt]:
             if event == "start":
                 attempts.append(Attempt(**entry))
             elif event == "resume":  # `regscale resume`: a fresh start, whatever failed before
-                attempts.append(Attempt("resume", 0, entry["step"], entry["at"], "resumed", entry["step"],
+                attempts.append(Attempt("resume", 0, entry["step"], entry["at"], RESUMED, entry["step"],
                                         entry["at"]))
             elif attempts:
                 end = (entry["end"], entry["end_step"], entry["ended_at"], entry.get("error"))

@@ -14,10 +14,10 @@ from typing import Optional
 
 from regscale.errors import UserError, debug, expected_failure
 from regscale.launch import runs
+from regscale.checkpoints import published
+from regscale.metrics import IMAGES_PER_S
 from regscale.rundir import CHECKPOINTS, step_name, step_of
-from regscale.train.checkpoint import published
 
-RATE_KEYS = ("images_per_s", "img_per_s", "imgs_per_s", "throughput")
 
 
 def slurm_states(ids: list[str]) -> dict[str, str]:
@@ -143,7 +143,7 @@ def run_status(run_dir: Path) -> RunStatus:
     ckpt = runs.latest_step(run_dir)
     metrics = _last_metrics(run_dir)
     step = max(int(metrics.get("step", 0)), ckpt)
-    rate = next((float(metrics[k]) for k in RATE_KEYS if k in metrics), None)
+    rate = float(metrics[IMAGES_PER_S]) if IMAGES_PER_S in metrics else None
     current = attempts[-1] if attempts else None
     if rate is None and current and current.end is None and step > current.start_step:
         rate = (step - current.start_step) * cfg.train.batch_size / max(time.time() - current.started_at, 1e-6)

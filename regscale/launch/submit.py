@@ -81,9 +81,7 @@ class Launcher:
         self.cfg, self.cluster = cfg, cluster
         s = cfg.slurm
         check_value("job folder", str(folder))
-        self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
-                                              slurm_max_num_timeout=s.max_requeues,
-                                              local_max_num_timeout=s.max_requeues)
+        self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)  # requeues: launch.job
         if cluster == "slurm":
             self.params = sbatch_parameters(cfg, profile or load_profile(s.profile), str(cfg.run.name))
         else:

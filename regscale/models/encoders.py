@@ -9,7 +9,7 @@ same classes for the smoke recipe and tests (their outputs are meaningless).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +49,14 @@ class DinoEncoder(nn.Module):
     """Frozen DINOv2: uint8 images [B,3,H,W] -> [B, 1 + 256, D] normalised class + patch tokens.
 
     REG preprocessing: /255, ImageNet mean/std, then bicubic resize to `resolution` (normalise
-    first, then resize). On CUDA the encoder runs under autocast in `dtype` (bf16 by default);
-    the output is float32.
+    first, then resize). The ViT runs under the caller's autocast (training: the model's
+    precision on every device, as the official code does); the output is float32.
     """
 
-    def __init__(self, vit: nn.Module, resolution: int = 224, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, vit: nn.Module, resolution: int = 224) -> None:
         super().__init__()
         self.vit = vit.eval().requires_grad_(False)
         self.resolution = resolution
-        self.dtype = dtype
         self.embed_dim: int = vit.embed_dim
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -77,9 +76,7 @@ class DinoEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)
-        use_amp = x.is_cuda and self.dtype != torch.float32
-        with torch.autocast(x.device.type, dtype=self.dtype, enabled=use_amp):
-            tokens = self.vit.forward_features(x)  # final LayerNorm applied: x_norm_{cls,patch}tokens
+        tokens = self.vit.forward_features(x)  # final LayerNorm applied: x_norm_{cls,patch}tokens
         return tokens.float()
 
 

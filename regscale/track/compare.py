@@ -16,13 +16,12 @@ from typing import Any, Optional
 
 from regscale.errors import UserError
 from regscale.fsutil import atomic_path
+from regscale.metrics import IMAGES_PER_S, LOSS
 from regscale.track.mlflow import EVAL_PREFIX, GPU_HOURS, RUN_ID_FILE
 
 FID = EVAL_PREFIX + "fid"
 FID_NOT_COMPARABLE = FID + "_not_comparable"  # smoke runs: a random Inception network (marked *)
 # The loop's metric names (regscale.train.loop); the first one a run has is used.
-LOSS_KEYS = ("loss/total", "loss", "train/loss")
-THROUGHPUT_KEYS = ("images_per_s", "images/s", "throughput/images_per_s")
 IGNORED_PARAMS = ("run.name", "run.dir")  # the row label already says which run it is
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -59,7 +58,7 @@ def _history(client: Any, run_id: str, key: Optional[str]) -> list[tuple[int, fl
 def summarize(client: Any, run: Any) -> RunSummary:
     """Read one run's params, best FID (and its step), throughput, GPU hours and curves."""
     metrics = run.data.metrics
-    loss_key = _first(LOSS_KEYS, metrics)
+    loss_key = LOSS if LOSS in metrics else None
     fid_key = _first((FID, FID_NOT_COMPARABLE), metrics)
     fid = _history(client, run.info.run_id, fid_key)
     loss = _history(client, run.info.run_id, loss_key)
@@ -68,8 +67,7 @@ def summarize(client: Any, run: Any) -> RunSummary:
                          loss_curve=loss, loss_key=loss_key, fid_comparable=fid_key != FID_NOT_COMPARABLE)
     if fid:
         summary.best_fid_step, summary.best_fid = min(fid, key=lambda p: (p[1], p[0]))
-    throughput = _first(THROUGHPUT_KEYS, metrics)
-    summary.images_per_s = metrics.get(throughput) if throughput else None
+    summary.images_per_s = metrics.get(IMAGES_PER_S)
     summary.gpu_hours = metrics.get(GPU_HOURS)
     progress = loss or _history(client, run.info.run_id, GPU_HOURS if GPU_HOURS in metrics else None)
     summary.last_step = max(s for s, _ in progress) if progress else None

@@ -34,6 +34,7 @@ from regscale.config import Config, config_hash, flatten, resume_changes, to_yam
 from regscale.dist import launcher_layout, read_layout
 from regscale.errors import UserError
 from regscale.fsutil import write_atomic
+from regscale.outcome import Outcome
 from regscale.rundir import step_name
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -42,8 +43,6 @@ OUTBOX = "mlflow_outbox"  # copies of images and config files waiting to be uplo
 GPU_HOURS_FILE = "mlflow_gpu_hours"
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-# regscale.train.loop outcomes: a preempted / timed-out attempt was killed (its requeue reopens the run)
-OUTCOMES = {"completed": "FINISHED", "failed": "FAILED", "preempted": "KILLED", "deadline": "KILLED"}
 EVAL_PREFIX = "eval/"  # evaluation metrics mirrored on the training run: eval/fid, eval/sfid, ...
 GPU_HOURS = "gpu_hours"
 # MLflow 3 files an experiment without a kind under GenAI (traces, evaluations); this is model training.
@@ -421,11 +420,12 @@ class Tracker:
                 self._cond.wait(min(left, 0.5))
             return not self._ops
 
-    def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
-        """End this attempt: the run's status (FINISHED, FAILED or KILLED, or a loop outcome:
-        completed, failed, preempted, deadline; an `attach`ed tracker leaves the status alone),
-        then flush; what is undelivered after `timeout` s is saved in the run dir."""
-        status = OUTCOMES.get(status, status)
+    def finish(self, status: "str | Outcome" = "FINISHED", timeout: float = 30.0) -> None:
+        """End this attempt: the run's status (FINISHED, FAILED or KILLED, or the training's
+        Outcome; an `attach`ed tracker leaves the status alone), then flush; what is undelivered
+        after `timeout` s is saved in the run dir."""
+        if status in Outcome._value2member_map_:
+            status = Outcome(status).run_status
         if status not in STATUSES:
             log.error("MLflow: unknown final status %r; recording FAILED", status)
             status = "FAILED"

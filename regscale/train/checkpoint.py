@@ -1,236 +1,257 @@
-"""Checkpoints that survive anything: publish-by-rename, a verified manifest, retention, export.
+"""The training process's checkpoints: where a start resumes from, the save in flight, its
+publication and retention, and the time the loop waited for them.
 
-Layout under <run_dir>/checkpoints/:
-    step_00001000/          one published checkpoint: the engine's files + manifest.json
-    .tmp_step_00002000/     being written (never loaded; removed on the next start)
-    latest                  text: the newest published directory's name (moved last)
+A save is a small state machine driven by the loop's per-step agreement:
 
-A checkpoint exists only once complete: every rank writes into the temporary directory, rank 0
-fsyncs the files, hashes them into manifest.json, fsyncs, renames the directory to its final name,
-then replaces `latest`. On start the newest directory whose manifest and file hashes check out is
-used; broken ones are renamed aside with a warning that names them.
+    save(step)     every rank: the engine copies its state aside and writes, fsyncs and hashes
+                   its own files (in the background for async saves)
+    wait_staged()  before the next optimizer step: the copy must be done
+    flags()        [writing, failed] of this rank, all-reduced with the stop flags every step
+    agreed(...)    once no rank is writing: the file tables are gathered, rank 0 publishes
+                   (manifest, rename, `latest`, retention), and every rank learns the result
+
+Nothing is hashed inside the agreement: each rank hashed its files as it wrote them. A start
+verifies the newest checkpoint with every rank reading its share of the files in parallel
+threads; broken checkpoints are set aside, and a run whose every checkpoint is broken stops
+instead of silently starting over. A full disk stops the run with one line naming the directory;
+the previous checkpoint stays.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import errno
 import logging
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from regscale import dist, faults
+from regscale.checkpoints import (CheckpointStore, files_problem, manifest_problem, published, put_aside,
+                                  set_aside, shares)
+from regscale.dist import DistEnv
+from regscale.engine import Engine, SaveHandle
 from regscale.errors import UserError
-from regscale.fsutil import atomic_path, fsync_dir, fsync_file, write_atomic
-from regscale.rundir import CHECKPOINTS, CONFIG, step_name, step_of
+from regscale.fsutil import no_space
+from regscale.rundir import CHECKPOINTS
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("regscale.train")
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
-FORMAT = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_table(directory: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, sha256}} of every file under `directory` but the manifest."""
-    table = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = path.relative_to(directory).as_posix()
-        if rel != MANIFEST:
-            table[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    return table
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    return obj
-
-
-# ---------------------------------------------------------------------------------------------
-# finding and verifying
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    return json.loads((path / MANIFEST).read_text())
-
-
-def verify(path: Path) -> Optional[str]:
-    """None when `path` is a complete checkpoint; else why not (for the warning)."""
-    try:
-        manifest = read_manifest(path)
-    except FileNotFoundError:
-        return "no manifest.json"
-    except (OSError, ValueError) as err:
-        return f"unreadable manifest.json ({err})"
-    if manifest.get("format") != FORMAT or "files" not in manifest or "step" not in manifest:
-        return "manifest.json lacks format/step/files"
-    if step_name(int(manifest["step"])) != path.name:
-        return f"manifest says step {manifest['step']}"
-    for rel, info in manifest["files"].items():
-        file = path / rel
-        if not file.is_file():
-            return f"missing file {rel}"
-        if file.stat().st_size != info["size"]:
-            return f"{rel} has {file.stat().st_size} bytes, manifest says {info['size']}"
-        if sha256_file(file) != info["sha256"]:
-            return f"{rel} does not match its sha256"
-    return None
-
-
-def published(root: Path) -> list[Path]:
-    """Published checkpoint directories, newest step first."""
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None]
-    return sorted(dirs, key=lambda p: p.name, reverse=True)
-
-
-def find_valid(root: Path, step: Optional[int] = None, *, quarantine: bool = False
-               ) -> Optional[tuple[Path, dict[str, Any]]]:
-    """The newest valid checkpoint (or the one of `step`); broken ones are skipped with a warning
-    naming them, and with `quarantine` renamed to `<name>.broken-<time>` so a later save of the
-    same step can take the name."""
-    for path in published(root):
-        if step is not None and path.name != step_name(step):
-            continue
-        reason = verify(path)
-        if reason is None:
-            return path, read_manifest(path)
-        log.warning("checkpoint %s is broken (%s): skipping it", path, reason)
-        if quarantine:
-            aside = path.with_name(f"{path.name}.broken-{int(time.time())}")
-            os.replace(path, aside)
-            log.warning("moved the broken checkpoint aside to %s", aside)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# writing
+WAIT_S = dist.COLLECTIVE_S  # the longest a rank waits for its own checkpoint copy or writes
 
 
 @dataclass
-class PendingSave:
+class _Pending:
+    """A save in flight."""
+
+    step: int
     tmp: Path
     manifest: dict[str, Any]
-    future: Optional[Future]
+    handle: SaveHandle
+    asynchronous: bool
     started: float
-
-    def state(self) -> int:
-        """0 written, 1 still writing, 2 failed (this rank)."""
-        if self.future is None:
-            return 0
-        if not self.future.done():
-            return 1
-        return 2 if self.future.exception() is not None else 0
+    stall_s: float  # the loop's waits for this save so far
 
 
-class CheckpointStore:
-    """The checkpoints/ directory of a run: temp dirs, publication, retention."""
+@dataclass(frozen=True)
+class Published:
+    """What one save cost, once it is published."""
 
-    def __init__(self, root: Path, *, keep_last: int, keep_every: int, protect: tuple[int, ...] = ()):
-        self.root = root
-        self.keep_last = keep_last
-        self.keep_every = keep_every
-        self.protect = set(protect)
-
-    def tmp_dir(self, step: int) -> Path:
-        return self.root / f".tmp_{step_name(step)}"
-
-    def clean_stale(self) -> None:
-        """Remove temporary directories of saves that never finished (rank 0, at start)."""
-        for path in self.root.glob(f".tmp_{step_name(0)[:5]}*"):
-            log.warning("removing unfinished checkpoint write %s", path)
-            shutil.rmtree(path, ignore_errors=True)
-        for path in self.root.glob(".trash_*"):
-            shutil.rmtree(path, ignore_errors=True)
-
-    def publish(self, tmp: Path, manifest: dict[str, Any]) -> Path:
-        """Make `tmp` durable and visible as step_XXXXXXXX, then move `latest` (rank 0 only)."""
-        final = self.root / step_name(int(manifest["step"]))
-        manifest = dict(manifest, format=FORMAT, files=file_table(tmp))
-        manifest["total_bytes"] = sum(f["size"] for f in manifest["files"].values())
-        for rel in manifest["files"]:
-            fsync_file(tmp / rel)
-        for sub in sorted({(tmp / rel).parent for rel in manifest["files"]}):
-            fsync_dir(sub)
-        write_atomic(tmp / MANIFEST, json.dumps(_jsonable(manifest), indent=1).encode())
-        if final.exists():  # the same step saved again (after a rollback): replace it whole
-            aside = self.root / f".trash_{final.name}_{int(time.time() * 1e6)}"
-            os.replace(final, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(self.root)
-        write_atomic(self.root / LATEST, (final.name + "\n").encode())
-        self.retain(newest=final)
-        return final
-
-    def retain(self, newest: Path) -> None:
-        """Delete checkpoints beyond keep_last, except every keep_every-th step, protected
-        steps and `newest` (just published, so valid)."""
-        dirs = published(self.root)
-        keep = {p.name for p in dirs[: self.keep_last]} | {newest.name}
-        for path in dirs:
-            step = step_of(path.name)
-            if (self.keep_every and step % self.keep_every == 0) or step in self.protect:
-                keep.add(path.name)
-        for path in dirs:
-            if path.name not in keep:
-                aside = self.root / f".trash_{path.name}"
-                os.replace(path, aside)
-                shutil.rmtree(aside, ignore_errors=True)
+    step: int
+    path: Path
+    save_s: float  # from the save's start to its publication
+    stall_s: float  # of which the loop waited
+    asynchronous: bool
 
 
-# ---------------------------------------------------------------------------------------------
-# reading for evaluation and export
+class Checkpointer:
+    """The checkpoints/ side of one training process (see the module docstring)."""
+
+    def __init__(self, run_dir: Path, engine: Engine, env: DistEnv, *, keep_last: int, keep_every: int,
+                 protect: tuple[int, ...] = (), asynchronous: bool = True) -> None:
+        self.store = CheckpointStore(run_dir / CHECKPOINTS, keep_last=keep_last, keep_every=keep_every,
+                                     protect=protect)
+        self.engine, self.env = engine, env
+        self.asynchronous = asynchronous
+        self.pending: Optional[_Pending] = None
+        self.last_saved = -1
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    # -- where to start --------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Rank 0 creates the directory and removes unfinished writes of earlier attempts."""
+        if self.env.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.store.clean_stale()
+        dist.barrier("create the checkpoint directory")
+
+    def newest_valid(self, *, at_start: bool) -> Optional[tuple[Path, dict[str, Any]]]:
+        """The newest checkpoint whose files all check out, verified by every rank reading its
+        share in parallel threads; broken ones are set aside on the way. At the start of a run
+        whose checkpoints are all broken, raises UserError naming them instead of returning None
+        (which would restart training from step 0)."""
+        names = dist.broadcast_object([p.name for p in published(self.root)] if self.env.is_main else None)
+        for name in names:
+            path = self.root / name
+            manifest, problem = dist.broadcast_object(manifest_problem(path) if self.env.is_main else None)
+            if manifest is not None:
+                mine = shares(manifest["files"], self.env.world_size)[self.env.rank]
+                problems = dist.gather_objects(files_problem(path, manifest, mine))
+                problem = next((p for p in problems if p), None)
+            if problem is None:
+                return path, manifest
+            if self.env.is_main:
+                put_aside(path, problem)
+            dist.barrier("set a broken checkpoint aside")
+        aside = set_aside(self.root)
+        if at_start and aside:
+            raise UserError(f"{self.root}: no checkpoint is readable ({', '.join(p.name for p in aside)} "
+                            "failed verification and are set aside); training would restart from step 0. "
+                            "Restore them, or move them out of the directory to start over")
+        return None
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Callable[[], dict[str, Any]], *, blocking: bool) -> Optional[Published]:
+        """Checkpoint `step` on every rank: `state()` gives the manifest's training state (it may
+        gather over ranks). A save still in flight is published first. Blocking saves (and
+        engine.async_checkpoint=false) return their publication."""
+        if step == self.last_saved:
+            return None
+        earlier = self.finish()
+        if earlier is not None:
+            log.debug("the save of step %d completed before the next one", earlier.step)
+        started = time.perf_counter()
+        tmp = self.store.tmp_dir(step)
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier("create the checkpoint's temporary directory")
+        manifest = state()
+        asynchronous = self.asynchronous and not blocking
+        handle = self.engine.save(tmp, blocking=not asynchronous)
+        if faults.due("NO_SPACE", step):
+            handle = SaveHandle(handle.staged, _failing(handle.written, OSError(
+                errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))))
+        if self.env.is_main and faults.due("KILL_IN_SAVE", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.pending = _Pending(step, tmp, manifest, handle, asynchronous, started,
+                                time.perf_counter() - started)
+        self.last_saved = step
+        return None if asynchronous else self.finish()
+
+    def wait_staged(self) -> None:
+        """Before the optimizer changes the weights: the save in flight must have copied them."""
+        p = self.pending
+        if p is None or p.handle.staged.done():
+            return
+        t0 = time.perf_counter()
+        _wait(p.handle.staged, f"copy the state of step {p.step} aside for its checkpoint")
+        p.stall_s += time.perf_counter() - t0
+
+    def flags(self) -> list[float]:
+        """[writing, failed] of this rank's save in flight, for the per-step agreement."""
+        written = self.pending.handle.written if self.pending else None
+        if written is None or not written.done():
+            return [float(written is not None), 0.0]
+        return [0.0, float(written.exception() is not None)]
+
+    def agreed(self, writing: float, failed: float) -> Optional[Published]:
+        """After the agreement: publish the save in flight once no rank is writing any more."""
+        if self.pending is None or writing:
+            return None
+        return self._settle(bool(failed))
+
+    def finish(self) -> Optional[Published]:
+        """Wait for the save in flight on every rank, then publish it."""
+        p = self.pending
+        if p is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            _wait(p.handle.written, f"write the checkpoint of step {p.step}")
+            failed = 0.0
+        except UserError:
+            raise
+        except Exception:  # reported below, with every rank's reason
+            failed = 1.0
+        flag = dist.all_max([failed], "learn whether every rank wrote its checkpoint files")[0]
+        p.stall_s += time.perf_counter() - t0
+        return self._settle(bool(flag))
+
+    def _settle(self, failed: bool) -> Optional[Published]:
+        """Every rank: publish the save in flight (rank 0 writes), or drop it if a write failed."""
+        p, self.pending = self.pending, None
+        t0 = time.perf_counter()
+        if failed:
+            self._drop(p)
+            return None
+        tables = dist.gather_objects(p.handle.written.result())
+        outcome: Optional[tuple[str, str]] = None
+        if self.env.is_main:
+            files = {rel: entry for table in tables for rel, entry in table.items()}
+            try:
+                outcome = ("ok", str(self.store.publish(p.tmp, p.manifest, files)))
+            except OSError as err:
+                shutil.rmtree(p.tmp, ignore_errors=True)
+                outcome = ("no_space" if no_space(err) else "error", f"{type(err).__name__}: {err}")
+        kind, detail = dist.broadcast_object(outcome)
+        if kind == "no_space":
+            raise UserError(self._no_space(p.step))
+        if kind == "error":
+            raise RuntimeError(f"publishing the checkpoint of step {p.step} failed: {detail}")
+        p.stall_s += time.perf_counter() - t0
+        save_s = time.perf_counter() - p.started
+        log.info("checkpoint %s published (%.2f s after the save began, the loop waited %.2f s)",
+                 detail, save_s, p.stall_s)
+        return Published(p.step, Path(detail), save_s, p.stall_s, p.asynchronous)
+
+    def _drop(self, p: _Pending) -> None:
+        """A write failed on some rank: remove the partial checkpoint. A full disk stops the run
+        (saving again would fail again); other errors warn and training goes on."""
+        err = p.handle.written.exception() if p.handle.written.done() else None
+        mine = None if err is None else ("no_space" if no_space(err) else f"{type(err).__name__}: {err}")
+        reasons = dist.gather_objects(mine)
+        if self.env.is_main:
+            shutil.rmtree(p.tmp, ignore_errors=True)
+        dist.barrier("remove a failed checkpoint write")
+        if "no_space" in reasons:
+            raise UserError(self._no_space(p.step))
+        detail = next((r for r in reasons if r), "unknown")
+        log.warning("checkpoint write of step %d failed (%s); it is not published, training goes on",
+                    p.step, detail)
+
+    def _no_space(self, step: int) -> str:
+        kept = published(self.root)
+        return (f"no space left on {self.root} while writing the checkpoint of step {step}: it is not "
+                f"saved; the newest saved one ({kept[0].name if kept else 'none'}) is kept. Free space "
+                "there and start again")
+
+    def close(self) -> None:
+        """Release the engine's background writers (after `finish`)."""
+        self.engine.close()
 
 
-def load_consolidated(run_dir: Path | str, step: Optional[int] = None, weights: str = "ema"
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state_dict, manifest): full fp32 SiT weights in our parameter names from the newest valid
-    checkpoint (or `step`), whatever engine and world size wrote it. weights: 'ema' or 'model'."""
-    from regscale.engine import consolidate
-
-    if weights not in ("ema", "model"):
-        raise UserError(f"weights must be 'ema' or 'model'; got {weights!r}")
-    root = Path(run_dir) / CHECKPOINTS
-    found = find_valid(root, step)
-    if found is None:
-        what = f"step {step}" if step is not None else "any step"
-        raise UserError(f"{root}: no valid checkpoint for {what} (expected step_XXXXXXXX/ with "
-                        "manifest.json, written by `regscale train`)")
-    path, manifest = found
-    state = consolidate(manifest["engine"]["kind"], path, weights)
-    return state, manifest
+def _wait(future: Future, what: str) -> Any:
+    """future.result(), bounded by WAIT_S; a timeout says what this rank waited for."""
+    try:
+        return future.result(timeout=WAIT_S)
+    except FutureTimeout:
+        raise UserError(f"rank {dist.read_layout().rank} waited {WAIT_S:.0f} s to {what}; the storage "
+                        "does not answer") from None
 
 
-def export_safetensors(run_dir: Path | str, out: Path | str, step: Optional[int] = None,
-                       weights: str = "ema") -> dict[str, Any]:
-    """Write one consolidated safetensors file (atomically); returns the checkpoint's manifest."""
-    from safetensors.torch import save_file
-
-    state, manifest = load_consolidated(run_dir, step, weights)
-    meta = {"step": str(manifest["step"]), "images": str(manifest["images"]), "weights": weights,
-            "config_hash": str(manifest["config_hash"]), "engine": manifest["engine"]["kind"]}
-    config = Path(run_dir) / CONFIG
-    if config.is_file():  # lets `regscale sample FILE.safetensors` rebuild the model without a recipe
-        meta["config"] = config.read_text()
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    return manifest
+def _failing(written: Future, err: OSError) -> Future:
+    """A future that fails with `err` once `written` is done (fault injection: a full disk)."""
+    out: Future = Future()
+    written.add_done_callback(lambda _: out.set_exception(err))
+    return out

@@ -7,8 +7,6 @@ from pathlib import Path
 
 from regscale.cliargs import non_negative_int
 
-EXIT_REQUEUE = 3  # "preempted" / "deadline": a checkpoint was saved, start me again
-
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One training process (start one per GPU: srun, torchrun, or plain for one process)."""
@@ -29,9 +27,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from regscale.track.mlflow import Tracker
 
         tracker = Tracker.open(cfg, run_dir, recipe=Path(args.recipe))
-    status = train(cfg, run_dir, tracker)
-    print(f"regscale train: {status}")
-    return 0 if status == "completed" else EXIT_REQUEUE
+    outcome = train(cfg, run_dir, tracker)
+    print(f"regscale train: {outcome.value}")
+    return outcome.exit_code
 
 
 EXPORT_METADATA = ("step", "weights", "config_hash")  # what `regscale export` writes into every file
@@ -56,7 +54,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from regscale.errors import UserError, one_line
     from regscale.fsutil import NoSpaceError, no_space_message
     from regscale.paths import check_output
-    from regscale.train.checkpoint import export_safetensors
+    from regscale.engine.export import export_safetensors
 
     out = check_output(args.out, "--out", inputs=[args.run_dir], suffixes=(".safetensors",), ours=is_export)
     try:

@@ -1,11 +1,5 @@
-"""Health of a running job: non-finite steps, a hang watchdog, metrics, and test-only faults.
-
-Fault injection (tests only; documented in README "Training"): REGSCALE_FAULT_NAN_STEPS="3,4"
-makes the loss of those steps NaN, once each per process, so skipping, counting and rollback can
-be tested on the real loop; REGSCALE_FAULT_KILL_IN_SAVE=6 makes rank 0 SIGKILL itself in the
-middle of the checkpoint save of step 6 (files being written, nothing published). Unset in
-production; reading them costs nothing.
-"""
+"""Health of a running job: non-finite steps, a hang watchdog, metrics (test-only faults are
+injected through regscale.faults)."""
 
 from __future__ import annotations
 
@@ -13,7 +7,6 @@ import faulthandler
 import json
 import os
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -73,19 +66,6 @@ class Watchdog:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def faulty_steps() -> set[int]:
-    """Steps whose loss the tests want to be NaN (REGSCALE_FAULT_NAN_STEPS)."""
-    value = os.environ.get("REGSCALE_FAULT_NAN_STEPS", "")
-    return {int(s) for s in value.split(",") if s.strip()}
-
-
-def kill_in_save(step: int) -> None:
-    """SIGKILL this process when REGSCALE_FAULT_KILL_IN_SAVE names `step` (tests only)."""
-    value = os.environ.get("REGSCALE_FAULT_KILL_IN_SAVE", "")
-    if value.strip() and int(value) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_flops_per_image(cfg: Config) -> float:

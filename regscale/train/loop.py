@@ -1,23 +1,26 @@
 """The training loop: one per process, the same for both engines.
 
-    train(cfg, run_dir, tracker) -> "completed" | "preempted" | "deadline"
+    train(cfg, run_dir, tracker) -> Outcome (completed | preempted | deadline | interrupted)
 
 A step: per micro-batch, draw latents from the VAE posterior, encode images with the frozen
-DINOv2, compute the REG loss, backward; then the engine clips and steps (or skips a non-finite
-step), the EMA follows. Every random draw of a sample comes from a generator seeded by (seed,
-step, the sample's dataset index) (train/noise.py), each step's global batch is the same for any
-number of processes, and the data stream's position is in every checkpoint, so a resumed run
-replays exactly what the uninterrupted one would have done: bit for bit on the same number of
-processes, up to the order of reductions on another. At each step boundary the ranks agree in one
-tiny all-reduce whether to stop (signal, deadline) and whether a background save has finished.
+DINOv2 (under the model's autocast), compute the REG loss, backward; then the engine clips and
+steps (or skips a non-finite step), the EMA follows. Every random draw of a sample comes from a
+generator seeded by (seed, step, the sample's dataset index) (train/noise.py), each step's global
+batch is the same for any number of processes, and the data stream's position is in every
+checkpoint, so a resumed run replays exactly what the uninterrupted one would have done: bit for
+bit on the same number of processes, up to the order of reductions on another.
+A step reads one number from the device (the gradient norm, to skip non-finite steps); the loss
+parts stay on the device until a log step. At each step boundary the ranks agree in one tiny
+all-reduce whether to stop (signal, Ctrl-C, deadline) and whether a background save has
+finished (the Checkpointer publishes it then).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +28,17 @@ from typing import Any, Optional
 
 import torch
 
-from regscale.config import Config, batch_plan, config_hash, from_yaml_text, to_yaml
-from regscale import dist
+from regscale import dist, faults
+from regscale import metrics as M
+from regscale.config import (Config, ConfigError, batch_plan, config_hash, flatten, from_yaml_text,
+                             resume_changes, to_yaml)
+from regscale.engine.base import precision_autocast
 from regscale.fsutil import write_atomic
-from regscale.train.checkpoint import CheckpointStore, PendingSave, find_valid
-from regscale.train.health import (MetricsLog, NonFiniteGuard, Watchdog, device_peak_flops,
-                                   faulty_steps, kill_in_save, memory_gb, train_flops_per_image)
+from regscale.outcome import Outcome
+from regscale.rundir import CONFIG
+from regscale.train.checkpoint import Checkpointer, Published
+from regscale.train.health import (MetricsLog, NonFiniteGuard, Watchdog, device_peak_flops, memory_gb,
+                                   train_flops_per_image)
 from regscale.train.noise import DERIVATION, SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
 from regscale.train.threads import pin_threads
@@ -38,6 +46,7 @@ from regscale.train.threads import pin_threads
 log = logging.getLogger("regscale.train")
 
 FIRST_STEP_WATCHDOG_S = 3600.0  # the first step compiles and JIT-builds; give it time
+GRID_WAIT_S = 600.0  # at the end, the longest wait for a sample grid still being made
 
 
 @dataclass
@@ -48,35 +57,48 @@ class Progress:
     rollbacks: int = 0
 
 
-def train(cfg: Config, run_dir: Path, tracker: Any = None) -> str:
+def train(cfg: Config, run_dir: Path, tracker: Any = None, stop: Optional[StopFlag] = None) -> Outcome:
     """Train (or resume) the run in `run_dir` until train.max_steps, a stop signal or the deadline.
 
-    Returns "completed", or "preempted" / "deadline" after saving a checkpoint (requeue me).
-    Reads the distributed environment from SLURM, torchrun or a single process.
+    Returns the Outcome (preempted / deadline / interrupted after saving a checkpoint).
+    Reads the distributed environment from torchrun, SLURM or a single process; `stop` is the
+    caller's StopFlag when it took over the signals earlier (the SLURM job does).
     """
+    from regscale.data.synthetic import ensure_synthetic_dataset
+
     _setup_logging()
+    stop = (stop or StopFlag()).install()
+    pin_threads(cfg)  # before the smoke data's VAE pass too: its latents depend on the thread count
+    ensure_synthetic_dataset(cfg)  # smoke runs: rank 0 generates, the others wait (bounded)
     owns_group = not torch.distributed.is_initialized()
     env = dist.setup()
     trainer = None
-    status = "failed"
+    outcome = Outcome.FAILED
     try:
         trainer = Trainer(cfg, Path(run_dir), env, tracker if env.is_main else None)
-        status = trainer.run()
-        return status
+        outcome = trainer.run(stop)
+        return outcome
+    except KeyboardInterrupt:  # a second Ctrl-C: no agreement, no save
+        outcome = Outcome.INTERRUPTED
+        newest = trainer.checkpointer.last_saved if trainer else -1
+        log.warning("interrupted again: nothing more saved (newest checkpoint: %s)",
+                    f"step {newest}" if newest >= 0 else "none")
+        return outcome
     finally:
+        stop.restore()
         if trainer is not None:
-            trainer.close(status)
+            trainer.close(outcome)
         elif tracker is not None and env.is_main:
-            tracker.finish(status)  # the trainer never started: the run must not stay RUNNING
+            tracker.finish(outcome)  # the trainer never started: the run must not stay RUNNING
         if owns_group:
             dist.teardown()
 
 
 def _setup_logging() -> None:
-    rank = dist.read_layout().rank
     root = logging.getLogger("regscale")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
+        rank = dist.read_layout().rank
         handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
@@ -88,7 +110,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Any) -> None:
         from regscale.data.stream import TrainStream
-        from regscale.data.synthetic import ensure_synthetic_dataset
         from regscale.engine import build_engine
         from regscale.models import build_model_from_config
         from regscale.models.encoders import load_dinov2
@@ -97,59 +118,56 @@ class Trainer:
         self.device = env.device
         self.plan = batch_plan(cfg.train, env.world_size)
         t = cfg.train
-        self.store = CheckpointStore(run_dir / "checkpoints", keep_last=t.keep_last,
-                                     keep_every=t.keep_every, protect=tuple(cfg.eval.at_steps))
-        if env.is_main:
-            self._write_config()
-            self.store.root.mkdir(parents=True, exist_ok=True)
-            self.store.clean_stale()
-        dist.barrier()
+        self._check_config()
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = t.tf32
             torch.backends.cudnn.allow_tf32 = t.tf32
         self.threads = pin_threads(cfg)
-        ensure_synthetic_dataset(cfg)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model_from_config(cfg.model)
         self.encoder = load_dinov2(cfg.encoder, embed_dim=cfg.model.cls_token_dim,
                                    seed=t.seed).to(self.device)
-        self.engine = build_engine(cfg, model, env, self.plan)
+        self.engine = build_engine(cfg.engine, t, model, env, self.plan)
+        self.checkpointer = Checkpointer(run_dir, self.engine, env, keep_last=t.keep_last,
+                                         keep_every=t.keep_every, protect=tuple(cfg.eval.at_steps),
+                                         asynchronous=cfg.engine.async_checkpoint)
+        self.checkpointer.prepare()
         self.stream = TrainStream(cfg, env.rank, env.world_size, self.plan.micro)
         self.noise = SampleNoise(t.seed, cfg.model.cls_token_dim, cfg.loss.time_sampling, self.device,
                                  trace=run_dir / "draws" / f"rank{env.rank:05d}.jsonl")
         self._batches = None
         self.progress = Progress()
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", tracker, enabled=env.is_main)
-        self.pending: Optional[PendingSave] = None
-        self.last_saved = -1
         self.flops_per_image = train_flops_per_image(cfg)
         self.peak = device_peak_flops(self.device)
         self.deadline = Deadline(job_deadline())
-        self.resumed_from = self._resume()
+        self._grid: Optional[threading.Thread] = None
+        found = self.checkpointer.newest_valid(at_start=True)
+        self.resumed_from = str(found[0]) if found else None
+        if found:
+            self._restore(*found)
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _write_config(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "config.yaml"
+    def _check_config(self) -> None:
+        """Every rank: a run directory keeps its experiment. A change of a key that defines it is
+        refused (tracked or not); keys that may change on resume are taken and saved (rank 0)."""
+        path = self.run_dir / CONFIG
+        changed: dict[str, str] = {}
         if path.is_file():
-            saved = from_yaml_text(path.read_text())
-            if config_hash(saved) != config_hash(self.cfg):
-                log.warning("%s differs from this run's configuration (hash %s vs %s); training "
-                            "with this run's", path, config_hash(saved), config_hash(self.cfg))
-            return
-        write_atomic(path, to_yaml(self.cfg))
-
-    def _resume(self) -> Optional[str]:
-        found = find_valid(self.store.root, quarantine=True) if self.env.is_main else None
-        found = dist.broadcast_object((str(found[0]), found[1]) if found else None)
-        if found is None:
-            return None
-        self._restore(Path(found[0]), found[1])
-        return found[0]
+            changed = resume_changes(flatten(from_yaml_text(path.read_text())), flatten(self.cfg), str(path))
+        if self.env.is_main and (changed or not path.is_file()):
+            if changed:
+                log.info("%s: resuming with %s", path, ", ".join(f"{k}={v}" for k, v in sorted(changed.items())))
+            write_atomic(path, to_yaml(self.cfg))
 
     def _restore(self, path: Path, manifest: dict[str, Any]) -> None:
         same_world = manifest["world_size"] == self.env.world_size
+        kind = manifest["engine"]["kind"]
+        if kind != self.engine.kind:
+            raise ConfigError(f"checkpoint {path} was written by engine '{kind}', this run uses "
+                              f"engine.kind={self.engine.kind}; export it and start a new run instead")
+        changed = resume_changes(manifest.get("config", {}), flatten(self.cfg), f"checkpoint {path}")
         self.engine.load(path, manifest)
         data_states = manifest["data_state"]
         self.stream.load_state_dict(data_states[self.env.rank] if same_world else data_states[0])
@@ -157,20 +175,15 @@ class Trainer:
         h = manifest["health"]
         self.progress = Progress(step=manifest["step"], images=manifest["images"],
                                  nonfinite_total=h["nonfinite_total"], rollbacks=h["rollbacks"])
-        self.last_saved = manifest["step"]
-        if manifest["config_hash"] != config_hash(self.cfg):
-            log.warning("checkpoint %s was written with config hash %s, this run has %s",
-                        path.name, manifest["config_hash"], config_hash(self.cfg))
-        kind = manifest["engine"]["kind"]
-        if kind != self.engine.kind:
-            from regscale.errors import UserError
-
-            raise UserError(f"checkpoint {path} was written by engine '{kind}', this run uses "
-                            f"engine.kind={self.engine.kind}; export it and start a new run instead")
+        self.checkpointer.last_saved = manifest["step"]
         if self.env.is_main:
-            exact = "bit-exact" if same_world else (
-                f"resharded from {manifest['world_size']} to {self.env.world_size} processes: "
-                "same samples and noise; reduction order differs")
+            if changed or manifest["config_hash"] != config_hash(self.cfg):
+                exact = f"configuration changed ({', '.join(sorted(changed)) or 'config hash'}): NOT bit-exact"
+            elif not same_world:
+                exact = (f"resharded from {manifest['world_size']} to {self.env.world_size} processes: "
+                         "same samples and noise; reduction order differs")
+            else:
+                exact = "bit-exact"
             if self.device.type == "cpu" and manifest.get("threads", self.threads) != self.threads:
                 exact += (f"; NOT bit-exact: {manifest['threads']} -> {self.threads} intra-op "
                           "threads per process (slurm.cpus_per_task)")
@@ -188,13 +201,14 @@ class Trainer:
             self._batches = iter(self.stream)
             return next(self._batches)
 
-    def _train_step(self, step: int, nan: bool) -> tuple[Any, list[float], float]:
-        """Forward/backward over the micro-batches and the engine step.
-        Returns (StepResult, [total, img, proj, cls] summed over micro-batches, data wait s)."""
+    def _train_step(self, step: int, nan: bool) -> tuple[Any, torch.Tensor, float]:
+        """Forward/backward over the micro-batches and the engine step. Returns (StepResult,
+        the loss parts [total, img, proj, cls] summed over micro-batches (on the device), data
+        wait in s). Reads nothing from the device but what the engine's step needs."""
         from regscale.objective import reg_loss, sample_latents
 
         cfg, plan = self.cfg, self.plan
-        sums = [0.0, 0.0, 0.0, 0.0]
+        sums = torch.zeros(4, device=self.device)
         wait = 0.0
         for micro in range(plan.accumulation):
             t0 = time.perf_counter()
@@ -206,7 +220,7 @@ class Trainer:
             mean, std = moments.chunk(2, dim=1)
             eps, draws = self.noise(step, batch["index"], mean.shape[1:])
             x = sample_latents(mean, std, eps, scale=cfg.vae.scale)
-            with torch.no_grad():
+            with torch.no_grad(), precision_autocast(cfg.train.precision, self.device):
                 tokens = self.encoder(images)
             with self.engine.autocast():
                 parts = reg_loss(self.engine.module, x, labels, tokens, draws=draws,
@@ -214,23 +228,20 @@ class Trainer:
             total = parts.total * math.nan if nan else parts.total
             self.engine.backward(total, last_micro=micro == plan.accumulation - 1,
                                  accumulation=plan.accumulation)
-            for i, value in enumerate((total, parts.img, parts.proj, parts.cls)):
-                sums[i] += float(value.detach())
-        lr = cfg.train.lr
-        return self.engine.step(lr), sums, wait
+            sums += torch.stack([total, parts.img, parts.proj, parts.cls]).detach().float()
+        self.checkpointer.wait_staged()  # the step changes the weights a save may still be copying
+        return self.engine.step(cfg.train.lr), sums, wait
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self) -> str:
+    def run(self, stop: StopFlag) -> Outcome:
         cfg, env = self.cfg, self.env
         t = cfg.train
-        stop = StopFlag().install()
         deadline = self.deadline
         watchdog = Watchdog(self.run_dir / "stacks" / f"rank{env.rank:05d}.txt", t.watchdog_s)
-        faults = faulty_steps()
         guard = NonFiniteGuard(t.max_nonfinite_steps, self.progress.nonfinite_total)
-        window = _Window()
-        status = "completed"
+        window = _Window(self.device)
+        outcome = Outcome.COMPLETED
         if self.tracker is not None:
             self.tracker.set_tags({"engine": self.engine.kind, "world_size": str(env.world_size),
                                    "resumed_from": self.resumed_from or ""})
@@ -245,9 +256,7 @@ class Trainer:
             while self.progress.step < t.max_steps:
                 p = self.progress
                 t0 = time.perf_counter()
-                nan = p.step in faults
-                faults.discard(p.step)
-                result, sums, wait = self._train_step(p.step, nan)
+                result, sums, wait = self._train_step(p.step, faults.due("NAN", p.step))
                 guard.record(result.applied)
                 if result.applied:
                     self.engine.update_ema(t.ema_decay)
@@ -260,7 +269,7 @@ class Trainer:
                 watchdog.arm()
                 if first:
                     first = False
-                    self.metrics.log({"time/first_step_s": time.time() - _process_start()}, p.step)
+                    self.metrics.log({M.FIRST_STEP_S: time.time() - _process_start()}, p.step)
                 if not result.applied:
                     log.warning("step %d: non-finite gradient norm, step skipped (%d in a row, %d "
                                 "in total)", p.step, guard.in_a_row, guard.total)
@@ -269,102 +278,87 @@ class Trainer:
                     continue
                 stop_now = self._agree(stop, deadline)
                 if stop_now:
-                    status = stop_now
-                    self._save(blocking=True)
-                    log.info("%s at step %d: checkpoint saved, exiting for requeue", status, p.step)
+                    outcome = stop_now
+                    self._published(self.checkpointer.save(p.step, self._manifest, blocking=True))
+                    self._say_stopped(outcome)
                     break
                 if p.step % t.ckpt_every == 0 or p.step == t.max_steps:
-                    self._save(blocking=not cfg.engine.async_checkpoint or p.step == t.max_steps)
+                    self._published(self.checkpointer.save(
+                        p.step, self._manifest, blocking=p.step == t.max_steps))
                 if p.step % t.log_every == 0:
                     self._log(window, guard)
-                    window = _Window()
-            self._finish_pending()
-            dist.barrier()  # every rank returns only once the last checkpoint is published
+                    window = _Window(self.device)
+            self._published(self.checkpointer.finish())
+            dist.barrier("finish training (the last checkpoint is published)")
         finally:
             watchdog.disarm()
-            stop.restore()
-        return status
+        return outcome
 
-    def _agree(self, stop: StopFlag, deadline: Deadline) -> Optional[str]:
-        """The per-step all-reduce: stop signal, deadline, background save state."""
-        writing = failed = 0
-        if self.pending is not None:
-            state = self.pending.state()
-            writing, failed = int(state == 1), int(state == 2)
-        flags = dist.all_max([float(stop.raised), float(deadline.reached()), writing, failed],
-                             self.device)
-        if self.pending is not None and flags[2] == 0:
-            self._publish_pending(failed=bool(flags[3]))
+    def _agree(self, stop: StopFlag, deadline: Deadline) -> Optional[Outcome]:
+        """The per-step all-reduce: stop signals, deadline, and the background save's state."""
+        flags = dist.all_max([float(stop.interrupted), float(stop.raised), float(deadline.reached()),
+                              *self.checkpointer.flags()])
+        self._published(self.checkpointer.agreed(*flags[3:]))
         if flags[0]:
-            return "preempted"
+            return Outcome.INTERRUPTED
         if flags[1]:
-            return "deadline"
+            return Outcome.PREEMPTED
+        if flags[2]:
+            return Outcome.DEADLINE
         return None
+
+    def _say_stopped(self, outcome: Outcome) -> None:
+        step = self.progress.step
+        if outcome is Outcome.INTERRUPTED:
+            log.info("interrupted at step %d: checkpoint step %d saved; start the same command again "
+                     "to resume from it", step, step)
+        else:
+            log.info("%s at step %d: checkpoint saved, exiting for requeue", outcome.value, step)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _manifest(self) -> dict[str, Any]:
+        """The training state a checkpoint carries besides the engine's files (gathers the data
+        stream positions of every rank)."""
         cfg, p = self.cfg, self.progress
         return {
             "step": p.step, "images": p.images, "config_hash": config_hash(cfg),
+            "config": {k: str(v) for k, v in flatten(cfg).items()},
             "world_size": self.env.world_size,
             "engine": {"kind": cfg.engine.kind, "zero_stage": cfg.engine.zero_stage,
                        "precision": cfg.train.precision},
             "batch": {"global": self.plan.global_batch, "micro": self.plan.micro,
                       "accumulation": self.plan.accumulation},
-            "data_state": dist.gather_objects(self.stream.state_dict()),
+            "data_state": dist.gather_objects(self.stream.state_dict(), "gather the data positions"),
             "rng": {"seed": cfg.train.seed, "derivation": DERIVATION},
             "threads": self.threads,
             "health": {"nonfinite_total": p.nonfinite_total, "rollbacks": p.rollbacks},
             "created_unix": time.time(), "torch": torch.__version__,
         }
 
-    def _save(self, *, blocking: bool) -> None:
-        step = self.progress.step
-        if step == self.last_saved:
+    def _published(self, done: Optional[Published]) -> None:
+        """A checkpoint became visible: its costs, the deadline's estimate, the sample grid."""
+        if done is None:
             return
-        self._finish_pending()
-        tmp = self.store.tmp_dir(step)
-        if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        manifest = self._manifest()
-        t0 = time.perf_counter()
-        future = self.engine.save(tmp, blocking=blocking)
-        stall = time.perf_counter() - t0
-        if self.env.is_main:
-            kill_in_save(step)
-        self.pending = PendingSave(tmp, manifest, future, t0)
-        self.last_saved = step
-        if future is None:
-            dist.barrier()
-            self._publish_pending(failed=False)
-        self.metrics.log({"ckpt/stall_s": stall, "ckpt/async": float(future is not None)}, step)
+        self.deadline.observe(save_s=done.save_s)
+        self.metrics.log({M.CKPT_STALL_S: done.stall_s, M.CKPT_SAVE_S: done.save_s,
+                          M.CKPT_ASYNC: float(done.asynchronous)}, done.step)
+        self._start_grid(done.step)
 
-    def _publish_pending(self, failed: bool) -> None:
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        self.deadline.observe(save_s=time.perf_counter() - pending.started)
-        if failed:
-            log.warning("checkpoint write of step %d failed on some rank; it is not published",
-                        pending.manifest["step"])
-            return
-        if self.env.is_main:
-            if pending.future is not None:
-                pending.future.result()
-            final = self.store.publish(pending.tmp, pending.manifest)
-            log.info("checkpoint %s published (%.2f s after the save began)", final,
-                     time.perf_counter() - pending.started)
-            self._sample_grid(int(pending.manifest["step"]))
-
-    def _sample_grid(self, step: int) -> None:
-        """Rank 0, with a tracker: EMA samples of a just-published checkpoint, every
-        train.sample_every steps. A failure here warns and never stops training."""
+    def _start_grid(self, step: int) -> None:
+        """Rank 0, with a tracker, every train.sample_every steps: EMA samples of a just-published
+        checkpoint, made in a background thread (training goes on; a failure only warns)."""
         every = self.cfg.train.sample_every
         if self.tracker is None or not every or step % every:
             return
+        if self._grid is not None and self._grid.is_alive():
+            log.warning("sample grid of step %d skipped: the previous one is still being made", step)
+            return
+        self._grid = threading.Thread(target=self._make_grid, args=(step,), name="regscale-sample-grid",
+                                      daemon=True)
+        self._grid.start()
+
+    def _make_grid(self, step: int) -> None:
         from regscale.train.samples import sample_grid
 
         try:
@@ -374,29 +368,14 @@ class Trainer:
             return
         self.tracker.log_image(path, step)
 
-    def _finish_pending(self) -> None:
-        """Wait for a background save on every rank, then publish it."""
-        if self.pending is None:
-            return
-        failed = 0
-        if self.pending.future is not None:
-            try:
-                self.pending.future.result()
-            except Exception as err:  # reported to all ranks below; the run goes on
-                log.warning("background checkpoint write failed: %s", err)
-                failed = 1
-        flags = dist.all_max([float(failed)], self.device)
-        self._publish_pending(failed=bool(flags[0]))
-
     def _rollback(self, guard: NonFiniteGuard) -> None:
-        self._finish_pending()
-        found = find_valid(self.store.root) if self.env.is_main else None
-        found = dist.broadcast_object((str(found[0]), found[1]) if found else None)
+        self._published(self.checkpointer.finish())
+        found = self.checkpointer.newest_valid(at_start=False)
         if found is None:
             raise RuntimeError(f"{guard.in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
                                f"{guard.limit}) and no checkpoint to roll back to")
         skipped, total = guard.in_a_row, guard.total
-        self._restore(Path(found[0]), found[1])
+        self._restore(*found)
         self.progress.rollbacks += 1
         self.progress.nonfinite_total = total
         guard.in_a_row = 0
@@ -406,26 +385,31 @@ class Trainer:
     # -- metrics -------------------------------------------------------------------------------
 
     def _log(self, window: "_Window", guard: NonFiniteGuard) -> None:
-        sums = dist.all_sum(window.loss_sums + [window.micro_count, window.wait_s], self.device)
+        """One log line: the window's device sums are read here, once."""
+        local = window.loss_sums.tolist() + [window.micro_count, window.wait_s]
+        sums = dist.all_sum(local)
         n = sums[4] if sums[4] > 0 else math.nan  # no applied step in the window: NaN losses
         images_s = window.steps * self.plan.global_batch / max(window.time_s, 1e-9)
-        m = {"loss": sums[0] / n, "loss/img": sums[1] / n, "loss/proj": sums[2] / n,
-             "loss/cls": sums[3] / n, "grad_norm": window.grad_norm, "lr": self.cfg.train.lr,
-             "images_per_s": images_s, "step_s": window.time_s / max(window.steps, 1),
-             "data_wait_s": sums[5] / self.env.world_size / max(window.steps, 1),
-             "nonfinite_total": float(guard.total), "images": float(self.progress.images),
+        m = {M.LOSS: sums[0] / n, M.LOSS_IMG: sums[1] / n, M.LOSS_PROJ: sums[2] / n,
+             M.LOSS_CLS: sums[3] / n, M.GRAD_NORM: window.grad_norm, M.LR: self.cfg.train.lr,
+             M.IMAGES_PER_S: images_s, M.STEP_S: window.time_s / max(window.steps, 1),
+             M.DATA_WAIT_S: sums[5] / self.env.world_size / max(window.steps, 1),
+             M.NONFINITE_TOTAL: float(guard.total), M.IMAGES: float(self.progress.images),
              **memory_gb(self.device)}
         if self.peak:
-            m["mfu"] = images_s * self.flops_per_image / (self.peak * self.env.world_size)
+            m[M.MFU] = images_s * self.flops_per_image / (self.peak * self.env.world_size)
         self.metrics.log(m, self.progress.step)
-        self.metrics.say(f"step {self.progress.step}: loss {m['loss']:.4f} grad_norm "
-                         f"{m['grad_norm']:.3f} {images_s:.1f} img/s")
+        self.metrics.say(f"step {self.progress.step}: loss {m[M.LOSS]:.4f} grad_norm "
+                         f"{m[M.GRAD_NORM]:.3f} {images_s:.1f} img/s")
 
-    def close(self, status: str) -> None:
-        self.engine.close()
+    def close(self, outcome: Outcome) -> None:
+        if self._grid is not None and self._grid.is_alive():
+            log.info("waiting (at most %.0f s) for the sample grid still being made", GRID_WAIT_S)
+            self._grid.join(GRID_WAIT_S)
+        self.checkpointer.close()
         self.stream.close()
         if self.tracker is not None:
-            self.tracker.finish(status)
+            self.tracker.finish(outcome)
 
 
 def _process_start() -> float:
@@ -436,21 +420,21 @@ def _process_start() -> float:
 
 
 class _Window:
-    """Sums over the steps since the last log line (this rank)."""
+    """Sums over the steps since the last log line (this rank); the losses stay on the device."""
 
-    def __init__(self) -> None:
-        self.loss_sums = [0.0, 0.0, 0.0, 0.0]
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sums = torch.zeros(4, device=device)
         self.micro_count = 0.0
         self.wait_s = 0.0
         self.time_s = 0.0
         self.steps = 0
         self.grad_norm = math.nan
 
-    def add(self, result: Any, sums: list[float], wait: float, step_s: float, micro: int) -> None:
+    def add(self, result: Any, sums: torch.Tensor, wait: float, step_s: float, micro: int) -> None:
         self.steps += 1
         self.time_s += step_s
         self.wait_s += wait
         if result.applied:
-            self.loss_sums = [a + b for a, b in zip(self.loss_sums, sums)]
+            self.loss_sums += sums
             self.micro_count += micro
             self.grad_norm = result.grad_norm

@@ -1,10 +1,13 @@
-"""Preemption and time limits: a signal only sets a flag; the loop decides at a step boundary.
+"""Preemption, Ctrl-C and time limits: a signal only sets a flag; the loop decides at a step boundary.
 
-SLURM (and submitit) send SIGUSR2 some time before the limit; a scheduler's kill sends SIGTERM.
-The handler records the signal and returns. The loop all-reduces the flag with the other ranks
-once per step, so every rank stops after the same step, saves, and returns "preempted".
-The deadline comes from SLURM_JOB_END_TIME (or REGSCALE_DEADLINE, a Unix time, for tests and
-other launchers); the loop stops early enough to fit one more step and one checkpoint save.
+This is the one owner of the training process's stop signals (the SLURM job hands its flag to
+the loop, so a signal during start-up counts too). SLURM sends SIGUSR2 some time before the
+limit (`--signal`); a scheduler's kill sends SIGTERM: both mean "preempted". Ctrl-C (SIGINT)
+means "interrupted"; a second Ctrl-C raises KeyboardInterrupt at once. The handler records the
+signal and returns. The loop all-reduces the flags with the other ranks once per step, so every
+rank stops after the same step and saves. The deadline comes from SLURM_JOB_END_TIME (or
+REGSCALE_DEADLINE, a Unix time, for tests and other launchers); the loop stops early enough to
+fit one more step and one checkpoint save.
 """
 
 from __future__ import annotations
@@ -17,26 +20,36 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 class StopFlag:
-    """Set by SIGUSR2/SIGTERM; read by the loop."""
+    """Set by SIGUSR2/SIGTERM (preempted) and SIGINT (interrupted); read by the loop."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self.interrupted = False
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopFlag":
-        for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handler)
+        """Take over the stop signals (idempotent); `restore` gives them back."""
+        for sig in (*PREEMPT_SIGNALS, signal.SIGINT):
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum: int, frame: object) -> None:
-        self.signum = signum  # nothing else: no I/O, no collectives, no locks
+        # nothing else: no I/O, no collectives, no locks
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+        else:
+            self.signum = signum
 
     @property
     def raised(self) -> bool:
+        """A preemption signal arrived."""
         return self.signum is not None
 
     def restore(self) -> None:

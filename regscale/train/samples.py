@@ -30,7 +30,7 @@ def sample_grid(cfg: Config, run_dir: Path, step: int, device: torch.device) -> 
     from regscale.models import build_model_from_config
     from regscale.models.encoders import decode_latents, load_vae
     from regscale.sampling import sample
-    from regscale.train.checkpoint import load_consolidated
+    from regscale.engine.export import load_consolidated
 
     state, _ = load_consolidated(run_dir, step=step, weights="ema")
     model = build_model_from_config(cfg.model)

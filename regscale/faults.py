@@ -1,0 +1,25 @@
+"""Test-only fault injection: the one hook through which tests make the real code fail.
+
+`REGSCALE_FAULT_<POINT>=s1,s2,...` makes the fault POINT fire at those training steps, once each
+per process. Points: NAN (that step's loss is NaN), KILL_IN_SAVE (rank 0 SIGKILLs itself while
+that step's checkpoint is being written), NO_SPACE (that step's checkpoint write fails as on a
+full disk). Unset in production; reading them costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+
+_PREFIX = "REGSCALE_FAULT_"
+_fired: set[tuple[str, int]] = set()
+
+
+def due(point: str, step: int) -> bool:
+    """True the first time `point` is asked about a step its variable names."""
+    value = os.environ.get(_PREFIX + point)
+    if not value or (point, step) in _fired:
+        return False
+    if step not in {int(s) for s in value.split(",") if s.strip()}:
+        return False
+    _fired.add((point, step))
+    return True

@@ -1,0 +1,19 @@
+"""Names of the training metrics in metrics.jsonl and MLflow: one place for the loop that logs
+them and the tools that read them (status, compare, benchmarks)."""
+
+LOSS = "loss"  # the REG loss, mean over the applied steps since the last log line
+LOSS_IMG = "loss/img"
+LOSS_PROJ = "loss/proj"
+LOSS_CLS = "loss/cls"
+GRAD_NORM = "grad_norm"  # before clipping, of the newest applied step
+LR = "lr"
+IMAGES_PER_S = "images_per_s"
+STEP_S = "step_s"
+DATA_WAIT_S = "data_wait_s"  # per step, mean over ranks
+NONFINITE_TOTAL = "nonfinite_total"
+IMAGES = "images"
+MFU = "mfu"
+FIRST_STEP_S = "time/first_step_s"  # process start to the end of its first step
+CKPT_STALL_S = "ckpt/stall_s"  # what the loop waited for one checkpoint, all of it
+CKPT_SAVE_S = "ckpt/save_s"  # from the save's start to its publication
+CKPT_ASYNC = "ckpt/async"
