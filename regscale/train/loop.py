@@ -279,12 +279,11 @@ class Trainer:
                 stop_now = self._agree(stop, deadline)
                 if stop_now:
                     outcome = stop_now
-                    self._published(self.checkpointer.save(p.step, self._manifest, blocking=True))
+                    self._save(blocking=True)
                     self._say_stopped(outcome)
                     break
                 if p.step % t.ckpt_every == 0 or p.step == t.max_steps:
-                    self._published(self.checkpointer.save(
-                        p.step, self._manifest, blocking=p.step == t.max_steps))
+                    self._save(blocking=p.step == t.max_steps)
                 if p.step % t.log_every == 0:
                     self._log(window, guard)
                     window = _Window(self.device)
@@ -335,6 +334,13 @@ class Trainer:
             "health": {"nonfinite_total": p.nonfinite_total, "rollbacks": p.rollbacks},
             "created_unix": time.time(), "torch": torch.__version__,
         }
+
+    def _save(self, *, blocking: bool) -> None:
+        """Checkpoint this step; a save still in flight is published (and recorded) first."""
+        if self.progress.step == self.checkpointer.last_saved:
+            return
+        self._published(self.checkpointer.finish())
+        self._published(self.checkpointer.save(self.progress.step, self._manifest, blocking=blocking))
 
     def _published(self, done: Optional[Published]) -> None:
         """A checkpoint became visible: its costs, the deadline's estimate, the sample grid."""
