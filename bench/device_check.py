@@ -32,7 +32,6 @@ with that target on PYTHONPATH.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -46,7 +45,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -147,17 +146,6 @@ class Report:
             os.replace(tmp, self.out / name)
 
 
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """TF32 in CUDA matmuls and convolutions on or off, meanwhile."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def sync(device: torch.device) -> None:
     sbs.synchronize(device)
 
@@ -206,6 +194,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def part_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """A small SiT: device fp32 (TF32 off) against CPU fp32, and device bf16 autocast against fp32."""
+    from regscale.eval.metrics import exact_float32
     from regscale.models import build_model
 
     torch.manual_seed(0)
@@ -223,7 +212,7 @@ def part_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
             v, zs, v_cls = m(*(t.to(dev) for t in inputs))
         return torch.cat([v.flatten(1), zs[0].flatten(1), v_cls.flatten(1)], 1).double().cpu()
 
-    with tf32(False):
+    with exact_float32():
         ref = outputs(model, torch.device("cpu"), None)
         on_device = model.to(device)
         fp32 = outputs(on_device, device, None)
@@ -334,6 +323,7 @@ def part_optimizer(sizes: Sizes, device: torch.device) -> dict[str, Any]:
 def part_sampler(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """Model calls/s of the SDE sampler at the training size, without and with guidance, fp32 (TF32
     off, as the evaluation samples) and bf16 autocast."""
+    from regscale.eval.metrics import exact_float32
     from regscale.models import build_model
     from regscale.sampling import sample
 
@@ -347,7 +337,7 @@ def part_sampler(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         for guided, kw in (("unguided", {}), ("guided", dict(cfg_scale=2.3, cls_cfg_scale=2.3))):
             def run() -> None:
-                with tf32(False), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                with exact_float32(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     sample(model, labels, seeds, steps=calls, **kw)
 
             seconds = timed(run, device, iters=2, warmup=1)

@@ -123,28 +123,28 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     # SLURM tasks inherit the submitter's environment: without OMP_NUM_THREADS they see every core
     every_core = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     traced = {**every_core, "REGSCALE_TRACE_DRAWS": "1"}
-    # first (it creates the runs' MLflow store), on the idle cluster: its 1-2 node range gets both
-    elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=20", "train.ckpt_every=4",
-                     "slurm.min_nodes=1", env=traced)
-    wait_until(lambda: _state_and_nodes(elastic.train) == "RUNNING 2", "the elastic run to start on 2 nodes")
-    base = submit(common, "base")
     seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False,
                   "elastic_cancelled": False, "elastic_resumed": None}
-    preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
 
     def usr2_mid_training(run: Run) -> None:
         while last_step(run.run_dir) < 2 and job_state(run.train) not in TERMINAL:
             time.sleep(0.2)
-        if run is elastic:  # the requeued job finds one node free
+        if run.run_dir.name == "elastic":  # the requeued job finds one node free
             set_node("n2", "DRAIN")
             seen["n2_drained"] = True
         result = subprocess.run(["scancel", "--signal=USR2", run.train], capture_output=True, text=True)
         seen[f"signal_{run.run_dir.name}"] = {"step": last_step(run.run_dir),
                                               "result": (result.returncode, result.stderr)}
 
-    signallers = [threading.Thread(target=usr2_mid_training, args=(r,), daemon=True) for r in (preempt, elastic)]
-    for signaller in signallers:
-        signaller.start()
+    # first (it creates the runs' MLflow store), on the idle cluster: its 1-2 node range gets both
+    elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=20", "train.ckpt_every=4",
+                     "slurm.min_nodes=1", env=traced)
+    signallers = [threading.Thread(target=usr2_mid_training, args=(elastic,), daemon=True)]
+    signallers[0].start()
+    base = submit(common, "base")
+    preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
+    signallers.append(threading.Thread(target=usr2_mid_training, args=(preempt,), daemon=True))
+    signallers[1].start()
     # the same recipe, uninterrupted, launched another way: torchrun (which sets OMP_NUM_THREADS=1)
     reference: dict = {}
     torchrun = threading.Thread(daemon=True, target=lambda: reference.update(launch=launch_train(
@@ -211,12 +211,6 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     return dict(base=base, preempt=preempt, limit=limit, broken=failing, elastic=elastic,
                 local=(local.returncode, local_out), local_dir=root / "runs" / "local",
                 torchrun=reference.get("launch"), **seen)
-
-
-def _state_and_nodes(job_id: str) -> str:
-    """'<state> <number of nodes>' of a job SLURM's controller holds ('' once it does not)."""
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %D"], capture_output=True, text=True,
-                          timeout=30).stdout.strip()
 
 
 def saved_at_limit(run_dir: Path) -> list[runs.Attempt]:
