@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -137,8 +137,8 @@ def load_dinov2(cfg: "EncoderConfig", embed_dim: int = 768, seed: int = 0) -> Di
     try:
         state = checkpoint_filter_fn(_load_state_dict(path), vit)  # also resamples pos_embed to 16x16
         vit.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise UserError(f"{path}: not a {cfg.name} checkpoint: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # unpickling, safetensors, key and shape errors alike: not this checkpoint
+        raise UserError(f"{path}: not a {cfg.name} checkpoint: {first_line(err)}") from err
     return DinoEncoder(vit, cfg.resolution)
 
 
@@ -180,7 +180,7 @@ def load_vae(name_or_path: str, *, random_init: bool = False, seed: int = 0) -> 
             vae = AutoencoderKL.from_pretrained(name_or_path, local_files_only=True, low_cpu_mem_usage=False)
         except (OSError, ValueError) as err:
             where = name_or_path if local.exists() else f"{name_or_path} in the Hugging Face cache"
-            raise MissingWeightsError(f"VAE '{name_or_path}'", f"{where} ({str(err).splitlines()[0][:160]})") from None
+            raise MissingWeightsError(f"VAE '{name_or_path}'", f"{where} ({first_line(err, 160)})") from None
     return vae.eval().requires_grad_(False)
 
 
