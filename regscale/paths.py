@@ -15,9 +15,9 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from regscale.errors import UserError, has_control_character
 from regscale.fsutil import NoSpaceError, no_space, no_space_message
+from regscale.rundir import CHECKPOINTS, JOB_FOLDER
+from regscale.rundir import CONFIG as RUN_CONFIG  # what makes a folder a run directory
 
-CHECKPOINTS = "checkpoints"
-RUN_CONFIG = "config.yaml"  # what makes a folder a run directory
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -99,7 +99,10 @@ def check_run_dir(run_dir: Path, data: Optional[str] = None) -> Path:
     """A folder a run may live in (new, or its own run directory): outside every other run and its
     checkpoints, outside the local dataset `data`, a run directory or a folder that is still empty,
     writable. Returns it resolved."""
-    out = check_output(run_dir, "run directory", kind="dir", ours=lambda folder: (folder / RUN_CONFIG).is_file())
+    def ours(folder: Path) -> bool:  # a run's, or one whose submission made the job folder and stopped
+        return (folder / RUN_CONFIG).is_file() or all(p.name == JOB_FOLDER for p in folder.iterdir())
+
+    out = check_output(run_dir, "run directory", kind="dir", ours=ours)
     other = run_of(out)
     if other is not None:
         raise UserError(f"run directory {run_dir} is inside the run directory {other}; choose another run.dir")

@@ -16,7 +16,7 @@ from regscale.errors import UserError, debug, expected_failure
 from regscale.launch import runs
 from regscale.checkpoints import published
 from regscale.metrics import IMAGES_PER_S
-from regscale.rundir import CHECKPOINTS, step_name, step_of
+from regscale.rundir import CHECKPOINTS, JOB_FOLDER, step_name, step_of
 
 
 
@@ -85,7 +85,7 @@ def local_job_state(run_dir: Path, job_id: str) -> str:
     """State of a submitit local job from its files: the result it left, or its process."""
     import psutil
 
-    folder = run_dir / "jobs"
+    folder = run_dir / JOB_FOLDER
     result = folder / f"{job_id}_0_result.pkl"
     if result.is_file():
         with open(result, "rb") as f:

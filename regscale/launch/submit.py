@@ -23,7 +23,7 @@ from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.launch.profile import Profile, check_value, load_profile, sbatch_parameters, sbatch_test_args
 from regscale.paths import check_run_dir
-from regscale.rundir import CHECKPOINTS, step_name
+from regscale.rundir import CHECKPOINTS, JOB_FOLDER, step_name
 
 # ---------------------------------------------------------------------------------------------
 # where jobs run
@@ -265,9 +265,9 @@ def _point_name(base: str, point: list[str]) -> str:
 
 def check_inputs(cfg: Config, run_dir: Optional[Path] = None) -> None:
     """The files a run reads, before anything is submitted: the data (index.json and every local
-    shard's size; a remote index), the MLflow store, the encoder weights, and the evaluation's
-    reference batch and Inception weights (read the way the jobs read them, so a broken one fails
-    now, not after training)."""
+    shard's size; a remote index), the MLflow store, the encoder weights, and the evaluation's VAE
+    decoder, reference batch and Inception weights (read the way the jobs read them, so a broken
+    one fails now, not after training)."""
     from regscale.data.shards import check_dataset
     from regscale.track.mlflow import tracking_uri
     from regscale.track.store import check_store
@@ -280,6 +280,10 @@ def check_inputs(cfg: Config, run_dir: Optional[Path] = None) -> None:
         from regscale.models.encoders import load_dinov2
 
         load_dinov2(cfg.encoder, cfg.model.cls_token_dim)
+    if not cfg.vae.random_init:  # the evaluation decodes its samples with it
+        from regscale.models.encoders import check_vae_files
+
+        check_vae_files(cfg.vae.decoder)
     ev = cfg.eval
     if ev.ref_batch is not None and not is_remote(ev.ref_batch):
         from regscale.eval.job import check_reference
@@ -336,7 +340,7 @@ def submit(recipe: str, overrides: list[str], *, local: bool = False, sweep: Opt
     if sweep:
         return _submit_sweep(cfg, request.runs, cluster)
     run_dir = runs.run_dir_of(cfg)
-    launcher = Launcher(cfg, cluster, run_dir / "jobs", profile)
+    launcher = Launcher(cfg, cluster, run_dir / JOB_FOLDER, profile)
     launcher.check()
     run_dir = prepare_run_dir(cfg)
     if cluster == "slurm":
@@ -350,13 +354,13 @@ def _submit_sweep(base: Config, cfgs: list[Config], cluster: str) -> int:
     from regscale.launch.job import TrainJob
 
     folder = Path(base.run.dir).resolve() / f"{base.run.name}.sweep"
-    launcher = Launcher(cfgs[0], cluster, folder / "jobs")
+    launcher = Launcher(cfgs[0], cluster, folder / JOB_FOLDER)
     launcher.check()
     run_dirs = [prepare_run_dir(cfg) for cfg in cfgs]
     if cluster == "local":
         for cfg, run_dir in zip(cfgs, run_dirs):
             print(f"--- sweep point {cfg.run.name}")
-            report(run_local(cfg, Launcher(cfg, cluster, run_dir / "jobs"), run_dir), cluster)
+            report(run_local(cfg, Launcher(cfg, cluster, run_dir / JOB_FOLDER), run_dir), cluster)
         return 0
     mlflow = [mlflow_run_id(cfg, d) for cfg, d in zip(cfgs, run_dirs)]
     jobs = launcher.submit_array([TrainJob(str(d)) for d in run_dirs], f"{base.run.name}-sweep")
@@ -395,7 +399,7 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     if step >= cfg.train.max_steps:
         raise UserError(f"{run_dir} finished training (step {step}); nothing to resume")
     cluster = choose_cluster(cfg, local)
-    launcher = Launcher(cfg, cluster, run_dir / "jobs")
+    launcher = Launcher(cfg, cluster, run_dir / JOB_FOLDER)
     launcher.check()
     stop = run_dir / runs.STOP_REPORT
     if stop.is_file():
@@ -415,7 +419,7 @@ def submit_eval_at(run_dir: Path, step: int) -> str:
     from regscale.launch.job import EvalJob
 
     cfg = runs.load_run_config(run_dir)
-    launcher = Launcher(cfg, "slurm", run_dir / "jobs")
+    launcher = Launcher(cfg, "slurm", run_dir / JOB_FOLDER)
     job = launcher.submit(EvalJob(str(run_dir), step), f"{cfg.run.name}-eval{step}")
     runs.add_jobs(run_dir, [runs.JobRecord(job.job_id, "eval", "slurm", step=step)])
     return job.job_id

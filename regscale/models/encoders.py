@@ -160,6 +160,28 @@ def _tiny_vae(seed: int) -> "AutoencoderKL":
     return vae
 
 
+def check_vae_files(name_or_path: str) -> None:
+    """The files of an SD-VAE are on this machine (a local folder, or a Hub id in the cache),
+    without loading it; MissingWeightsError names the first one missing."""
+    local = Path(name_or_path)
+    if local.exists():
+        weights = [local / "diffusion_pytorch_model.safetensors", local / "diffusion_pytorch_model.bin"]
+        for needed in ([local / "config.json"], weights):
+            if not any(f.is_file() for f in needed):
+                raise MissingWeightsError(f"VAE '{name_or_path}'", str(needed[0]))
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    for name in VAE_FILES:
+        try:
+            found = try_to_load_from_cache(name_or_path, name)
+        except HFValidationError:  # neither a folder here nor a Hub id
+            raise MissingWeightsError(f"VAE '{name_or_path}'", f"{name_or_path} (no such folder)") from None
+        if not isinstance(found, str):
+            raise MissingWeightsError(f"VAE '{name_or_path}'", f"{name_or_path} in the Hugging Face cache (no {name})")
+
+
 def load_vae(name_or_path: str, *, random_init: bool = False, seed: int = 0) -> "AutoencoderKL":
     """An SD-VAE (eval, frozen) from a local folder or a Hub id already in the cache.
 
@@ -171,11 +193,7 @@ def load_vae(name_or_path: str, *, random_init: bool = False, seed: int = 0) -> 
         from diffusers import AutoencoderKL
 
         local = Path(name_or_path)
-        if local.exists():
-            weights = [local / "diffusion_pytorch_model.safetensors", local / "diffusion_pytorch_model.bin"]
-            for needed in ([local / "config.json"], weights):
-                if not any(f.is_file() for f in needed):
-                    raise MissingWeightsError(f"VAE '{name_or_path}'", str(needed[0]))
+        check_vae_files(name_or_path)
         try:
             vae = AutoencoderKL.from_pretrained(name_or_path, local_files_only=True, low_cpu_mem_usage=False)
         except (OSError, ValueError) as err:
