@@ -1,12 +1,12 @@
 """The package is layered: a module imports only from its own layer or the ones below (lazy imports
 inside functions count too). Read from the source with `ast`, no import needed.
 
-    6  regscale.cli, every area's commands.py            the verbs
+    6  regscale.cli, cliargs, every area's commands.py   the verbs
     5  regscale.launch                                    jobs, submission, requeue
     4  regscale.train, regscale.eval                      the training and evaluation processes
     3  regscale.engine, regscale.track                    parallelism + checkpoint files; MLflow delivery
     2  regscale.checkpoints, models, objective, sampling, data
-    1  regscale.fsutil, regscale.dist, regscale.config   files, processes, configuration
+    1  regscale.fsutil, paths, dist, config              files, processes, configuration
     0  regscale (version), errors, outcome, faults, metrics, rundir   names shared by all
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "regscale"
 LAYERS = [
     {"regscale", "regscale.errors", "regscale.outcome", "regscale.faults", "regscale.metrics", "regscale.rundir"},
-    {"regscale.fsutil", "regscale.dist", "regscale.config"},
+    {"regscale.fsutil", "regscale.paths", "regscale.dist", "regscale.config"},
     {"regscale.checkpoints", "regscale.models", "regscale.objective", "regscale.sampling", "regscale.data"},
     {"regscale.engine", "regscale.track"},
     {"regscale.train", "regscale.eval"},
     {"regscale.launch"},
-    {"regscale.cli", "commands"},
+    {"regscale.cli", "regscale.cliargs", "commands"},
 ]
 
 
