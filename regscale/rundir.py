@@ -8,6 +8,7 @@ from typing import Optional
 
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
+JOB_FOLDER = "jobs"  # submitit's job scripts, logs and results
 _STEP = re.compile(r"^step_(\d{8})$")
 
 

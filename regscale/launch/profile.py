@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from regscale.config import Config
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "slurm"
 
@@ -73,7 +73,7 @@ def load_profile(name: str) -> Profile:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{path}: not valid YAML: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a cluster profile must be a mapping of keys")
     allowed = {f.name for f in fields(Profile)} - {"name"}

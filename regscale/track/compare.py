@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 from regscale.fsutil import atomic_path
 from regscale.metrics import IMAGES_PER_S, LOSS
 from regscale.track.mlflow import EVAL_PREFIX, GPU_HOURS, RUN_ID_FILE
@@ -104,7 +104,7 @@ def find_runs(client: Any, refs: list[str], experiment: str, filter_string: Opti
     try:
         runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"])
     except MlflowException as err:
-        raise UserError(f"--filter {filter_string!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"--filter {filter_string!r}: {first_line(err)}") from None
     if not runs:
         raise UserError(f"no training runs in experiment '{experiment}'"
                         + (f" match {filter_string!r}" if filter_string else ""))

@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 from regscale.config import Config, config_hash, flatten, resume_changes, to_yaml
 from regscale.dist import launcher_layout, read_layout
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
 from regscale.rundir import step_name
@@ -262,7 +262,7 @@ class Tracker:
             raise
         except Exception as err:
             if _permanent(err):
-                raise UserError(f"MLflow at {self.uri}: {str(err).splitlines()[0]}") from None
+                raise UserError(f"MLflow at {self.uri}: {first_line(err)}") from None
             return err
         return None
 

@@ -31,7 +31,7 @@ import torch
 from regscale import dist, faults
 from regscale import metrics as M
 from regscale.config import (Config, ConfigError, batch_plan, changes_numbers, config_hash, flatten,
-                             from_yaml_text, resume_changes, to_yaml)
+                             load_saved_config, resume_changes, to_yaml)
 from regscale.engine.base import precision_autocast
 from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
@@ -155,7 +155,7 @@ class Trainer:
         path = self.run_dir / CONFIG
         changed: dict[str, str] = {}
         if path.is_file():
-            changed = resume_changes(flatten(from_yaml_text(path.read_text())), flatten(self.cfg), str(path))
+            changed = resume_changes(flatten(load_saved_config(path)), flatten(self.cfg), str(path))
         if self.env.is_main and (changed or not path.is_file()):
             if changed:
                 log.info("%s: resuming with %s", path, ", ".join(f"{k}={v}" for k, v in sorted(changed.items())))
