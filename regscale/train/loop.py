@@ -35,7 +35,7 @@ from regscale.config import (Config, ConfigError, batch_plan, config_hash, flatt
 from regscale.engine.base import precision_autocast
 from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
-from regscale.rundir import CONFIG
+from regscale.rundir import CONFIG, METRICS
 from regscale.train.checkpoint import Checkpointer, Published
 from regscale.train.health import (MetricsLog, NonFiniteGuard, Watchdog, device_peak_flops, memory_gb,
                                    train_flops_per_image)
@@ -137,7 +137,7 @@ class Trainer:
                                  trace=run_dir / "draws" / f"rank{env.rank:05d}.jsonl")
         self._batches = None
         self.progress = Progress()
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", tracker, enabled=env.is_main)
+        self.metrics = MetricsLog(run_dir / METRICS, tracker, enabled=env.is_main)
         self.flops_per_image = train_flops_per_image(cfg)
         self.peak = device_peak_flops(self.device)
         self.deadline = Deadline(job_deadline())
