@@ -83,7 +83,7 @@ def _read_stream(path: str, workers: int, batch: int, n: int, check_shards: bool
         module._Samples.check_shard = lambda self, shard_id: self.checked_shards.add(shard_id)
 
     cfg = load_config(None, [f"data.path={path}", f"data.num_workers={workers}", "slurm.gpus_per_node=1", "run.name=b"])
-    stream = TrainStream(cfg, 0, 1, batch)
+    stream = TrainStream(cfg.data, cfg.train, 0, 1, batch)
     it = iter(stream)
     for _ in range(n // (batch * max(1, workers)) * max(1, workers)):
         next(it)

@@ -132,7 +132,7 @@ class Trainer:
                                          keep_every=t.keep_every, protect=tuple(cfg.eval.at_steps),
                                          asynchronous=cfg.engine.async_checkpoint)
         self.checkpointer.prepare()
-        self.stream = TrainStream(cfg, env.rank, env.world_size, self.plan.micro)
+        self.stream = TrainStream(cfg.data, t, env.rank, env.world_size, self.plan.micro)
         self.noise = SampleNoise(t.seed, cfg.model.cls_token_dim, cfg.loss.time_sampling, self.device,
                                  trace=run_dir / "draws" / f"rank{env.rank:05d}.jsonl")
         self._batches = None
