@@ -22,7 +22,6 @@ from regscale.config import load_config
 from regscale.data.images import center_crop_arr, load_image
 from regscale.data.prepare import PrepareOptions, prepare
 from regscale.data.stream import ShardError, TrainStream
-from regscale.errors import UserError
 from tests.fixtures.data import REG_SAMPLES, make_imagefolder, make_reg_layout
 
 REPO = Path(__file__).resolve().parents[1]

@@ -316,6 +316,23 @@ def test_default_store_is_sqlite_in_run_dir(tmp_path, experiment):
     assert (tmp_path / "runs" / "mlartifacts").is_dir()
 
 
+def test_unreadable_pending_files_are_kept_and_skipped(tmp_path, experiment, caplog):
+    """A pending file that is not what the tracker wrote (cut, foreign) does not stop training from
+    being tracked; it stays on disk, named in a warning."""
+    caplog.set_level(logging.WARNING, logger="regscale.track")
+    run_dir = tmp_path / "runs" / "smoke"
+    run_dir.mkdir(parents=True)
+    bad = {"mlflow_pending-cut.json": '{"run_id": null, "ops": [', "mlflow_pending-foreign.json": '{"run_id": null}'}
+    for name, text in bad.items():
+        (run_dir / name).write_text(text)
+    cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"mlflow.experiment={experiment}"])
+    with Tracker.open(cfg, run_dir) as tracker:
+        tracker.log_metrics({"loss": 1.0}, 5)
+    assert steps_of(MlflowClient(tracker.uri), tracker.run_id, "loss") == [5]
+    assert {p.name: p.read_text() for p in run_dir.glob("mlflow_pending*")} == bad
+    assert sum("is unreadable" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, experiment):
     """`regscale train` on 2 gloo processes (smoke recipe): rank 0 alone tracks, one run."""
     overrides = [f"run.dir={tmp_path / 'runs'}", "run.name=tracked", f"data.path={smoke_data}",

@@ -72,14 +72,15 @@ class Outbox:
         for path in sorted(self.run_dir.glob(f"{PENDING_PREFIX}*.json")):
             try:
                 saved = json.loads(path.read_text())
-            except (OSError, ValueError):
+                saved_run, ops = saved["run_id"], [op for op in saved["ops"] if op["op"] != "status"]
+            except (OSError, ValueError, TypeError, KeyError):
                 log.warning("MLflow: %s is unreadable; its buffered entries are lost", path)
                 continue
-            if saved["run_id"] and saved["run_id"] != run_id:
+            if saved_run and saved_run != run_id:
                 log.warning("MLflow: %s belongs to run %s, not this run directory's %s; ignored",
-                            path, saved["run_id"], run_id)
+                            path, saved_run, run_id)
                 continue
-            self._ops.extend(op for op in saved["ops"] if op["op"] != "status")
+            self._ops.extend(ops)
             self._consumed.append(path)
 
     def put(self, op: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -43,6 +43,9 @@ from regscale.train.noise import DERIVATION, SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
 from regscale.train.threads import pin_threads
 
+if TYPE_CHECKING:
+    from regscale.track.mlflow import Tracker
+
 log = logging.getLogger("regscale.train")
 
 FIRST_STEP_WATCHDOG_S = 3600.0  # the first step compiles and JIT-builds; give it time
@@ -57,7 +60,7 @@ class Progress:
     rollbacks: int = 0
 
 
-def train(cfg: Config, run_dir: Path, tracker: Any = None, stop: Optional[StopFlag] = None) -> Outcome:
+def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop: Optional[StopFlag] = None) -> Outcome:
     """Train (or resume) the run in `run_dir` until train.max_steps, a stop signal or the deadline.
 
     Returns the Outcome (preempted / deadline / interrupted after saving a checkpoint).
@@ -108,7 +111,7 @@ def _setup_logging() -> None:
 class Trainer:
     """The state of one training process; `run` is the loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Any) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Optional["Tracker"]) -> None:
         from regscale.data.stream import TrainStream
         from regscale.engine import build_engine
         from regscale.models import build_model_from_config
