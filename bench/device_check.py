@@ -312,7 +312,7 @@ def checkpoint_bytes(run_dir: Path) -> Optional[int]:
 
 def part_optimizer(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """One AdamW step over parameters shaped like the model's, per implementation."""
-    from regscale.config import load_config
+    from regscale.config import TrainConfig
     from regscale.engine.base import adamw
     from regscale.models import build_model
 
@@ -324,7 +324,7 @@ def part_optimizer(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p)
-        opt = adamw(load_config(None, ["run.name=optimizer", f"engine.adamw={impl}"]), params)
+        opt = adamw(TrainConfig(), impl, params)
         out[f"{impl}_step_s"] = timed(opt.step, device, iters=5, warmup=2)
         del params, opt
     free_memory(device)

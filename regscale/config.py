@@ -652,9 +652,24 @@ RESUMABLE_KEYS = (
 )
 
 
+# The resumable keys that can change the numbers a step computes: a resume that changes one is
+# not bit-exact (slurm.cpus_per_task counts through the pinned thread count, the world size
+# through resharding; the others only change where, how long and how often).
+NUMERIC_KEYS = ("engine.", "train.micro_batch_size", "train.tf32", "encoder.weights")
+
+
+def _listed(key: str, keys: tuple[str, ...]) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+
+
 def resumable(key: str) -> bool:
     """True when `key` may change on resume (see RESUMABLE_KEYS)."""
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+    return _listed(key, RESUMABLE_KEYS)
+
+
+def changes_numbers(key: str) -> bool:
+    """True when a change of `key` on resume can change the numbers a step computes (NUMERIC_KEYS)."""
+    return _listed(key, NUMERIC_KEYS)
 
 
 def resume_changes(before: dict[str, Any], now: dict[str, Any], where: str) -> dict[str, str]:

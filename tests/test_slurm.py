@@ -14,7 +14,7 @@ go in together and one driver loop acts on them while they run:
            the loop's deadline from SLURM's end time) -> save, requeue (a timeout), resume, finish;
            the limit stays until an attempt has saved at it, so the test holds however slowly a
            loaded machine starts training (attempts killed before their first step just requeue)
-  broken   training fails (corrupt dataset) twice from the same step: the run stops with a report,
+  broken   training fails (shards changed in place) twice from the same step: the run stops with a report,
            the job fails and SLURM cancels its evaluation job (kill-on-invalid-dependency)
 """
 
@@ -110,19 +110,27 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
               "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=2",
               "slurm.gpus_per_node=1", "eval.num_samples=8", "eval.batch_size=8", "eval.steps=2"]
     ensure_synthetic_dataset(load_config(SMOKE, common))  # once, before four jobs read it
+    # a dataset whose shards changed in place (same sizes): submit's cheap checks pass, training's
+    # per-shard hash check fails before any sample is used
     broken = root / "broken"
-    broken.mkdir()
-    (broken / "index.json").write_text('{"version": 2, "shards": "not a list"}')
+    shutil.copytree(root / "data", broken)
+    for shard in (json.loads((broken / "index.json").read_text()))["shards"]:
+        path = broken / shard["raw_data"]["basename"]
+        blob = bytearray(path.read_bytes())
+        blob[len(blob) // 2] ^= 1
+        path.write_bytes(bytes(blob))
 
-    base = submit(common, "base")  # first: it creates the runs' MLflow store
-    seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False,
-                  "elastic_cancelled": False, "elastic_resumed": None}
     # SLURM tasks inherit the submitter's environment: without OMP_NUM_THREADS they see every core
     every_core = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
     traced = {**every_core, "REGSCALE_TRACE_DRAWS": "1"}
+    # first (it creates the runs' MLflow store), on the idle cluster: its 1-2 node range gets both
     elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=20", "train.ckpt_every=4",
                      "slurm.min_nodes=1", env=traced)
+    wait_until(lambda: _state_and_nodes(elastic.train) == "RUNNING 2", "the elastic run to start on 2 nodes")
+    base = submit(common, "base")
+    seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False,
+                  "elastic_cancelled": False, "elastic_resumed": None}
+    preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
 
     def usr2_mid_training(run: Run) -> None:
         while last_step(run.run_dir) < 2 and job_state(run.train) not in TERMINAL:
@@ -203,6 +211,12 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     return dict(base=base, preempt=preempt, limit=limit, broken=failing, elastic=elastic,
                 local=(local.returncode, local_out), local_dir=root / "runs" / "local",
                 torchrun=reference.get("launch"), **seen)
+
+
+def _state_and_nodes(job_id: str) -> str:
+    """'<state> <number of nodes>' of a job SLURM's controller holds ('' once it does not)."""
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %D"], capture_output=True, text=True,
+                          timeout=30).stdout.strip()
 
 
 def saved_at_limit(run_dir: Path) -> list[runs.Attempt]:
@@ -352,10 +366,12 @@ def test_partition_slurm_refuses_shows_slurms_message(slurm_cluster: str, tmp_pa
 
 def test_unsafe_value_refused_before_submitting(slurm_cluster: str, tmp_path: Path) -> None:
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    result = regscale("submit", SMOKE, f"run.dir={tmp_path}", f"data.path={tmp_path / 'd'}",
-                      "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=1",
-                      "slurm.account='x\n#SBATCH --wrap=touch /tmp/pwned'", check=False)
-    assert result.returncode == 2 and "not allowed in a batch script" in result.stderr
+    for value, refusal in (("'x\n#SBATCH --wrap=touch /tmp/pwned'", "holds a control character"),
+                           ("'x;touch /tmp/pwned'", "not allowed in a batch script")):
+        result = regscale("submit", SMOKE, f"run.dir={tmp_path}", f"data.path={tmp_path / 'd'}",
+                          "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=1",
+                          f"slurm.account={value}", check=False)
+        assert result.returncode == 2 and refusal in result.stderr and "slurm.account" in result.stderr
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
     assert not (tmp_path / "smoke").exists()
 

@@ -30,8 +30,8 @@ import torch
 
 from regscale import dist, faults
 from regscale import metrics as M
-from regscale.config import (Config, ConfigError, batch_plan, config_hash, flatten, from_yaml_text,
-                             resume_changes, to_yaml)
+from regscale.config import (Config, ConfigError, batch_plan, changes_numbers, config_hash, flatten,
+                             from_yaml_text, resume_changes, to_yaml)
 from regscale.engine.base import precision_autocast
 from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
@@ -180,18 +180,20 @@ class Trainer:
                                  nonfinite_total=h["nonfinite_total"], rollbacks=h["rollbacks"])
         self.checkpointer.last_saved = manifest["step"]
         if self.env.is_main:
-            if changed or manifest["config_hash"] != config_hash(self.cfg):
-                exact = f"configuration changed ({', '.join(sorted(changed)) or 'config hash'}): NOT bit-exact"
-            elif not same_world:
-                exact = (f"resharded from {manifest['world_size']} to {self.env.world_size} processes: "
-                         "same samples and noise; reduction order differs")
-            else:
-                exact = "bit-exact"
+            notes = []
+            if not same_world:
+                notes.append(f"resharded from {manifest['world_size']} to {self.env.world_size} processes: "
+                             "same samples and noise; reduction order differs")
+            numeric = sorted(k for k in changed if changes_numbers(k))
+            if numeric:
+                notes.append(f"{', '.join(numeric)} changed: NOT bit-exact")
+            elif "config" not in manifest and manifest["config_hash"] != config_hash(self.cfg):
+                notes.append("configuration changed (config hash): NOT bit-exact")
             if self.device.type == "cpu" and manifest.get("threads", self.threads) != self.threads:
-                exact += (f"; NOT bit-exact: {manifest['threads']} -> {self.threads} intra-op "
-                          "threads per process (slurm.cpus_per_task)")
+                notes.append(f"{manifest['threads']} -> {self.threads} intra-op threads per process "
+                             "(slurm.cpus_per_task): NOT bit-exact")
             log.info("resumed from %s (step %d, %d images; %s)", path, manifest["step"],
-                     manifest["images"], exact)
+                     manifest["images"], "; ".join(notes) or "bit-exact")
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -282,12 +284,11 @@ class Trainer:
                 stop_now = self._agree(stop, deadline)
                 if stop_now:
                     outcome = stop_now
-                    self._published(self.checkpointer.save(p.step, self._manifest, blocking=True))
+                    self._save(blocking=True)
                     self._say_stopped(outcome)
                     break
                 if p.step % t.ckpt_every == 0 or p.step == t.max_steps:
-                    self._published(self.checkpointer.save(
-                        p.step, self._manifest, blocking=p.step == t.max_steps))
+                    self._save(blocking=p.step == t.max_steps)
                 if p.step % t.log_every == 0:
                     self._log(window, guard)
                     window = _Window(self.device)
@@ -338,6 +339,13 @@ class Trainer:
             "health": {"nonfinite_total": p.nonfinite_total, "rollbacks": p.rollbacks},
             "created_unix": time.time(), "torch": torch.__version__,
         }
+
+    def _save(self, *, blocking: bool) -> None:
+        """Checkpoint this step; a save still in flight is published (and recorded) first."""
+        if self.progress.step == self.checkpointer.last_saved:
+            return
+        self._published(self.checkpointer.finish())
+        self._published(self.checkpointer.save(self.progress.step, self._manifest, blocking=blocking))
 
     def _published(self, done: Optional[Published]) -> None:
         """A checkpoint became visible: its costs, the deadline's estimate, the sample grid."""
