@@ -137,13 +137,13 @@ class Report:
     started: float = field(default_factory=time.perf_counter)
 
     def write(self) -> None:
+        from regscale.fsutil import write_atomic
+
         body = {"machine": self.machine, "sizes": self.sizes, "elapsed_s": round(time.perf_counter() - self.started, 1),
                 "goals": goals(self.parts), "parts": self.parts}
         for name, text in (("device_check.json", json.dumps(body, indent=1, default=float)),
                            ("device_check.md", table(body))):
-            tmp = self.out / f".{name}.tmp"
-            tmp.write_text(text + "\n")
-            os.replace(tmp, self.out / name)
+            write_atomic(self.out / name, text + "\n")
 
 
 def sync(device: torch.device) -> None:

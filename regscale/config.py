@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException,
                               ValidationError)
 
-from regscale.errors import UserError, first_line, has_control_character, one_line
+from regscale.errors import UserError, first_line, has_control_character
 
 
 class ConfigError(UserError):

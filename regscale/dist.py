@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 RENDEZVOUS_S = 60.0  # a process that finds no peers within this long fails, naming the variables
 COLLECTIVE_S = 1800.0  # a collective waiting longer than this for a peer fails
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from regscale.config import ConfigError, config_hash, flatten, from_yaml_text, load_config, to_yaml
+from regscale.config import config_hash, flatten, from_yaml_text, load_config, to_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -67,3 +67,19 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
             if dst in set().union(*LAYERS) and _layer(dst) > _layer(src):
                 upward.append(f"{_module(path)} (layer {_layer(src)}) imports {target} (layer {_layer(dst)})")
     assert not upward, "\n".join(upward)
+
+
+# Inside regscale.track, the tracker's parts are layered too: the MLflow client helpers, then the
+# lineage's policy (which run, whether this job may go on with it), then delivery (the outbox and
+# its worker), then the Tracker that joins them. Policy never reaches into delivery.
+TRACKER_PARTS = ["regscale.track.client", "regscale.track.lineage", "regscale.track.delivery",
+                 "regscale.track.mlflow"]
+
+
+def test_tracker_policy_sits_below_its_delivery() -> None:
+    upward = []
+    for i, part in enumerate(TRACKER_PARTS):
+        path = PACKAGE.parent / (part.replace(".", "/") + ".py")
+        above = set(TRACKER_PARTS[i + 1:])
+        upward += [f"{part} imports {target}" for target in _imports(path) if target in above]
+    assert not upward, "\n".join(upward)

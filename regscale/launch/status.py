@@ -16,7 +16,7 @@ from regscale.errors import UserError, debug, expected_failure
 from regscale.launch import runs
 from regscale.checkpoints import published
 from regscale.metrics import IMAGES_PER_S
-from regscale.rundir import CHECKPOINTS, JOB_FOLDER, step_name, step_of
+from regscale.rundir import CHECKPOINTS, CONFIG, JOB_FOLDER, METRICS, step_name, step_of
 
 
 
@@ -41,7 +41,7 @@ def slurm_states(ids: list[str]) -> dict[str, str]:
 
 
 def _last_metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return {}
     for line in reversed(path.read_text().splitlines()):
@@ -176,11 +176,11 @@ def format_duration(seconds: Optional[float]) -> str:
 
 def find_runs(path: Path) -> list[Path]:
     """A run directory itself, or every run directory directly under `path`."""
-    if (path / "config.yaml").exists():
+    if (path / CONFIG).exists():
         return [path]
     if not path.is_dir():
         raise UserError(f"{path}: no such run directory (or folder of runs)")
-    return sorted(p for p in path.iterdir() if (p / "config.yaml").exists())
+    return sorted(p for p in path.iterdir() if (p / CONFIG).exists())
 
 
 def _fid(ev: EvalStatus) -> str:

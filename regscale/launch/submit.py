@@ -23,7 +23,7 @@ from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.launch.profile import Profile, check_value, load_profile, sbatch_parameters, sbatch_test_args
 from regscale.paths import check_run_dir
-from regscale.rundir import CHECKPOINTS, JOB_FOLDER, step_name
+from regscale.rundir import CHECKPOINTS, CONFIG, JOB_FOLDER, step_name
 
 # ---------------------------------------------------------------------------------------------
 # where jobs run
@@ -138,7 +138,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     """Create <run.dir>/<run.name> with config.yaml; refuse to reuse one that already ran."""
     run_dir = check_new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / CONFIG, to_yaml(cfg))
     return run_dir
 
 
@@ -389,7 +389,7 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
         if not resumable(item.partition("=")[0]):
             raise UserError(f"resume: '{item}' cannot change for a run that has started; allowed: "
                             f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_KEYS)}")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_config(run_dir / CONFIG, overrides)
     check_inputs(cfg, run_dir)
     active = _active_jobs(run_dir)
     if active:
@@ -404,7 +404,7 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     stop = run_dir / runs.STOP_REPORT
     if stop.is_file():
         stop.rename(run_dir / f"stop_report.{int(time.time())}.json")
-    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / CONFIG, to_yaml(cfg))
     runs.record_resume(run_dir, step)
     print(f"resuming {run_dir} from step {step}")
     if cluster == "slurm":

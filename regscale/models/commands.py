@@ -44,7 +44,7 @@ def _check_online(endpoint: str, timeout: float = 5.0) -> None:
     import socket
     from urllib.parse import urlparse
 
-    from regscale.errors import UserError, first_line
+    from regscale.errors import UserError
 
     parts = urlparse(endpoint)
     host = parts.hostname or endpoint

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -35,13 +35,16 @@ from regscale.config import (Config, ConfigError, batch_plan, changes_numbers, c
 from regscale.engine.base import precision_autocast
 from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
-from regscale.rundir import CONFIG
+from regscale.rundir import CONFIG, METRICS
 from regscale.train.checkpoint import Checkpointer, Published
 from regscale.train.health import (MetricsLog, NonFiniteGuard, Watchdog, device_peak_flops, memory_gb,
                                    train_flops_per_image)
 from regscale.train.noise import DERIVATION, SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
 from regscale.train.threads import pin_threads
+
+if TYPE_CHECKING:
+    from regscale.track.mlflow import Tracker
 
 log = logging.getLogger("regscale.train")
 
@@ -57,7 +60,7 @@ class Progress:
     rollbacks: int = 0
 
 
-def train(cfg: Config, run_dir: Path, tracker: Any = None, stop: Optional[StopFlag] = None) -> Outcome:
+def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop: Optional[StopFlag] = None) -> Outcome:
     """Train (or resume) the run in `run_dir` until train.max_steps, a stop signal or the deadline.
 
     Returns the Outcome (preempted / deadline / interrupted after saving a checkpoint).
@@ -108,7 +111,7 @@ def _setup_logging() -> None:
 class Trainer:
     """The state of one training process; `run` is the loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Any) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Optional["Tracker"]) -> None:
         from regscale.data.stream import TrainStream
         from regscale.engine import build_engine
         from regscale.models import build_model_from_config
@@ -132,12 +135,12 @@ class Trainer:
                                          keep_every=t.keep_every, protect=tuple(cfg.eval.at_steps),
                                          asynchronous=cfg.engine.async_checkpoint)
         self.checkpointer.prepare()
-        self.stream = TrainStream(cfg, env.rank, env.world_size, self.plan.micro)
+        self.stream = TrainStream(cfg.data, t, env.rank, env.world_size, self.plan.micro)
         self.noise = SampleNoise(t.seed, cfg.model.cls_token_dim, cfg.loss.time_sampling, self.device,
                                  trace=run_dir / "draws" / f"rank{env.rank:05d}.jsonl")
         self._batches = None
         self.progress = Progress()
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", tracker, enabled=env.is_main)
+        self.metrics = MetricsLog(run_dir / METRICS, tracker, enabled=env.is_main)
         self.flops_per_image = train_flops_per_image(cfg)
         self.peak = device_peak_flops(self.device)
         self.deadline = Deadline(job_deadline())
