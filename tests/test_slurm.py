@@ -6,7 +6,7 @@ go in together and one driver loop acts on them while they run:
   preempt  gets `scancel --signal=USR2` mid-training: saves, requeues itself, resumes, same weights
            as base and as the same recipe run uninterrupted by torchrun (OMP_NUM_THREADS=1, while
            the SLURM tasks see every core: the loop pins the thread count)
-  elastic  20 steps on 1-2 nodes (slurm.min_nodes=1): preempted on 2 nodes while n2 drains, so
+  elastic  40 steps on 1-2 nodes (slurm.min_nodes=1): preempted on 2 nodes while n2 drains, so
            SLURM restarts it on n1 alone; cancelled there, `regscale resume ... slurm.min_nodes=2`
            back on 2: the same samples and noise at every step as the torchrun run, weights within
            ELASTIC_RTOL
@@ -126,10 +126,13 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False,
                   "elastic_cancelled": False, "elastic_resumed": None}
 
+    submitted_all = threading.Event()  # n2 drains only after: sbatch --test-only refuses 2 nodes meanwhile
+
     def usr2_mid_training(run: Run) -> None:
         while last_step(run.run_dir) < 2 and job_state(run.train) not in TERMINAL:
             time.sleep(0.2)
         if run.run_dir.name == "elastic":  # the requeued job finds one node free
+            submitted_all.wait(timeout=HANG_GUARD_S)
             set_node("n2", "DRAIN")
             seen["n2_drained"] = True
         result = subprocess.run(["scancel", "--signal=USR2", run.train], capture_output=True, text=True)
@@ -137,7 +140,7 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
                                               "result": (result.returncode, result.stderr)}
 
     # first (it creates the runs' MLflow store), on the idle cluster: its 1-2 node range gets both
-    elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=20", "train.ckpt_every=4",
+    elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=40", "train.ckpt_every=4",
                      "slurm.min_nodes=1", env=traced)
     signallers = [threading.Thread(target=usr2_mid_training, args=(elastic,), daemon=True)]
     signallers[0].start()
@@ -161,6 +164,7 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     local_cmd = [sys.executable, "-m", "regscale.cli", "submit", SMOKE, "run.name=local",
                  *[o for o in common if not o.startswith("slurm.")], "--local"]
     local = subprocess.Popen(local_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    submitted_all.set()
     # only base's and broken's evaluation chains are under test: fewer processes on a small machine
     subprocess.run(["scancel", preempt.eval, limit.eval, elastic.eval], check=True, timeout=30)
 
@@ -169,7 +173,9 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             # an attempt saved at the limit and the job requeued: let the next attempts run to the end
             subprocess.run(["scontrol", "update", f"JobId={limit.train}", "TimeLimit=30"], check=True, timeout=30)
             seen["limit_extended"] = True
-        if seen["resumed"] is None and all(job_state(j) in TERMINAL for j in (failing.train, failing.eval)):
+        n2_drained = seen["n2_drained"] and not seen["n2_back"]  # a 2-node submission would be refused
+        if seen["resumed"] is None and not n2_drained and \
+                all(job_state(j) in TERMINAL for j in (failing.train, failing.eval)):
             # the user fixes the dataset, then resumes the stopped run
             shutil.copytree(root / "data", broken, dirs_exist_ok=True)
             out = regscale("resume", str(failing.run_dir), "slurm.time_limit_min=20").stdout
@@ -300,14 +306,14 @@ def test_requeued_on_fewer_nodes_and_resumed_on_more_keeps_samples_and_noise(sce
     assert job_state(resumed) == "COMPLETED" and sacct(resumed, "NNodes") == ["2"]
     log = (run.run_dir / "jobs" / f"{resumed}_0_log.err").read_text()
     assert "resharded from 1 to 2 processes: same samples and noise; reduction order differs" in log
-    assert attempts[-1].end == "completed" and attempts[-1].end_step == 20
+    assert attempts[-1].end == "completed" and attempts[-1].end_step == 40
     draws, ref_draws = traced_draws(run.run_dir), traced_draws(torchrun.run_dir)
-    assert {step for step, _ in draws} == set(range(20))
-    assert draws == {key: digest for key, digest in ref_draws.items() if key[0] < 20}
+    assert {step for step, _ in draws} == set(range(40))
+    assert draws == {key: digest for key, digest in ref_draws.items() if key[0] < 40}
     ref_losses, run_losses = losses(torchrun.run_dir), losses(run.run_dir)
     assert max(abs(run_losses[s] - ref_losses[s]) / ref_losses[s] for s in run_losses) <= ELASTIC_RTOL
     for weights in ("model", "ema"):
-        ref_state = load_consolidated(torchrun.run_dir, step=20, weights=weights)[0]
+        ref_state = load_consolidated(torchrun.run_dir, step=40, weights=weights)[0]
         assert max_relative_difference(ref_state, load_consolidated(run.run_dir, weights=weights)[0]) <= ELASTIC_RTOL
 
 
