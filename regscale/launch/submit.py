@@ -269,7 +269,7 @@ def check_inputs(cfg: Config, run_dir: Optional[Path] = None) -> None:
     decoder, reference batch and Inception weights (read the way the jobs read them, so a broken
     one fails now, not after training)."""
     from regscale.data.shards import check_dataset
-    from regscale.track.mlflow import tracking_uri
+    from regscale.track.lineage import tracking_uri
     from regscale.track.store import check_store
 
     check_paths_for_training(cfg)

@@ -23,7 +23,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_run_dir(run_dir, cfg.data.path)
     tracker = None
     if not args.no_track and read_layout().is_main:
-        from regscale.track.mlflow import Tracker, tracking_uri
+        from regscale.track.lineage import tracking_uri
+        from regscale.track.mlflow import Tracker
         from regscale.track.store import check_store
 
         check_store(tracking_uri(cfg, run_dir), "the MLflow store (mlflow.tracking_uri)", reading=False)
