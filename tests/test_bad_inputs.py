@@ -154,10 +154,14 @@ def run_case(case: Case, materials: Path, read_only: Path, tmp_path: Path, capsy
     monkeypatch.chdir(d)
     argv = [a.replace("{D}", str(d)).replace("{RO}", str(read_only)) for a in case.argv]
     before = _snapshot(d)
+    environ = dict(os.environ)  # a verb may export a launcher's variables (RANK, WORLD_SIZE, ...)
     try:
         code = main(argv)
     except SystemExit as err:  # argparse
         code = err.code
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     out, err = capsys.readouterr()
     names = case.names.replace("{D}", str(d)).replace("{RO}", str(read_only))
     assert code == case.code, f"exit {code}\nstdout: {out}\nstderr: {err}"
