@@ -66,7 +66,7 @@ def build(kind: str, size: str, ranks: int, asynchronous: bool, run_dir: Path):
     from regscale.config import MODEL_SIZES, BatchPlan, EngineConfig, LossConfig, TrainConfig
     from regscale.engine import build_engine
     from regscale.models import build_model
-    from regscale.objective import reg_loss
+    from regscale.objective import draw, reg_loss
     from regscale.train.checkpoint import Checkpointer
 
     env = dist.setup()
@@ -79,7 +79,8 @@ def build(kind: str, size: str, ranks: int, asynchronous: bool, run_dir: Path):
     g = torch.Generator().manual_seed(0)  # one real step: creates the Adam moments
     x = torch.randn(1, 4, 32, 32)
     tokens = torch.randn(1, 257, 768)
-    parts = reg_loss(engine.module, x, torch.tensor([1]), tokens, generator=g, loss_cfg=LossConfig(),
+    draws = draw(1, x.shape[1:], tokens.shape[-1], "uniform", g)
+    parts = reg_loss(engine.module, x, torch.tensor([1]), tokens, draws=draws, loss_cfg=LossConfig(),
                      class_dropout_prob=0.0)
     engine.backward(parts.total, last_micro=True, accumulation=1)
     engine.step(1e-4)

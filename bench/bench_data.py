@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from machine import cpu_name
 from regscale.data.synthetic import synthetic_image
 
 GPU_RATE = 500.0
@@ -82,7 +83,7 @@ def _read_stream(path: str, workers: int, batch: int, n: int, check_shards: bool
         module._Samples.check_shard = lambda self, shard_id: self.checked_shards.add(shard_id)
 
     cfg = load_config(None, [f"data.path={path}", f"data.num_workers={workers}", "slurm.gpus_per_node=1", "run.name=b"])
-    stream = TrainStream(cfg, 0, 1, batch)
+    stream = TrainStream(cfg.data, cfg.train, 0, 1, batch)
     it = iter(stream)
     for _ in range(n // (batch * max(1, workers)) * max(1, workers)):
         next(it)
@@ -130,7 +131,7 @@ def main() -> None:
                 ("TrainStream, raw, shard check off",
                  _measure(_read_stream, str(root / "raw"), args.workers, args.batch, n, False))]
         sizes = {enc: sum(p.stat().st_size for p in (root / enc).rglob("*.mds")) / n / 1024 for enc in encodings}
-    print(f"CPU: {cpu_model()}")
+    print(f"CPU: {cpu_name()}")
     print(f"{n} samples, batch {args.batch}, {args.workers} DataLoader worker(s), {os.cpu_count()} cores on this "
           f"machine, torch threads 1; PNG {png_kib:.0f} KiB/image; shards: "
           + ", ".join(f"{enc} {kib:.0f}" for enc, kib in sizes.items()) + " KiB/sample")
@@ -144,19 +145,6 @@ def main() -> None:
     checked, unchecked = rows[1][1][1], rows[-1][1][1]
     print(f"shard check cost (first epoch, every shard hashed once per worker): {checked - unchecked:+.2f} CPU s, "
           f"{checked / unchecked:.3f}x the stream's CPU time without it")
-
-
-def cpu_model() -> str:
-    """The processor's name (figures from different CPUs do not compare)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ kernel launches: they reach the device in one non-blocking copy per tensor.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from pathlib import Path
 
 import torch
 
+from machine import cpu_name
 from regscale.objective import draw
 from regscale.train.noise import SampleNoise
 
@@ -29,13 +28,6 @@ def timed(fn, iters: int) -> float:
     for _ in range(iters):
         fn()
     return (time.process_time() - t0) / iters
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.machine())
 
 
 def main() -> None:

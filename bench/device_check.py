@@ -32,7 +32,6 @@ with that target on PYTHONPATH.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -46,7 +45,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -138,24 +137,13 @@ class Report:
     started: float = field(default_factory=time.perf_counter)
 
     def write(self) -> None:
+        from regscale.fsutil import write_atomic
+
         body = {"machine": self.machine, "sizes": self.sizes, "elapsed_s": round(time.perf_counter() - self.started, 1),
                 "goals": goals(self.parts), "parts": self.parts}
         for name, text in (("device_check.json", json.dumps(body, indent=1, default=float)),
                            ("device_check.md", table(body))):
-            tmp = self.out / f".{name}.tmp"
-            tmp.write_text(text + "\n")
-            os.replace(tmp, self.out / name)
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """TF32 in CUDA matmuls and convolutions on or off, meanwhile."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+            write_atomic(self.out / name, text + "\n")
 
 
 def sync(device: torch.device) -> None:
@@ -206,6 +194,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def part_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """A small SiT: device fp32 (TF32 off) against CPU fp32, and device bf16 autocast against fp32."""
+    from regscale.eval.metrics import exact_float32
     from regscale.models import build_model
 
     torch.manual_seed(0)
@@ -223,7 +212,7 @@ def part_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
             v, zs, v_cls = m(*(t.to(dev) for t in inputs))
         return torch.cat([v.flatten(1), zs[0].flatten(1), v_cls.flatten(1)], 1).double().cpu()
 
-    with tf32(False):
+    with exact_float32():
         ref = outputs(model, torch.device("cpu"), None)
         on_device = model.to(device)
         fp32 = outputs(on_device, device, None)
@@ -312,7 +301,7 @@ def checkpoint_bytes(run_dir: Path) -> Optional[int]:
 
 def part_optimizer(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """One AdamW step over parameters shaped like the model's, per implementation."""
-    from regscale.config import load_config
+    from regscale.config import TrainConfig
     from regscale.engine.base import adamw
     from regscale.models import build_model
 
@@ -324,7 +313,7 @@ def part_optimizer(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p)
-        opt = adamw(load_config(None, ["run.name=optimizer", f"engine.adamw={impl}"]), params)
+        opt = adamw(TrainConfig(), impl, params)
         out[f"{impl}_step_s"] = timed(opt.step, device, iters=5, warmup=2)
         del params, opt
     free_memory(device)
@@ -334,6 +323,7 @@ def part_optimizer(sizes: Sizes, device: torch.device) -> dict[str, Any]:
 def part_sampler(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """Model calls/s of the SDE sampler at the training size, without and with guidance, fp32 (TF32
     off, as the evaluation samples) and bf16 autocast."""
+    from regscale.eval.metrics import exact_float32
     from regscale.models import build_model
     from regscale.sampling import sample
 
@@ -347,7 +337,7 @@ def part_sampler(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         for guided, kw in (("unguided", {}), ("guided", dict(cfg_scale=2.3, cls_cfg_scale=2.3))):
             def run() -> None:
-                with tf32(False), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                with exact_float32(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     sample(model, labels, seeds, steps=calls, **kw)
 
             seconds = timed(run, device, iters=2, warmup=1)

@@ -85,8 +85,10 @@ def manifest_problem(path: Path) -> tuple[Optional[dict[str, Any]], Optional[str
     except (OSError, ValueError) as err:
         return None, f"unreadable manifest.json ({err})"
     if not isinstance(manifest, dict) or manifest.get("format") not in (1, FORMAT) \
-            or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+            or not isinstance(manifest.get("files"), dict) or type(manifest.get("step")) is not int:
         return None, "manifest.json lacks format/step/files"
+    if not all(isinstance(info, dict) and type(info.get("size")) is int for info in manifest["files"].values()):
+        return None, "manifest.json lists a file without its size"
     if step_name(int(manifest["step"])) != path.name:
         return None, f"manifest says step {manifest['step']}"
     return manifest, None

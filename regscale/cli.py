@@ -15,7 +15,7 @@ from typing import Callable, NoReturn
 
 from regscale.config import config_hash, load_config, to_yaml
 from regscale.data import commands as data
-from regscale.errors import debug, expected_failure
+from regscale.errors import debug, expected_failure, has_control_character
 from regscale.eval import commands as evaluation
 from regscale.launch import commands as launch
 from regscale.models import commands as models
@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_texts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """No argument of the verb (a path, a name, a URI) may be empty or hold a control character;
+    the overrides are the configuration's to judge."""
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in verbs.choices[args.verb]._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest == "overrides" or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and (not item.strip() or has_control_character(item)):
+                name = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
+                parser.error(f"{name} {item!r}: expected a non-empty value without control characters")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The verb's arguments; its options may stand anywhere among its key=value overrides
     (`regscale submit RECIPE a=1 --dry-run b=2`)."""
@@ -90,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    check_texts(parser, args)
     return args
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException,
                               ValidationError)
 
-from regscale.errors import UserError, one_line
+from regscale.errors import UserError, first_line, has_control_character
 
 
 class ConfigError(UserError):
@@ -400,18 +401,18 @@ def _expected_type(key: str) -> str:
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, InterpolationResolutionError):
-        return ConfigError(f"{source}: '{key}' cannot be resolved: {one_line(str(err).splitlines()[0])}")
+        return ConfigError(f"{source}: '{key}' cannot be resolved: {first_line(err)}")
     if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
         return ConfigError(f"{source}: unknown key '{key}'{_closest(key)}")
     if isinstance(err, ValidationError):
         value = getattr(err, "value", None) if hasattr(err, "value") else None
-        msg = str(err).splitlines()[0]
+        msg = first_line(err)
         return ConfigError(
             f"{source}: '{key}' expects {_expected_type(key)}"
             + (f", got {value!r}" if value is not None else "")
             + f" ({msg})"
         )
-    return ConfigError(f"{source}: {str(err).splitlines()[0]}")
+    return ConfigError(f"{source}: {first_line(err)}")
 
 
 def _read_yaml_file(path: Path, what: str) -> str:
@@ -431,12 +432,17 @@ def _load_yaml(path: Path) -> DictConfig:
 
 
 def _parse_yaml(text: str, source: str) -> DictConfig:
+    """A YAML mapping of sections; anything else (a syntax error, a scalar, a list, nothing) is a
+    ConfigError naming `source`."""
     try:
-        loaded = OmegaConf.create(text)
+        top = yaml.safe_load(text)
+        loaded = OmegaConf.create(text) if isinstance(top, dict) else None
     except Exception as err:  # yaml.YAMLError and friends: name the file, keep the parser's line
-        raise ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+        raise ConfigError(f"{source}: not valid YAML: {first_line(err)}") from None
+    if top is None:
+        raise ConfigError(f"{source}: empty (no sections); expected a mapping of sections such as train:, model:")
+    if loaded is None:
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(top).__name__}")
     return loaded
 
 
@@ -451,20 +457,43 @@ def _check_sections(node: DictConfig, schema: Any, source: str, prefix: str = ""
             _check_sections(value, sub, source, f"{prefix}{key}.")
 
 
-def _parse_overrides(overrides: list[str]) -> DictConfig:
+def _check_override(item: str) -> None:
+    """One `key=value` as text: a dotted key the schema knows, a value that is there, no control
+    character (refused, never cut or folded), a mapping for a whole section."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not key=value (for example train.lr=2e-4)")
+    if has_control_character(item):
+        raise ConfigError(f"override '{key}': the value {value!r} holds a control character (a newline, a tab, ...)")
+    if not all(part.strip() == part and part for part in key.split(".")):
+        raise ConfigError(f"override '{item}': '{key}' is not a dotted key like train.lr")
+    if key not in _valid_keys(Config()):
+        raise ConfigError(f"override: unknown key '{key}'{_closest(key)}")
+    if not value.strip():
+        raise ConfigError(f"override '{item}': no value for '{key}' (write {key}=null to unset it)")
+    if is_dataclass(_schema_node(key)) and not value.lstrip().startswith("{"):
+        raise ConfigError(f"override '{item}': '{key}' is a section; set its keys ({key}.KEY=VALUE)")
+
+
+def _schema_node(key: str) -> Any:
+    node: Any = Config()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _apply_overrides(merged: DictConfig, overrides: list[str]) -> DictConfig:
+    """`merged` with every override applied in order; an error names the override."""
     for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}' is not key=value (for example train.lr=2e-4)")
-        if any(ord(c) < 32 or ord(c) == 127 for c in item):  # refused, never cut or folded
-            raise ConfigError(f"override '{item.split('=', 1)[0]}': the value {item.split('=', 1)[1]!r} "
-                              "holds a control character (a newline, a tab, ...)")
-    parsed = OmegaConf.create()
+        _check_override(item)
     for item in overrides:
         try:
-            parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([item]))
-        except Exception as err:  # OmegaConf's and YAML's errors alike: name the override
-            raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from None
-    return parsed
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override '{item}'") from None
+        except Exception as err:  # YAML's errors on the value: name the override
+            raise ConfigError(f"override '{item}': {first_line(err)}") from None
+    return merged
 
 
 def _resolve(recipe: Optional[DictConfig], source: str, overrides: list[str], default_name: Optional[str]
@@ -478,7 +507,7 @@ def _resolve(recipe: Optional[DictConfig], source: str, overrides: list[str], de
         except OmegaConfBaseException as err:
             raise _explain(err, source) from None
     try:
-        merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
+        merged = _apply_overrides(merged, list(overrides))
         if default_name is not None and merged.run.name is None:
             merged.run.name = default_name
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -557,11 +586,15 @@ def _check_leaves(cfg: Config) -> None:
     would be cut in a batch script or a log line, so it is refused rather than passed on)."""
     for key, value in flatten(cfg).items():
         for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, (list, dict)):
+                raise ConfigError(f"'{key}' must be a list of numbers; got {value}")
             if isinstance(item, float) and not math.isfinite(item):
                 raise ConfigError(f"'{key}' must be a finite number; got {value}")
-            if isinstance(item, str) and (not item or any(ord(c) < 32 or ord(c) == 127 for c in item)):
+            if isinstance(item, str) and (not item or has_control_character(item)):
                 raise ConfigError(f"'{key}' must be a non-empty string without control characters "
                                   f"(newlines, tabs, ...); got {item!r}")
+            if isinstance(item, str) and is_remote(item) and not item.partition(":/")[2].strip("/"):
+                raise ConfigError(f"'{key}' {item!r}: a remote URI needs a bucket or host and a path")
 
 
 TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks",
@@ -572,7 +605,10 @@ def check_tracking_uri(uri: str, what: str) -> None:
     """An MLflow tracking URI that MLflow can use: a known scheme, a host and a port in range."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as err:  # an unclosed [IPv6] host
+        raise ConfigError(f"{what} {uri!r}: {err}") from None
     scheme = parts.scheme.split("+", 1)[0]  # postgresql+psycopg2://...
     if "://" not in uri or scheme not in TRACKING_SCHEMES:
         if "://" in uri or ":" in uri.split("/", 1)[0]:
@@ -585,6 +621,8 @@ def check_tracking_uri(uri: str, what: str) -> None:
         raise ConfigError(f"{what} {uri!r}: {err}") from None
     if scheme in ("http", "https") and (not parts.hostname or port == 0):
         raise ConfigError(f"{what} {uri!r}: expected http(s)://HOST[:PORT] with a port in 1..65535")
+    if scheme == "sqlite" and (not uri.startswith("sqlite:///") or not uri[len("sqlite:///"):].strip("/")):
+        raise ConfigError(f"{what} {uri!r}: expected sqlite:///PATH/TO/mlflow.db")
 
 
 def is_remote(path: str) -> bool:
@@ -652,9 +690,24 @@ RESUMABLE_KEYS = (
 )
 
 
+# The resumable keys that can change the numbers a step computes: a resume that changes one is
+# not bit-exact (slurm.cpus_per_task counts through the pinned thread count, the world size
+# through resharding; the others only change where, how long and how often).
+NUMERIC_KEYS = ("engine.", "train.micro_batch_size", "train.tf32", "encoder.weights")
+
+
+def _listed(key: str, keys: tuple[str, ...]) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+
+
 def resumable(key: str) -> bool:
     """True when `key` may change on resume (see RESUMABLE_KEYS)."""
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+    return _listed(key, RESUMABLE_KEYS)
+
+
+def changes_numbers(key: str) -> bool:
+    """True when a change of `key` on resume can change the numbers a step computes (NUMERIC_KEYS)."""
+    return _listed(key, NUMERIC_KEYS)
 
 
 def resume_changes(before: dict[str, Any], now: dict[str, Any], where: str) -> dict[str, str]:

@@ -13,20 +13,20 @@ Nothing here knows about configs, models or runs; every other layer may import i
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import torch
 
 RENDEZVOUS_S = 60.0  # a process that finds no peers within this long fails, naming the variables
 COLLECTIVE_S = 1800.0  # a collective waiting longer than this for a peer fails
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ def launcher_layout() -> Optional[Layout]:
     """The layout a launcher set in the environment (torchrun's variables win over SLURM's:
     torchrun inside an sbatch allocation sets both), or None when no launcher did."""
     env = os.environ
+    if ("RANK" in env) != ("WORLD_SIZE" in env):  # launchers set both: a stray one is a mistake
+        given = "RANK" if "RANK" in env else "WORLD_SIZE"
+        raise UserError(f"{given}={env[given]!r} is set but {'WORLD_SIZE' if given == 'RANK' else 'RANK'} is not: "
+                        "start the processes with torchrun or srun, or unset it to run one process")
     if "RANK" in env and "WORLD_SIZE" in env:
         world = _int("WORLD_SIZE")
         local_world = _int("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
@@ -94,7 +98,12 @@ def export_launcher_env() -> None:
         return
     import submitit
 
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    try:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    except RuntimeError as err:  # stray SLURM_* variables outside a job step
+        found = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("SLURM_", "SUBMITIT_")))
+        raise UserError(f"the environment looks like a SLURM or submitit task ({found[:200]}) but is not one "
+                        f"({first_line(err)}): unset those variables to run one process") from None
 
 
 def _rendezvous_s() -> float:
@@ -102,9 +111,12 @@ def _rendezvous_s() -> float:
     if not value:
         return RENDEZVOUS_S
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        raise UserError(f"REGSCALE_RENDEZVOUS_S={value!r} is not a number of seconds") from None
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise UserError(f"REGSCALE_RENDEZVOUS_S={value!r}: expected a positive number of seconds")
+    return seconds
 
 
 def _store(layout: Layout, timeout: datetime.timedelta) -> Any:

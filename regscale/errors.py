@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import unicodedata
 from typing import Optional
 
 
@@ -21,6 +22,21 @@ def one_line(text: str) -> str:
     return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def has_control_character(text: str) -> bool:
+    """A character that would break a line, a path or a batch script: C0/C1 controls, DEL, line
+    and paragraph separators (such a value is refused, never cut or folded)."""
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def first_line(err: BaseException | str, limit: int = 200) -> str:
+    """The first non-blank line of an error (at most `limit` characters), or its type's name when
+    it says nothing (`str(err)` may be empty)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines:
+        return lines[0][:limit]
+    return type(err).__name__ if isinstance(err, BaseException) else "no details"
+
+
 def os_error_message(err: OSError) -> str:
     """What an OSError means for the user, naming the path: 'no space left on /x', ..."""
     where = err.filename if err.filename is not None else "?"
@@ -36,10 +52,13 @@ def expected_failure(err: BaseException) -> Optional[str]:
     """The one-line message of a failure the user can act on, or None for a bug (a traceback).
 
     UserError is bad input named by the code that found it; OSError is the file system or the
-    network refusing (read-only, full, not a directory, unreachable), named by its path.
+    network refusing (read-only, full, not a directory, unreachable), named by its path; a missing
+    third-party package (a database driver for a tracking URI) is the environment's to fix.
     """
     if isinstance(err, UserError):
         return one_line(str(err))
     if isinstance(err, OSError):
         return one_line(os_error_message(err))
+    if isinstance(err, ModuleNotFoundError) and err.name and not err.name.startswith("regscale"):
+        return f"the Python package '{err.name}' is not installed here, and this needs it: install it"
     return None

@@ -17,3 +17,5 @@ FIRST_STEP_S = "time/first_step_s"  # process start to the end of its first step
 CKPT_STALL_S = "ckpt/stall_s"  # what the loop waited for one checkpoint, all of it
 CKPT_SAVE_S = "ckpt/save_s"  # from the save's start to its publication
 CKPT_ASYNC = "ckpt/async"
+GPU_HOURS = "gpu_hours"  # of the whole lineage, on the MLflow run
+EVAL_PREFIX = "eval/"  # evaluation metrics mirrored on the training run: eval/fid, eval/sfid, ...

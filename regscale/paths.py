@@ -13,11 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from regscale.errors import UserError
+from regscale.errors import UserError, has_control_character
 from regscale.fsutil import NoSpaceError, no_space, no_space_message
+from regscale.rundir import CHECKPOINTS, JOB_FOLDER
+from regscale.rundir import CONFIG as RUN_CONFIG  # what makes a folder a run directory
 
-CHECKPOINTS = "checkpoints"
-RUN_CONFIG = "config.yaml"  # what makes a folder a run directory
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -63,7 +63,7 @@ def check_output(path: str | os.PathLike, what: str, *, inputs: Iterable[str | o
     (or non-empty folder) is a previous output of this kind, which may be replaced (or resumed).
     """
     text = os.fspath(path)
-    if not text or any(ord(c) < 32 for c in text):
+    if not text or has_control_character(text):
         raise UserError(f"{what}: {text!r} is not a usable path")
     out = Path(text).expanduser().resolve()
     if suffixes and not out.name.endswith(suffixes):
@@ -87,6 +87,30 @@ def check_output(path: str | os.PathLike, what: str, *, inputs: Iterable[str | o
             raise UserError(f"{what} {text}: this {thing} regscale did not write as this kind of "
                             "output; refusing to overwrite it (choose another path)")
     check_writable(out if kind == "dir" else out.parent, f"{what} {text}")
+    return out
+
+
+def run_of(path: Path) -> Optional[Path]:
+    """The run directory that `path` is inside (not: is), if any."""
+    return next((folder for folder in path.parents if (folder / RUN_CONFIG).is_file()), None)
+
+
+def check_run_dir(run_dir: Path, data: Optional[str] = None) -> Path:
+    """A folder a run may live in (new, or its own run directory): outside every other run and its
+    checkpoints, outside the local dataset `data`, a run directory or a folder that is still empty,
+    writable. Returns it resolved."""
+    def ours(folder: Path) -> bool:  # a run's, or one whose submission made the job folder and stopped
+        return (folder / RUN_CONFIG).is_file() or all(p.name == JOB_FOLDER for p in folder.iterdir())
+
+    out = check_output(run_dir, "run directory", kind="dir", ours=ours)
+    other = run_of(out)
+    if other is not None:
+        raise UserError(f"run directory {run_dir} is inside the run directory {other}; choose another run.dir")
+    if data is not None and "://" not in data:
+        dataset = Path(data).expanduser().resolve()
+        if _inside(out, dataset) and (dataset / "index.json").exists():
+            raise UserError(f"run directory {run_dir} is inside the dataset data.path={data}; choose "
+                            "another run.dir")
     return out
 
 

@@ -7,7 +7,9 @@ import re
 from typing import Optional
 
 CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"  # one JSON object per logged step, written by rank 0
 CHECKPOINTS = "checkpoints"
+JOB_FOLDER = "jobs"  # submitit's job scripts, logs and results
 _STEP = re.compile(r"^step_(\d{8})$")
 
 

@@ -219,6 +219,16 @@ CONFIG = [
     Case("recipe-binary", ["config", "{D}/r.yaml"], "r.yaml", lambda d: _write(d / "r.yaml", b"\xff\xfe\x00garbage")),
     Case("recipe-list", ["config", "{D}/r.yaml"], "r.yaml", lambda d: _write(d / "r.yaml", "- 1\n")),
     Case("override-not-kv", cfg("train.lr"), "train.lr"),
+    Case("recipe-scalar", ["config", "{D}/r.yaml"], "r.yaml", lambda d: _write(d / "r.yaml", "5\n")),
+    Case("recipe-empty", ["config", "{D}/r.yaml"], "r.yaml", lambda d: _write(d / "r.yaml", "# nothing\n")),
+    Case("list-of-lists", cfg("eval.at_steps=[[1]]"), "eval.at_steps"),
+    Case("override-empty-value", cfg("eval.ref_batch="), "eval.ref_batch"),
+    Case("override-key-syntax", cfg(".lr=5"), ".lr"),
+    Case("override-section-scalar", cfg("model=5"), "model"),
+    Case("line-separator", cfg("run.name=a\u2028b"), "run.name"),
+    Case("tracking-ipv6-unclosed", cfg("mlflow.tracking_uri=http://[::1"), "mlflow.tracking_uri"),
+    Case("tracking-sqlite-no-path", cfg("mlflow.tracking_uri=sqlite://"), "mlflow.tracking_uri"),
+    Case("remote-without-bucket", cfg("data.path=s3://"), "data.path"),
 ]
 
 
@@ -246,6 +256,10 @@ REQUEST = [
     Case("run-dir-read-only", ["run.dir={RO}"], "{RO}"),
     Case("tracking-port", ["mlflow.tracking_uri=http://127.0.0.1:0"], "mlflow.tracking_uri"),
     Case("no-sbatch", ["slurm.cluster=slurm"], "sbatch", env={"PATH": "/nonexistent"}),
+    Case("run-is-the-dataset", ["run.dir={D}", "run.name=data"], "data"),
+    Case("run-in-checkpoints", ["run.dir={D}/runs/r1/checkpoints"], "checkpoints"),
+    Case("run-in-another-run", ["run.dir={D}/runs/r1"], "r1"),
+    Case("run-dir-foreign-folder", ["run.dir={D}", "run.name=src"], "src"),
 ]
 # What the run's files get wrong: a real submit refuses, a dry run warns in its plan.
 FILES = [
@@ -253,16 +267,23 @@ FILES = [
     Case("shard-truncated", [], "shard.00000.mds", lambda d: _truncate(_shard(d), 1000)),
     Case("ref-garbage", ["eval.ref_batch={D}/g.npz"], "g.npz", lambda d: _write(d / "g.npz", "garbage")),
     Case("ref-nan", ["eval.ref_batch={D}/ref.npz"], "ref.npz", lambda d: _reference(d, poison="sigma")),
+    Case("index-empty", [], "index.json", lambda d: _write(d / "data" / "index.json", '{"shards": []}')),
+    Case("store-not-sqlite", [], "mlflow.db", lambda d: _write(d / "runs" / "mlflow.db", "garbage")),
+    Case("encoder-weights-garbage", ["encoder.weights={D}/g.pth", "encoder.random_init=false", "model.cls_token_dim=768"],
+         "g.pth", lambda d: _write(d / "g.pth", "garbage")),
+    Case("remote-without-credentials", ["data.path=s3://regscale-no-bucket/x"], "s3://regscale-no-bucket/x",
+         env=NO_CREDENTIALS),
 ]
 SUBMIT = [
     *[Case(f"{kind}-{c.id}", sub(*c.argv, dry_run=kind == "dry"), c.names, c.setup, c.env)
       for kind in ("dry", "real") for c in REQUEST],
-    *[Case(f"real-{c.id}", sub(*c.argv, dry_run=False), c.names, c.setup) for c in FILES],
-    *[Case(f"dry-warns-{c.id}", sub(*c.argv), c.names, c.setup, code=0) for c in FILES],
+    *[Case(f"real-{c.id}", sub(*c.argv, dry_run=False), c.names, c.setup, c.env) for c in FILES],
+    *[Case(f"dry-warns-{c.id}", sub(*c.argv), c.names, c.setup, c.env, code=0) for c in FILES],
     Case("sweep-malformed", [*sub(), "--sweep", "train.lr"], "train.lr"),
     Case("sweep-unknown-key", [*sub(), "--sweep", "train.lrr=1,2"], "train.lrr"),
     Case("sweep-nan", [*sub(), "--sweep", "train.lr=1e-4,nan"], "train.lr"),
     Case("sweep-repeated", [*sub(), "--sweep", "train.lr=1e-4,1e-4"], "--sweep"),
+    Case("sweep-key-twice", [*sub(), "--sweep", "train.lr=1e-4,2e-4", "--sweep", "train.lr=3e-4"], "train.lr"),
 ]
 
 
@@ -285,6 +306,9 @@ RESUME = [
     Case("nodes-0", ["resume", RUN, "slurm.nodes=0"], "slurm.nodes"),
     Case("jobs-corrupt", ["resume", RUN], "jobs.json", lambda d: _write(d / "runs/r1/jobs.json", "{")),
     Case("finished", ["resume", RUN], "finished training (step 4)"),
+    Case("config-empty", ["resume", RUN], "config.yaml", lambda d: _write(d / "runs/r1/config.yaml", "")),
+    Case("reference-garbage", ["resume", RUN, "train.max_steps=8", "eval.ref_batch={D}/g.npz"], "g.npz",
+         lambda d: _write(d / "g.npz", "garbage")),
 ]
 
 
@@ -317,6 +341,8 @@ STATUS = [
          lambda d: _write(_second_run(d) / "metrics.jsonl", b'{"step": "abc"}\n\xff\xfe'), code=0),
     Case("one-run-corrupt", ["status", RUN], "r1",
          lambda d: _write(d / "runs/r1/config.yaml", "a: [1\n"), code=0),
+    Case("stop-report-wrong-types", ["status", "{D}/runs"], "r2",
+         lambda d: _write(_second_run(d) / "stop_report.json", '{"reason": 5, "stopped_at": "x"}'), code=0),
     Case("missing", ["status", "{D}/nope"], "nope"),
 ]
 
@@ -361,6 +387,14 @@ EXPORT = [
          lambda d: _truncate(d / "runs/r1/checkpoints/step_00000004/__0_0.distcp", 10)),
     Case("manifest-corrupt", export("{D}/x.safetensors"), "checkpoints",
          lambda d: _write(d / "runs/r1/checkpoints/step_00000004/manifest.json", "{")),
+    Case("manifest-step-not-int", export("{D}/x.safetensors"), "checkpoints",
+         lambda d: _edit_manifest(d, step="abc")),
+    Case("manifest-file-entry", export("{D}/x.safetensors"), "checkpoints",
+         lambda d: _edit_manifest(d, files={"__0_0.distcp": 5})),
+    Case("checkpoint-foreign", export("{D}/x.safetensors"), "step_00000004"),
+    Case("config-corrupt", export("{D}/x.safetensors"), "config.yaml",
+         lambda d: _write(d / "runs/r1/config.yaml", "a: [1")),
+    Case("out-empty", export(""), "--out"),
 ]
 
 
@@ -389,7 +423,22 @@ SAMPLE = [
          "export.safetensors"),
     Case("out-foreign-folder", ["sample", RUN, "--out", "{D}/data"], "data"),
     Case("out-read-only", ["sample", RUN, "--out", "{RO}/s"], "{RO}"),
+    Case("model-key", ["sample", RUN, "model.depth=3"], "model.depth"),
+    Case("step-of-an-export", ["sample", "{D}/export.safetensors", "--step", "4"], "--step"),
+    Case("weights-of-an-export", ["sample", "{D}/export.safetensors", "--weights", "model"], "--weights"),
+    Case("export-of-another-model", ["sample", "{D}/export.safetensors"], "export.safetensors"),
+    Case("target-empty", ["sample", ""], "CHECKPOINT_OR_RUN"),
+    Case("stray-rank", ["sample", RUN], "RANK", env={"RANK": "1"}),
+    Case("stray-slurm-variables", ["sample", RUN], "SLURM_PROCID", env={"SLURM_PROCID": "3", "SLURM_NTASKS": "2"}),
+    Case("rendezvous-seconds-negative", ["sample", RUN], "REGSCALE_RENDEZVOUS_S",
+         env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+              "REGSCALE_RENDEZVOUS_S": "-5"}),
 ]
+
+
+def _edit_manifest(d: Path, **changes) -> None:
+    path = d / "runs/r1/checkpoints/step_00000004/manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def _foreign_export(d: Path, config: Optional[str]) -> None:
@@ -443,6 +492,9 @@ EVAL = [
     Case("inception-missing", evaluate("--inception", "{D}/nope.pth"), "nope.pth", _reference),
     Case("inception-garbage", evaluate("--inception", "{D}/g.pth"), "g.pth",
          lambda d: (_reference(d), _write(d / "g.pth", "garbage"))),
+    Case("inception-and-random", evaluate("--inception", "{D}/w.pth", "--random-inception"), "--inception",
+         _reference),
+    Case("out-empty", evaluate("--random-inception", "--out", ""), "--out", _reference),
 ]
 
 
@@ -470,6 +522,10 @@ PREPARE = [
     Case("part-not-i-n", prep("{D}/src", "{D}/out", "--part", "x"), "--part"),
     Case("array-variables", prep("{D}/src", "{D}/out"), "SLURM_ARRAY_TASK_ID",
          env={"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"}),
+    Case("array-task-outside", prep("{D}/src", "{D}/out"), "SLURM_ARRAY_TASK_ID",
+         env={"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "2"}),
+    Case("no-readable-image", prep("{D}/s2", "{D}/../out2"), "s2",
+         lambda d: (_write(d / "s2/c0/a.png", "x"), _write(d / "s2/c0/b.jpg", "y"))),
     Case("device-unknown", prep("{D}/src", "{D}/out", "--device", "bogus"), "--device"),
     Case("device-absent", prep("{D}/src", "{D}/out", "--device", "cuda"), "--device"),
     Case("vae-missing", ["prepare", "{D}/src", "{D}/out", "--vae", "{D}/novae", "--quiet"], "novae"),
@@ -535,6 +591,8 @@ COMPARE = [
     Case("filter-invalid", comp("--filter", "params.x ==== 1"), "--filter"),
     Case("run-missing", comp("nosuchrun"), "nosuchrun"),
     Case("run-name-with-quote", comp("a'b"), "a'b"),
+    Case("store-damaged", comp(), "mlflow.db", lambda d: _truncate(d / "runs/mlflow.db", 5000)),
+    Case("uri-file-store-is-a-file", ["compare", "--tracking-uri", "file://{D}/samples.npz"], "samples.npz"),
 ]
 
 
@@ -555,6 +613,8 @@ UI = [
     Case("store-missing", ["ui", "--runs-dir", "{D}/nope"], "nope"),
     Case("store-not-sqlite", ["ui", "--runs-dir", "{D}/runs"], "mlflow.db", lambda d: _write(d / "runs/mlflow.db", "x")),
     Case("uri-unknown-scheme", ["ui", "--tracking-uri", "nosuch://x"], "nosuch://x"),
+    Case("store-damaged", ["ui", "--runs-dir", "{D}/runs"], "mlflow.db", lambda d: _truncate(d / "runs/mlflow.db", 5000)),
+    Case("port-out-of-range", ["ui", "--runs-dir", "{D}/runs", "--port", "99999"], "--port"),
 ]
 
 

@@ -73,7 +73,12 @@ def test_min_nodes_asks_slurm_for_a_node_range(tmp_path: Path) -> None:
     cfg = smoke_cfg(tmp_path, "slurm.nodes=2", "slurm.min_nodes=1", "slurm.gpus_per_node=4", "train.batch_size=16")
     params = sbatch_parameters(cfg, Profile(name="p"), "smoke")
     assert params["nodes"] == 2 and params["slurm_additional_parameters"]["nodes"] == "1-2"
-    assert sbatch_test_args(params)[-1] == "--nodes=1-2"  # the last --nodes is the one sbatch uses
+    args = sbatch_test_args(params)
+    assert [a for a in args if a.startswith("--nodes=")][-1] == "--nodes=1-2"  # the last one counts
+    # no --ntasks-per-node for sbatch (SLURM would then take the range's minimum); srun starts one
+    # task per GPU on every node SLURM gave, and each node keeps the CPUs of its 4 tasks
+    assert "tasks_per_node" not in params and not any(a.startswith("--ntasks") for a in args)
+    assert "--ntasks-per-node=4" in params["slurm_srun_args"] and "--mincpus=4" in args
 
 
 def test_recipe_values_are_checked_for_shell(tmp_path: Path) -> None:

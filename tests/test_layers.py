@@ -1,12 +1,12 @@
 """The package is layered: a module imports only from its own layer or the ones below (lazy imports
 inside functions count too). Read from the source with `ast`, no import needed.
 
-    6  regscale.cli, every area's commands.py            the verbs
+    6  regscale.cli, cliargs, every area's commands.py   the verbs
     5  regscale.launch                                    jobs, submission, requeue
     4  regscale.train, regscale.eval                      the training and evaluation processes
     3  regscale.engine, regscale.track                    parallelism + checkpoint files; MLflow delivery
     2  regscale.checkpoints, models, objective, sampling, data
-    1  regscale.fsutil, regscale.dist, regscale.config   files, processes, configuration
+    1  regscale.fsutil, paths, dist, config              files, processes, configuration
     0  regscale (version), errors, outcome, faults, metrics, rundir   names shared by all
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "regscale"
 LAYERS = [
     {"regscale", "regscale.errors", "regscale.outcome", "regscale.faults", "regscale.metrics", "regscale.rundir"},
-    {"regscale.fsutil", "regscale.dist", "regscale.config"},
+    {"regscale.fsutil", "regscale.paths", "regscale.dist", "regscale.config"},
     {"regscale.checkpoints", "regscale.models", "regscale.objective", "regscale.sampling", "regscale.data"},
     {"regscale.engine", "regscale.track"},
     {"regscale.train", "regscale.eval"},
     {"regscale.launch"},
-    {"regscale.cli", "commands"},
+    {"regscale.cli", "regscale.cliargs", "commands"},
 ]
 
 
@@ -66,4 +66,20 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
             dst = _area(target)
             if dst in set().union(*LAYERS) and _layer(dst) > _layer(src):
                 upward.append(f"{_module(path)} (layer {_layer(src)}) imports {target} (layer {_layer(dst)})")
+    assert not upward, "\n".join(upward)
+
+
+# Inside regscale.track, the tracker's parts are layered too: the MLflow client helpers, then the
+# lineage's policy (which run, whether this job may go on with it), then delivery (the outbox and
+# its worker), then the Tracker that joins them. Policy never reaches into delivery.
+TRACKER_PARTS = ["regscale.track.client", "regscale.track.lineage", "regscale.track.delivery",
+                 "regscale.track.mlflow"]
+
+
+def test_tracker_policy_sits_below_its_delivery() -> None:
+    upward = []
+    for i, part in enumerate(TRACKER_PARTS):
+        path = PACKAGE.parent / (part.replace(".", "/") + ".py")
+        above = set(TRACKER_PARTS[i + 1:])
+        upward += [f"{part} imports {target}" for target in _imports(path) if target in above]
     assert not upward, "\n".join(upward)

@@ -1,12 +1,13 @@
 """`regscale submit` against the real single-host SLURM cluster (slurm/start.sh: 2 fake nodes),
-with the real training loop and evaluation job. Five runs of the smoke recipe on 2 nodes x 1 task
-go in together and one driver loop acts on them while they run:
+with the real training loop and evaluation job. Runs of the smoke recipe on 2 nodes x 1 task:
+`elastic` first, alone on the idle cluster (it drains n2 for a while); then four go in together
+and one driver loop acts on them while they run:
 
   base     trains to the end; its chained evaluation (afterok) starts only after training ended
   preempt  gets `scancel --signal=USR2` mid-training: saves, requeues itself, resumes, same weights
            as base and as the same recipe run uninterrupted by torchrun (OMP_NUM_THREADS=1, while
            the SLURM tasks see every core: the loop pins the thread count)
-  elastic  20 steps on 1-2 nodes (slurm.min_nodes=1): preempted on 2 nodes while n2 drains, so
+  elastic  40 steps on 1-2 nodes (slurm.min_nodes=1), started on both: preempted while n2 drains, so
            SLURM restarts it on n1 alone; cancelled there, `regscale resume ... slurm.min_nodes=2`
            back on 2: the same samples and noise at every step as the torchrun run, weights within
            ELASTIC_RTOL
@@ -14,8 +15,8 @@ go in together and one driver loop acts on them while they run:
            the loop's deadline from SLURM's end time) -> save, requeue (a timeout), resume, finish;
            the limit stays until an attempt has saved at it, so the test holds however slowly a
            loaded machine starts training (attempts killed before their first step just requeue)
-  broken   training fails (corrupt dataset) twice from the same step: the run stops with a report,
-           the job fails and SLURM cancels its evaluation job (kill-on-invalid-dependency)
+  broken   training fails (shards changed in place) twice from the same step: the run stops with a
+           report, the job fails and SLURM cancels its evaluation job (kill-on-invalid-dependency)
 """
 
 from __future__ import annotations
@@ -110,70 +111,46 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
               "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=2",
               "slurm.gpus_per_node=1", "eval.num_samples=8", "eval.batch_size=8", "eval.steps=2"]
     ensure_synthetic_dataset(load_config(SMOKE, common))  # once, before four jobs read it
+    # a dataset whose shards changed in place (same sizes): submit's cheap checks pass, training's
+    # per-shard hash check fails before any sample is used
     broken = root / "broken"
-    broken.mkdir()
-    (broken / "index.json").write_text('{"version": 2, "shards": "not a list"}')
+    shutil.copytree(root / "data", broken)
+    for shard in (json.loads((broken / "index.json").read_text()))["shards"]:
+        path = broken / shard["raw_data"]["basename"]
+        blob = bytearray(path.read_bytes())
+        blob[len(blob) // 2] ^= 1
+        path.write_bytes(bytes(blob))
 
-    base = submit(common, "base")  # first: it creates the runs' MLflow store
-    seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False,
-                  "elastic_cancelled": False, "elastic_resumed": None}
     # SLURM tasks inherit the submitter's environment: without OMP_NUM_THREADS they see every core
     every_core = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
     traced = {**every_core, "REGSCALE_TRACE_DRAWS": "1"}
-    elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=20", "train.ckpt_every=4",
-                     "slurm.min_nodes=1", env=traced)
+    seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False,
+                  "elastic_cancelled": False, "elastic_resumed": None}
 
     def usr2_mid_training(run: Run) -> None:
         while last_step(run.run_dir) < 2 and job_state(run.train) not in TERMINAL:
             time.sleep(0.2)
-        if run is elastic:  # the requeued job finds one node free
+        if run.run_dir.name == "elastic":  # the requeued job finds one node free
             set_node("n2", "DRAIN")
             seen["n2_drained"] = True
         result = subprocess.run(["scancel", "--signal=USR2", run.train], capture_output=True, text=True)
         seen[f"signal_{run.run_dir.name}"] = {"step": last_step(run.run_dir),
                                               "result": (result.returncode, result.stderr)}
 
-    signallers = [threading.Thread(target=usr2_mid_training, args=(r,), daemon=True) for r in (preempt, elastic)]
-    for signaller in signallers:
-        signaller.start()
     # the same recipe, uninterrupted, launched another way: torchrun (which sets OMP_NUM_THREADS=1)
     reference: dict = {}
     torchrun = threading.Thread(daemon=True, target=lambda: reference.update(launch=launch_train(
         root / "runs" / "torchrun", root / "data", ["data.synthetic=32"], env={"REGSCALE_TRACE_DRAWS": "1"})))
     torchrun.start()
-    # long enough (200 steps) that the limit falls inside training, whatever the load
-    others = [submit_async(common, "limit", "slurm.time_limit_min=3", "slurm.signal_lead_s=45",
-                           "train.max_steps=200", "slurm.max_failures_at_step=20"),
-              submit_async(common, "broken", f"data.path={broken}", "data.synthetic=0",
-                           "slurm.max_failures_at_step=2")]
-    limit, failing = (submitted(p) for p in others)
-    # the local executor chain (what `regscale submit recipes/smoke.yaml` does without SLURM) runs
-    # beside the SLURM scenarios
-    local_cmd = [sys.executable, "-m", "regscale.cli", "submit", SMOKE, "run.name=local",
-                 *[o for o in common if not o.startswith("slurm.")], "--local"]
-    local = subprocess.Popen(local_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # only base's and broken's evaluation chains are under test: fewer processes on a small machine
-    subprocess.run(["scancel", preempt.eval, limit.eval, elastic.eval], check=True, timeout=30)
+    # first, alone on the idle cluster (it drains n2 for a while, which would refuse 2-node
+    # submissions, and its 1-2 node range must get both nodes); it creates the runs' MLflow store
+    elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=40", "train.ckpt_every=4",
+                     "slurm.min_nodes=1", env=traced)
+    signallers = [threading.Thread(target=usr2_mid_training, args=(elastic,), daemon=True)]
+    signallers[0].start()
+    subprocess.run(["scancel", elastic.eval], check=True, timeout=30)
 
-    def drive() -> bool:
-        if not seen["limit_extended"] and saved_at_limit(limit.run_dir):
-            # an attempt saved at the limit and the job requeued: let the next attempts run to the end
-            subprocess.run(["scontrol", "update", f"JobId={limit.train}", "TimeLimit=30"], check=True, timeout=30)
-            seen["limit_extended"] = True
-        if seen["resumed"] is None and all(job_state(j) in TERMINAL for j in (failing.train, failing.eval)):
-            # the user fixes the dataset, then resumes the stopped run
-            shutil.copytree(root / "data", broken, dirs_exist_ok=True)
-            out = regscale("resume", str(failing.run_dir), "slurm.time_limit_min=20").stdout
-            seen["resume_out"] = out
-            seen["resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
-            subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
-        drive_elastic()
-        jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"],
-                elastic.train, seen["elastic_resumed"])
-        return all(j is not None and job_state(j) in TERMINAL for j in jobs)
-
-    def drive_elastic() -> None:
+    def drive_elastic() -> bool:
         """Requeued onto n1 alone: n2 comes back; a few steps on, cancel it and resume on 2 nodes."""
         attempts = runs.read_attempts(elastic.run_dir)
         if seen["n2_drained"] and not seen["n2_back"] and len(attempts) >= 2:
@@ -187,6 +164,49 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             out = regscale("resume", str(elastic.run_dir), "slurm.min_nodes=2", env=traced).stdout
             seen["elastic_resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
             subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
+        if job_state(elastic.train) in TERMINAL and not seen["elastic_cancelled"]:
+            return True  # it ended by itself (the test says how)
+        return seen["elastic_resumed"] is not None and job_state(seen["elastic_resumed"]) in TERMINAL
+
+    try:
+        wait_until(drive_elastic, "the elastic run to finish")
+    finally:
+        if seen["n2_drained"] and not seen["n2_back"]:
+            set_node("n2", "RESUME")
+            seen["n2_back"] = True
+
+    base = submit(common, "base")
+    preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
+    signallers.append(threading.Thread(target=usr2_mid_training, args=(preempt,), daemon=True))
+    signallers[1].start()
+    # long enough (200 steps) that the limit falls inside training, whatever the load
+    others = [submit_async(common, "limit", "slurm.time_limit_min=3", "slurm.signal_lead_s=45",
+                           "train.max_steps=200", "slurm.max_failures_at_step=20"),
+              submit_async(common, "broken", f"data.path={broken}", "data.synthetic=0",
+                           "slurm.max_failures_at_step=2")]
+    limit, failing = (submitted(p) for p in others)
+    # the local executor chain (what `regscale submit recipes/smoke.yaml` does without SLURM) runs
+    # beside the SLURM scenarios
+    local_cmd = [sys.executable, "-m", "regscale.cli", "submit", SMOKE, "run.name=local",
+                 *[o for o in common if not o.startswith("slurm.")], "--local"]
+    local = subprocess.Popen(local_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # only base's and broken's evaluation chains are under test: fewer processes on a small machine
+    subprocess.run(["scancel", preempt.eval, limit.eval], check=True, timeout=30)
+
+    def drive() -> bool:
+        if not seen["limit_extended"] and saved_at_limit(limit.run_dir):
+            # an attempt saved at the limit and the job requeued: let the next attempts run to the end
+            subprocess.run(["scontrol", "update", f"JobId={limit.train}", "TimeLimit=30"], check=True, timeout=30)
+            seen["limit_extended"] = True
+        if seen["resumed"] is None and all(job_state(j) in TERMINAL for j in (failing.train, failing.eval)):
+            # the user fixes the dataset, then resumes the stopped run
+            shutil.copytree(root / "data", broken, dirs_exist_ok=True)
+            out = regscale("resume", str(failing.run_dir), "slurm.time_limit_min=20").stdout
+            seen["resume_out"] = out
+            seen["resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
+            subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
+        jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"])
+        return all(j is not None and job_state(j) in TERMINAL for j in jobs)
 
     try:
         wait_until(drive, "the scenario runs to finish")
@@ -195,8 +215,6 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
         local_out, _ = local.communicate(timeout=HANG_GUARD_S)
         torchrun.join(timeout=HANG_GUARD_S)
     finally:
-        if seen["n2_drained"] and not seen["n2_back"]:
-            set_node("n2", "RESUME")
         if local.poll() is None:  # the CLI cancels its local job on SIGINT
             local.send_signal(signal.SIGINT)
             local.wait(timeout=60)
@@ -292,14 +310,14 @@ def test_requeued_on_fewer_nodes_and_resumed_on_more_keeps_samples_and_noise(sce
     assert job_state(resumed) == "COMPLETED" and sacct(resumed, "NNodes") == ["2"]
     log = (run.run_dir / "jobs" / f"{resumed}_0_log.err").read_text()
     assert "resharded from 1 to 2 processes: same samples and noise; reduction order differs" in log
-    assert attempts[-1].end == "completed" and attempts[-1].end_step == 20
+    assert attempts[-1].end == "completed" and attempts[-1].end_step == 40
     draws, ref_draws = traced_draws(run.run_dir), traced_draws(torchrun.run_dir)
-    assert {step for step, _ in draws} == set(range(20))
-    assert draws == {key: digest for key, digest in ref_draws.items() if key[0] < 20}
+    assert {step for step, _ in draws} == set(range(40))
+    assert draws == {key: digest for key, digest in ref_draws.items() if key[0] < 40}
     ref_losses, run_losses = losses(torchrun.run_dir), losses(run.run_dir)
     assert max(abs(run_losses[s] - ref_losses[s]) / ref_losses[s] for s in run_losses) <= ELASTIC_RTOL
     for weights in ("model", "ema"):
-        ref_state = load_consolidated(torchrun.run_dir, step=20, weights=weights)[0]
+        ref_state = load_consolidated(torchrun.run_dir, step=40, weights=weights)[0]
         assert max_relative_difference(ref_state, load_consolidated(run.run_dir, weights=weights)[0]) <= ELASTIC_RTOL
 
 
@@ -352,10 +370,12 @@ def test_partition_slurm_refuses_shows_slurms_message(slurm_cluster: str, tmp_pa
 
 def test_unsafe_value_refused_before_submitting(slurm_cluster: str, tmp_path: Path) -> None:
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    result = regscale("submit", SMOKE, f"run.dir={tmp_path}", f"data.path={tmp_path / 'd'}",
-                      "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=1",
-                      "slurm.account='x\n#SBATCH --wrap=touch /tmp/pwned'", check=False)
-    assert result.returncode == 2 and "not allowed in a batch script" in result.stderr
+    for value, refusal in (("'x\n#SBATCH --wrap=touch /tmp/pwned'", "holds a control character"),
+                           ("'x;touch /tmp/pwned'", "not allowed in a batch script")):
+        result = regscale("submit", SMOKE, f"run.dir={tmp_path}", f"data.path={tmp_path / 'd'}",
+                          "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=1",
+                          f"slurm.account={value}", check=False)
+        assert result.returncode == 2 and refusal in result.stderr and "slurm.account" in result.stderr
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
     assert not (tmp_path / "smoke").exists()
 

@@ -25,7 +25,8 @@ from PIL import Image
 from regscale.cli import main
 from regscale.config import load_config
 from regscale.errors import UserError
-from regscale.track.mlflow import RUN_ID_FILE, Tracker, config_params, register_run
+from regscale.track.lineage import RUN_ID_FILE, config_params
+from regscale.track.mlflow import Tracker, register_run
 from regscale.track.ui import check_port
 from tests.fixtures.mlflow import free_port
 from tests.fixtures.train import TORCHRUN
@@ -268,6 +269,38 @@ def test_server_outage_does_not_stop_training(mlflow_server, tmp_path, experimen
     assert not list((tmp_path / "runs" / "late").glob("mlflow_pending*.json"))
 
 
+def test_backlog_goes_in_flight_whole_and_once_and_a_refusal_drops_only_its_batch(mlflow_server, tmp_path,
+                                                                                 experiment, caplog):
+    """After an outage the backlog (several MLflow batches, sent at once through MLflow's async
+    logging) arrives whole and once; a batch the server refuses (a name over MLflow's 250
+    characters) is dropped alone and delivery goes on, where a retry would never end."""
+    caplog.set_level(logging.WARNING, logger="regscale.track")
+    tracker = Tracker.open(make_cfg(tmp_path, mlflow_server.url, experiment), tmp_path / "runs" / "smoke")
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert tracker.flush(60)
+    keys = [f"m{i:02d}" for i in range(60)]
+    mlflow_server.stop()
+    try:
+        for step in range(2, 60):  # 58 steps x 61 values (with gpu_hours): 4 batches of <= 1000
+            tracker.log_metrics({k: step * 100 + i for i, k in enumerate(keys)}, step)
+            if step == 30:
+                tracker.log_metrics({"x" * 300: 1.0}, step)
+    finally:
+        mlflow_server.start()
+    assert tracker.flush(120)
+    tracker.log_metrics({"loss": 0.5}, 60)
+    tracker.finish("FINISHED")
+    client = MlflowClient(mlflow_server.url)
+    delivered = {k: [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, k)] for k in keys}
+    assert all(points == sorted(set(points)) for points in delivered.values())  # each point once
+    assert all(points[-1] == (59, 5900 + i) for i, points in enumerate(delivered.values()))
+    gpu_hours = [s for s in steps_of(client, tracker.run_id, "gpu_hours") if 2 <= s <= 59]
+    missing = 58 * 61 + 1 - sum(map(len, delivered.values())) - len(gpu_hours)  # of the backlog's points
+    assert 0 < missing <= 1000  # the refused batch, and nothing else
+    assert steps_of(client, tracker.run_id, "loss") == [1, 60]
+    assert any("MLflow refused" in r.getMessage() for r in caplog.records)
+
+
 def test_default_store_is_sqlite_in_run_dir(tmp_path, experiment):
     cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"mlflow.experiment={experiment}"])
     with Tracker.open(cfg, tmp_path / "runs" / "smoke") as tracker:
@@ -281,6 +314,23 @@ def test_default_store_is_sqlite_in_run_dir(tmp_path, experiment):
     assert main(["compare", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
     assert main(["ui", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
     assert (tmp_path / "runs" / "mlartifacts").is_dir()
+
+
+def test_unreadable_pending_files_are_kept_and_skipped(tmp_path, experiment, caplog):
+    """A pending file that is not what the tracker wrote (cut, foreign) does not stop training from
+    being tracked; it stays on disk, named in a warning."""
+    caplog.set_level(logging.WARNING, logger="regscale.track")
+    run_dir = tmp_path / "runs" / "smoke"
+    run_dir.mkdir(parents=True)
+    bad = {"mlflow_pending-cut.json": '{"run_id": null, "ops": [', "mlflow_pending-foreign.json": '{"run_id": null}'}
+    for name, text in bad.items():
+        (run_dir / name).write_text(text)
+    cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"mlflow.experiment={experiment}"])
+    with Tracker.open(cfg, run_dir) as tracker:
+        tracker.log_metrics({"loss": 1.0}, 5)
+    assert steps_of(MlflowClient(tracker.uri), tracker.run_id, "loss") == [5]
+    assert {p.name: p.read_text() for p in run_dir.glob("mlflow_pending*")} == bad
+    assert sum("is unreadable" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, experiment):

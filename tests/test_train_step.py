@@ -2,8 +2,10 @@
 counted on the real Trainer (one process, FSDP, CPU, 4 micro-batches per step) by a
 TorchFunctionMode that sees every host read of a tensor: .item(), float(), int(), bool(),
 .tolist(), .numpy(). On a GPU each of those waits for the device, except where the tensor lives on
-the host by design: regscale.dist's collectives of host numbers (reduced on the CPU with gloo) and
-torch.optim's step counters (on the CPU unless `capturable`); reads made there do not count."""
+the host by design: regscale.dist's collectives of host numbers (reduced on the CPU with gloo),
+torch.optim's step counters (on the CPU unless `capturable`) and train.noise's per-sample draws
+(keyed by the data loader's index tensor, drawn on the CPU, then copied to the device); reads made
+there do not count."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from regscale.train.loop import Trainer
 from regscale.train.preempt import StopFlag
 from tests.fixtures.train import SMOKE
 
-HOST_SIDE = ("regscale.dist", "torch.optim.")  # modules whose tensors are host numbers by design
+HOST_SIDE = ("regscale.dist", "torch.optim.", "regscale.train.noise")  # host numbers by design
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__float__,
               torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__}
 

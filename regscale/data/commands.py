@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from regscale.cliargs import positive_int
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -23,7 +23,7 @@ def _device(text: str) -> str:
     try:
         torch.empty(0, device=torch.device(text))
     except (RuntimeError, AssertionError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a usable torch device here ({str(err).splitlines()[0]})") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a usable torch device here ({first_line(err)})") from None
     return text
 
 

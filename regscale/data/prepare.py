@@ -71,6 +71,9 @@ def part_from_env() -> tuple[int, int]:
     except ValueError:
         shown = ", ".join(f"{n}={os.environ.get(n)!r}" for n in names)
         raise UserError(f"the SLURM array variables are not integers ({shown}); pass --part i/n") from None
+    if not 0 <= task - first < count:
+        shown = ", ".join(f"{n}={os.environ.get(n)}" for n in names)
+        raise UserError(f"the SLURM array variables do not name a task of the array ({shown}); pass --part i/n")
     return task - first, count
 
 
@@ -314,6 +317,9 @@ def _finalize(store: Store, source: Source, num_chunks: int, opts: PrepareOption
         summary.skipped += info["skipped"]
         for label, n in info["per_class"].items():
             per_class[int(label)] += n
+    if not summary.samples:
+        raise UserError(f"{source.root}: none of its {len(source.samples)} images could be read (each is listed "
+                        f"with its error in {store.out}/chunk-*/chunk.json); nothing to train on")
     summary.per_class = {name: n for name, n in zip(source.classes, per_class)}
     logging.disable(logging.WARNING)  # merge_index chats about temp folders and non-empty dirs
     try:

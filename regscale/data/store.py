@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 from regscale.config import is_remote
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 from regscale.fsutil import write_atomic
 
 CHUNK_RE = re.compile(r"(?:^|/)chunk-(\d{6})/chunk\.json$")
@@ -42,7 +42,7 @@ def is_not_found(err: BaseException) -> bool:
 def remote_failure(uri: str, err: BaseException) -> UserError:
     """One line for a remote store that cannot be used: what failed and where credentials come from."""
     scheme = uri.split("://", 1)[0]
-    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     hint = f"; check the network and the credentials ({CREDENTIALS[scheme]})" if scheme in CREDENTIALS else ""
     return UserError(f"cannot access {uri} ({type(err).__name__}: {reason}){hint}")
 

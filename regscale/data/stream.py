@@ -30,7 +30,7 @@ import torch
 from streaming import StreamingDataset
 from streaming.base.dataloader import StreamingDataLoader
 
-from regscale.config import Config, is_remote
+from regscale.config import DataConfig, TrainConfig, is_remote
 from regscale.data import shm
 from regscale.data.store import remote_failure
 from regscale.data.shards import (CHEAP_HASH, IMAGE_SHAPE, MOMENTS_SHAPE, ShardError, check_shard_files, decode_image,
@@ -150,26 +150,28 @@ def _world_env(rank: int, world_size: int, local_rank: int, local_world: int) ->
 
 
 class TrainStream:
-    """Per-rank batches over the prepared shards at cfg.data.path; see the module docstring."""
+    """Per-rank batches over the prepared shards at data.path; see the module docstring."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int, batch_size: int) -> None:
-        path = cfg.data.path
+    def __init__(self, data: DataConfig, train: TrainConfig, rank: int, world_size: int, batch_size: int) -> None:
+        """Rank `rank`'s `batch_size` samples at a time of every global batch of train.batch_size,
+        in the order train.seed shuffles."""
+        path = data.path
         if path is None:
             raise UserError("'data.path' is required: a directory of MDS shards or a remote URI")
         self.path, self.rank, self.world_size, self.batch_size = path, rank, world_size, batch_size
-        self.global_batch = cfg.train.batch_size
+        self.global_batch = train.batch_size
         self.resume_note: Optional[str] = None
         self._resumed_samples = 0  # of the epoch load_state_dict resumes
         if is_remote(path):
             remote = path
             digest = hashlib.sha256(path.encode()).hexdigest()[:12]
-            local = cfg.data.local_cache or str(Path(tempfile.gettempdir()) / f"regscale-cache-{digest}")
+            local = data.local_cache or str(Path(tempfile.gettempdir()) / f"regscale-cache-{digest}")
         else:
             check_shard_files(path)
             remote, local = None, path
         local = os.path.abspath(local)
-        options = dict(where=path, remote=remote, local=local, shuffle=cfg.data.shuffle, shuffle_seed=cfg.train.seed,
-                       shuffle_block_size=cfg.data.shuffle_block_size, batch_size=batch_size,
+        options = dict(where=path, remote=remote, local=local, shuffle=data.shuffle, shuffle_seed=train.seed,
+                       shuffle_block_size=data.shuffle_block_size, batch_size=batch_size,
                        validate_hash="xxh64" if remote else None, download_retry=2)
         self._lock_fd: Optional[int] = None
         import torch.distributed as dist
@@ -179,10 +181,10 @@ class TrainStream:
         self._world = (rank, world_size, *_host_layout(rank, world_size))
         with _world_env(*self._world):
             self._open(options, first_on_host=self._world[2] == 0)
-        self.loader = StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=cfg.data.num_workers,
+        self.loader = StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=data.num_workers,
                                           collate_fn=_collate, drop_last=True, pin_memory=torch.cuda.is_available(),
-                                          persistent_workers=cfg.data.num_workers > 0,
-                                          multiprocessing_context=_worker_context(cfg.data.num_workers),
+                                          persistent_workers=data.num_workers > 0,
+                                          multiprocessing_context=_worker_context(data.num_workers),
                                           worker_init_fn=_ignore_interrupts)
 
     def _open(self, options: dict[str, Any], first_on_host: bool) -> None:

@@ -10,11 +10,12 @@ from typing import Any, Optional
 import torch
 
 from regscale.checkpoints import find_valid
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 from regscale.fsutil import atomic_path
 from regscale.rundir import CHECKPOINTS, CONFIG, step_name
 
 WEIGHTS = ("ema", "model")
+ENGINES = ("fsdp", "deepspeed")
 
 
 def consolidate(kind: str, path: Path, weights: str) -> dict[str, torch.Tensor]:
@@ -41,7 +42,16 @@ def load_consolidated(run_dir: Path | str, step: Optional[int] = None, weights: 
         raise UserError(f"{root}: no valid checkpoint for {what} (expected {step_name(0)[:5]}XXXXXXXX/ "
                         "with manifest.json, written by `regscale train`)")
     path, manifest = found
-    return consolidate(manifest["engine"]["kind"], path, weights), manifest
+    engine = manifest.get("engine")
+    kind = engine.get("kind") if isinstance(engine, dict) else None
+    if kind not in ENGINES:
+        raise UserError(f"{path}: its manifest.json names no engine ({' or '.join(ENGINES)}); not a checkpoint "
+                        "written by `regscale train`")
+    try:
+        return consolidate(kind, path, weights), manifest
+    except Exception as err:  # the engine's reader on files that are not its own: name the checkpoint
+        raise UserError(f"{path}: cannot read its {kind} checkpoint files ({type(err).__name__}: "
+                        f"{first_line(err)})") from err
 
 
 def export_safetensors(run_dir: Path | str, out: Path | str, step: Optional[int] = None,
@@ -51,8 +61,8 @@ def export_safetensors(run_dir: Path | str, out: Path | str, step: Optional[int]
     from safetensors.torch import save_file
 
     state, manifest = load_consolidated(run_dir, step, weights)
-    meta = {"step": str(manifest["step"]), "images": str(manifest["images"]), "weights": weights,
-            "config_hash": str(manifest["config_hash"]), "engine": manifest["engine"]["kind"]}
+    meta = {"step": str(manifest["step"]), "images": str(manifest.get("images")), "weights": weights,
+            "config_hash": str(manifest.get("config_hash")), "engine": manifest["engine"]["kind"]}
     config = Path(run_dir) / CONFIG
     if config.is_file():
         meta["config"] = config.read_text()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from regscale.cliargs import non_negative_int, positive_int
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 
 SAMPLING_OUTPUTS = ("samples.npz", "shards", "eval_record.json")  # what marks a folder as sampling's
 
@@ -41,12 +41,19 @@ def _export_config_text(target: Path) -> str | None:
         with safe_open(str(target), "pt") as f:
             return (f.metadata() or {}).get("config")
     except (SafetensorError, OSError) as err:
-        raise UserError(f"{target}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{target}: not a readable safetensors file ({first_line(err)})") from None
 
 
 def _target_config(target: Path, recipe: str | None, overrides: list[str]):
-    """The Config for sampling `target`: --recipe, the run's config.yaml, or the export's metadata."""
-    from regscale.config import from_yaml_text, load_config
+    """The Config for sampling `target`: --recipe, the run's config.yaml, or the export's metadata;
+    overrides only of keys that do not define the trained model (eval.*, vae.decoder, ...)."""
+    from regscale.config import from_yaml_text, load_config, resumable
+
+    for item in overrides:
+        key = item.partition("=")[0]
+        if "=" in item and not resumable(key):
+            raise UserError(f"sample: '{key}' is fixed by the trained weights and their run; set eval.* "
+                            "keys (sampling settings) only")
 
     if target.suffix == ".safetensors" and target.is_file():
         text = _export_config_text(target)  # also: the file is readable, before any work
@@ -75,6 +82,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     cfg = _target_config(target, args.recipe, args.overrides)
+    if target.is_file() and args.step is not None:
+        raise UserError(f"--step {args.step}: {target} is an export of one checkpoint; --step picks a "
+                        "checkpoint of a run directory")
+    if target.is_file() and args.weights is not None:
+        raise UserError(f"--weights {args.weights}: {target} holds the weights it was exported with; "
+                        "--weights picks them in a run directory")
     step = args.step
     if target.is_dir() and step is None:  # pin the newest valid checkpoint
         from regscale.checkpoints import find_valid
@@ -95,7 +108,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     rank, _, device = dist_setup()
     try:
         with writing_into(out):
-            npz, _ = sample_checkpoint(cfg, target, out, step, device, args.weights)
+            npz, _ = sample_checkpoint(cfg, target, out, step, device, args.weights or "ema")
     finally:
         teardown()
     if rank == 0:
@@ -112,6 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from regscale.paths import check_output
 
+    if args.inception and args.random_inception:
+        raise UserError("--inception and --random-inception exclude each other")
     samples = Path(args.samples)
     out = Path(args.out) if args.out else samples.with_name(samples.stem + ".eval.json")
     if Path(args.ref).resolve() == samples.resolve():
@@ -147,7 +162,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.num_samples=10000 eval.cfg_scale=2.3")
     p.add_argument("--recipe", help="configuration for a .safetensors without one (its model section must match)")
     p.add_argument("--step", type=non_negative_int, help="checkpoint step of a run directory (default: newest valid)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="run directory: which weights")
+    p.add_argument("--weights", choices=("ema", "model"), help="run directory: which weights (default: ema)")
     p.add_argument("--out", help="output directory (default: RUN/eval/step_XXXXXXXX or beside the export)")
     p.set_defaults(fn=cmd_sample)
 

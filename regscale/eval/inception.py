@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 from regscale.eval.metrics import exact_float32, spatial_features
 
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -130,5 +130,5 @@ def load_inception(path: Optional[str] = None, *, random_init: bool = False, see
                                           feature_extractor_weights_path=source)
     except Exception as err:  # not a state dict, or one with other tensors: name the file
         raise UserError(f"Inception weights {source}: not the TF-ported InceptionV3 state dict "
-                        f"({str(err).splitlines()[0]})") from None
+                        f"({first_line(err)})") from None
     return InceptionFeatures(net, description, comparable).to(device)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from regscale.config import Config, config_hash, is_remote
-from regscale.errors import UserError
+from regscale.errors import UserError, one_line
 from regscale.eval.features import Features, extract
 from regscale.eval.inception import InceptionFeatures, file_sha256, load_inception, resolve_weights
 from regscale.eval.metrics import (ADM_UNDEFINED, IS_SPLIT_SIZE, chunk_sizes, frechet, inception_score,
@@ -257,17 +257,21 @@ def load_weights(weights: Path | str | dict, step: Optional[int] = None,
                     "directory with checkpoints/")
 
 
-def build_sampling_model(cfg: Config, state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
-    """Our SiT for cfg.model with `state` loaded (a mismatch names the keys), compiled when
-    eval.compile."""
+def build_sampling_model(cfg: Config, state: dict[str, torch.Tensor], device: torch.device,
+                         source: str = "the weights") -> torch.nn.Module:
+    """Our SiT for cfg.model with `state` loaded (a mismatch names `source` and the keys), compiled
+    when eval.compile."""
     from regscale.models import build_model_from_config
     from regscale.sampling import compile_for_sampling
 
     model = build_model_from_config(cfg.model)
-    result = model.load_state_dict(state, strict=False)
+    fit = f"{source} do not fit model.size={cfg.model.size} {cfg.model.resolved()}"
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes
+        raise UserError(f"{fit}: {one_line(str(err))[:300]}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"weights do not fit model.size={cfg.model.size} {cfg.model.resolved()}: missing "
-                        f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
+        raise UserError(f"{fit}: missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
     model = model.to(device).eval().requires_grad_(False)
     return compile_for_sampling(model) if cfg.eval.compile else model
 
@@ -310,7 +314,7 @@ def sample_checkpoint(cfg: Config, weights: Path | str | dict, out_dir: Path, st
     from regscale.models.encoders import decode_latents, load_vae
 
     state, weights_info = load_weights(weights, step, which)
-    model = build_sampling_model(cfg, state, device)
+    model = build_sampling_model(cfg, state, device, f"the weights of {weights_info['source']}")
     del state
     vae = load_vae(cfg.vae.decoder, random_init=cfg.vae.random_init).to(device)
     npz = generate(model, lambda z: decode_latents(vae, z, scale=cfg.vae.scale), cfg, out_dir,

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from regscale.config import Config
+from regscale.metrics import IMAGES_PER_S, LOSS
 from regscale.launch.status import format_duration
+from regscale.rundir import METRICS
 from regscale.track import progress
 
 POLL_S = 1.0
@@ -43,7 +45,7 @@ class TrainingFollower:
     """Reads the new lines of the run's metrics.jsonl: step of train.max_steps, loss, images/s."""
 
     def __init__(self, run_dir: Path, cfg: Config) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         self.cfg = cfg
         self.offset = 0
         self.last: Optional[dict[str, Any]] = None
@@ -60,14 +62,14 @@ class TrainingFollower:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if "loss" in record:
+                if LOSS in record:
                     self.last = record
         total = self.cfg.train.max_steps
         if self.last is None:
             return Update("training", 0, total, "steps", "starting: model, data, first step")
-        step, rate = int(self.last["step"]), float(self.last.get("images_per_s", 0.0))
+        step, rate = int(self.last["step"]), float(self.last.get(IMAGES_PER_S, 0.0))
         eta = (total - step) * self.cfg.train.batch_size / rate if rate > 0 else None
-        return Update("training", step, total, "steps", f"loss {self.last['loss']:.4f}  {rate:.1f} img/s", eta)
+        return Update("training", step, total, "steps", f"loss {self.last[LOSS]:.4f}  {rate:.1f} img/s", eta)
 
 
 class EvaluationFollower:

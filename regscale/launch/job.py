@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import submitit
 
@@ -37,6 +37,9 @@ from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.outcome import Outcome
 from regscale.rundir import CHECKPOINTS, step_name
+
+if TYPE_CHECKING:
+    from regscale.track.mlflow import Tracker
 
 NOT_FAILED = (*(o.value for o in Outcome if o is not Outcome.FAILED), runs.RESUMED)  # attempts.jsonl ends
 FAILURE_GRACE_S = 15.0  # a failing rank > 0 waits this long before exiting (srun --kill-on-bad-exit)
@@ -98,7 +101,7 @@ def export_deadline() -> None:
     os.environ["REGSCALE_DEADLINE"] = str(end)
 
 
-def open_tracker(cfg: Config, run_dir: Path, *, attach: bool = False) -> Any:
+def open_tracker(cfg: Config, run_dir: Path, *, attach: bool = False) -> "Tracker":
     """The run's MLflow tracker (rank 0 only): `attach` adds to the training run without owning it
     (evaluation jobs)."""
     from regscale.track.mlflow import Tracker

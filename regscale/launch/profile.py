@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from regscale.config import Config
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "slurm"
 
@@ -73,7 +73,7 @@ def load_profile(name: str) -> Profile:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{path}: not valid YAML: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a cluster profile must be a mapping of keys")
     allowed = {f.name for f in fields(Profile)} - {"name"}
@@ -119,7 +119,6 @@ def sbatch_parameters(cfg: Config, profile: Profile, job_name: str) -> dict[str,
     params: dict[str, Any] = dict(
         name=job_name,
         nodes=s.nodes,
-        tasks_per_node=s.gpus_per_node,
         cpus_per_task=s.cpus_per_task,
         timeout_min=s.time_limit_min,
         slurm_signal_delay_s=s.signal_lead_s,
@@ -143,8 +142,15 @@ def sbatch_parameters(cfg: Config, profile: Profile, job_name: str) -> dict[str,
     for line in profile.extra_sbatch:
         option, _, value = line[2:].partition("=")
         extra[option] = value if value else True
-    if s.node_range != str(s.nodes):  # submitit's `nodes` is a count: a range goes in as is
-        extra["nodes"] = s.node_range
+    if s.node_range == str(s.nodes):
+        params["tasks_per_node"] = s.gpus_per_node
+    else:
+        # SLURM sizes an allocation with a node range by its task count: with --ntasks-per-node it
+        # takes the range's minimum even when more nodes are free. Without it, the allocation takes
+        # as many nodes of the range as are free (--mincpus: the CPUs of a node's tasks), and srun
+        # starts one task per GPU on each (submitit's `nodes` is a count: the range goes in as is).
+        extra.update(nodes=s.node_range, mincpus=s.gpus_per_node * s.cpus_per_task)
+        params["slurm_srun_args"].append(f"--ntasks-per-node={s.gpus_per_node}")
     if extra:
         params["slurm_additional_parameters"] = extra
     return params
@@ -152,8 +158,10 @@ def sbatch_parameters(cfg: Config, profile: Profile, job_name: str) -> dict[str,
 
 def sbatch_test_args(params: dict[str, Any]) -> list[str]:
     """The same request as `sbatch --test-only` arguments: SLURM's own verdict before submitting."""
-    args = [f"--nodes={params['nodes']}", f"--ntasks-per-node={params['tasks_per_node']}",
-            f"--cpus-per-task={params['cpus_per_task']}", f"--time={params['timeout_min']}"]
+    args = [f"--nodes={params['nodes']}", f"--cpus-per-task={params['cpus_per_task']}",
+            f"--time={params['timeout_min']}"]
+    if "tasks_per_node" in params:
+        args.append(f"--ntasks-per-node={params['tasks_per_node']}")
     if "gpus_per_node" in params:
         args.append(f"--gpus-per-node={params['gpus_per_node']}")
     if "mem_gb" in params:

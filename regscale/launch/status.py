@@ -16,7 +16,7 @@ from regscale.errors import UserError, debug, expected_failure
 from regscale.launch import runs
 from regscale.checkpoints import published
 from regscale.metrics import IMAGES_PER_S
-from regscale.rundir import CHECKPOINTS, step_name, step_of
+from regscale.rundir import CHECKPOINTS, CONFIG, JOB_FOLDER, METRICS, step_name, step_of
 
 
 
@@ -41,7 +41,7 @@ def slurm_states(ids: list[str]) -> dict[str, str]:
 
 
 def _last_metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return {}
     for line in reversed(path.read_text().splitlines()):
@@ -85,7 +85,7 @@ def local_job_state(run_dir: Path, job_id: str) -> str:
     """State of a submitit local job from its files: the result it left, or its process."""
     import psutil
 
-    folder = run_dir / "jobs"
+    folder = run_dir / JOB_FOLDER
     result = folder / f"{job_id}_0_result.pkl"
     if result.is_file():
         with open(result, "rb") as f:
@@ -176,11 +176,11 @@ def format_duration(seconds: Optional[float]) -> str:
 
 def find_runs(path: Path) -> list[Path]:
     """A run directory itself, or every run directory directly under `path`."""
-    if (path / "config.yaml").exists():
+    if (path / CONFIG).exists():
         return [path]
     if not path.is_dir():
         raise UserError(f"{path}: no such run directory (or folder of runs)")
-    return sorted(p for p in path.iterdir() if (p / "config.yaml").exists())
+    return sorted(p for p in path.iterdir() if (p / CONFIG).exists())
 
 
 def _fid(ev: EvalStatus) -> str:
@@ -219,22 +219,23 @@ def _detail(st: RunStatus) -> list[str]:
     return lines
 
 
-def format_status(items: list[RunStatus], detail: bool) -> str:
-    header = (f"{'run':<28} {'train job':<12} {'state':<12} {'requeues':>8} {'step':>15} {'img/s':>8} "
-              f"{'ETA':>8}  evaluations (state, FID)")
-    lines = [header]
-    for st in items:
-        rate = f"{st.images_per_s:.1f}" if st.images_per_s else "-"
-        evals = ", ".join(f"{_evaluated(ev)} {ev.state} {_fid(ev)}" for ev in st.evals)
-        lines.append(f"{st.run_dir.name:<28} {st.train_job:<12} {st.state:<12} {max(st.requeues, 0):>8} "
-                     f"{f'{st.step}/{st.max_steps}':>15} {rate:>8} {format_duration(st.eta_s):>8}  {evals or '-'}")
-        if detail:
-            lines += _detail(st)
-        elif st.stop_reason:
-            lines.append(f"  STOPPED: {st.stop_reason}")
-    if any(not ev.comparable for st in items for ev in st.evals):
-        lines.append("* FID from a random Inception network (eval.random_inception): not comparable")
-    return "\n".join(lines)
+HEADER = (f"{'run':<28} {'train job':<12} {'state':<12} {'requeues':>8} {'step':>15} {'img/s':>8} "
+          f"{'ETA':>8}  evaluations (state, FID)")
+
+
+def format_run(st: RunStatus, detail: bool) -> list[str]:
+    """One run's row (and, with `detail`, its detail lines)."""
+    rate = f"{st.images_per_s:.1f}" if st.images_per_s else "-"
+    evals = ", ".join(f"{_evaluated(ev)} {ev.state} {_fid(ev)}" for ev in st.evals)
+    lines = [f"{st.run_dir.name:<28} {st.train_job:<12} {st.state:<12} {max(st.requeues, 0):>8} "
+             f"{f'{st.step}/{st.max_steps}':>15} {rate:>8} {format_duration(st.eta_s):>8}  {evals or '-'}"]
+    if detail:
+        lines += _detail(st)
+    elif st.stop_reason:
+        lines.append(f"  STOPPED: {st.stop_reason}")
+    if any(not ev.comparable for ev in st.evals):
+        lines.append("  * FID from a random Inception network (eval.random_inception): not comparable")
+    return lines
 
 
 def _unreadable(run_dir: Path, err: Exception) -> str:
@@ -249,15 +250,15 @@ def status(path: Path) -> int:
     if not found:
         print(f"no runs under {path}")
         return 0
-    shown, broken = [], []
+    shown, broken = [HEADER], []
     for run_dir in found:
         try:
-            shown.append(run_status(run_dir))
+            shown += format_run(run_status(run_dir), detail=len(found) == 1)
         except Exception as err:  # any corrupt file of one run (config, records, metrics): show the rest
             if debug():
                 traceback.print_exc()
             broken.append(_unreadable(run_dir, err))
-    print("\n".join([format_status(shown, detail=len(found) == 1), *broken]))
+    print("\n".join([*shown, *broken]))
     return 0
 
 

@@ -22,8 +22,8 @@ from regscale.errors import UserError
 from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.launch.profile import Profile, check_value, load_profile, sbatch_parameters, sbatch_test_args
-from regscale.paths import check_writable
-from regscale.rundir import CHECKPOINTS, step_name
+from regscale.paths import check_run_dir
+from regscale.rundir import CHECKPOINTS, CONFIG, JOB_FOLDER, step_name
 
 # ---------------------------------------------------------------------------------------------
 # where jobs run
@@ -127,13 +127,10 @@ def check_new_run_dir(cfg: Config) -> Path:
     run_dir = runs.run_dir_of(cfg)
     check_value("run.name", str(cfg.run.name))
     check_value("run directory", str(run_dir))
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} exists and is not a directory; choose another "
-                        "run.name or run.dir")
+    check_run_dir(run_dir, cfg.data.path)
     if runs.read_jobs(run_dir) or (run_dir / CHECKPOINTS).exists():
         raise UserError(f"run directory {run_dir} already holds a run: continue it with "
                         f"`regscale resume {run_dir}`, or choose another run.name")
-    check_writable(run_dir, f"run directory {run_dir}")
     return run_dir
 
 
@@ -141,7 +138,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     """Create <run.dir>/<run.name> with config.yaml; refuse to reuse one that already ran."""
     run_dir = check_new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / CONFIG, to_yaml(cfg))
     return run_dir
 
 
@@ -256,6 +253,8 @@ def parse_sweep(specs: list[str]) -> list[list[str]]:
         if not sep or not key or not values or any(not v for v in values.split(",")):
             raise UserError(f"--sweep '{spec}' must look like key=value1,value2 (for example "
                             "train.lr=1e-4,2e-4)")
+        if key in (axis[0].partition("=")[0] for axis in axes):
+            raise UserError(f"--sweep {key} is given twice: give all its values in one --sweep {key}=V1,V2")
         axes.append([f"{key}={v}" for v in values.split(",")])
     return [list(point) for point in itertools.product(*axes)]
 
@@ -264,14 +263,27 @@ def _point_name(base: str, point: list[str]) -> str:
     return base + "-" + "-".join(f"{o.split('=', 1)[0].rsplit('.', 1)[-1]}={o.split('=', 1)[1]}" for o in point)
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, run_dir: Optional[Path] = None) -> None:
     """The files a run reads, before anything is submitted: the data (index.json and every local
-    shard's size), the encoder weights, and the evaluation's reference batch and Inception weights
-    (read the way the evaluation job reads them, so a broken one fails now, not after training)."""
-    from regscale.data.shards import check_local_shards
+    shard's size; a remote index), the MLflow store, the encoder weights, and the evaluation's VAE
+    decoder, reference batch and Inception weights (read the way the jobs read them, so a broken
+    one fails now, not after training)."""
+    from regscale.data.shards import check_dataset
+    from regscale.track.lineage import tracking_uri
+    from regscale.track.store import check_store
 
     check_paths_for_training(cfg)
-    check_local_shards(cfg.data.path, cfg.data.synthetic)
+    check_dataset(cfg.data.path, cfg.data.synthetic)
+    check_store(tracking_uri(cfg, run_dir or runs.run_dir_of(cfg)), "the MLflow store (mlflow.tracking_uri)",
+                reading=False)
+    if cfg.encoder.weights is not None and not cfg.encoder.random_init:
+        from regscale.models.encoders import load_dinov2
+
+        load_dinov2(cfg.encoder, cfg.model.cls_token_dim)
+    if not cfg.vae.random_init:  # the evaluation decodes its samples with it
+        from regscale.models.encoders import check_vae_files
+
+        check_vae_files(cfg.vae.decoder)
     ev = cfg.eval
     if ev.ref_batch is not None and not is_remote(ev.ref_batch):
         from regscale.eval.job import check_reference
@@ -328,7 +340,7 @@ def submit(recipe: str, overrides: list[str], *, local: bool = False, sweep: Opt
     if sweep:
         return _submit_sweep(cfg, request.runs, cluster)
     run_dir = runs.run_dir_of(cfg)
-    launcher = Launcher(cfg, cluster, run_dir / "jobs", profile)
+    launcher = Launcher(cfg, cluster, run_dir / JOB_FOLDER, profile)
     launcher.check()
     run_dir = prepare_run_dir(cfg)
     if cluster == "slurm":
@@ -342,13 +354,13 @@ def _submit_sweep(base: Config, cfgs: list[Config], cluster: str) -> int:
     from regscale.launch.job import TrainJob
 
     folder = Path(base.run.dir).resolve() / f"{base.run.name}.sweep"
-    launcher = Launcher(cfgs[0], cluster, folder / "jobs")
+    launcher = Launcher(cfgs[0], cluster, folder / JOB_FOLDER)
     launcher.check()
     run_dirs = [prepare_run_dir(cfg) for cfg in cfgs]
     if cluster == "local":
         for cfg, run_dir in zip(cfgs, run_dirs):
             print(f"--- sweep point {cfg.run.name}")
-            report(run_local(cfg, Launcher(cfg, cluster, run_dir / "jobs"), run_dir), cluster)
+            report(run_local(cfg, Launcher(cfg, cluster, run_dir / JOB_FOLDER), run_dir), cluster)
         return 0
     mlflow = [mlflow_run_id(cfg, d) for cfg, d in zip(cfgs, run_dirs)]
     jobs = launcher.submit_array([TrainJob(str(d)) for d in run_dirs], f"{base.run.name}-sweep")
@@ -377,7 +389,8 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
         if not resumable(item.partition("=")[0]):
             raise UserError(f"resume: '{item}' cannot change for a run that has started; allowed: "
                             f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_KEYS)}")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_config(run_dir / CONFIG, overrides)
+    check_inputs(cfg, run_dir)
     active = _active_jobs(run_dir)
     if active:
         raise UserError(f"{run_dir} still has jobs in SLURM ({', '.join(active)}): wait, or "
@@ -386,12 +399,12 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     if step >= cfg.train.max_steps:
         raise UserError(f"{run_dir} finished training (step {step}); nothing to resume")
     cluster = choose_cluster(cfg, local)
-    launcher = Launcher(cfg, cluster, run_dir / "jobs")
+    launcher = Launcher(cfg, cluster, run_dir / JOB_FOLDER)
     launcher.check()
     stop = run_dir / runs.STOP_REPORT
     if stop.is_file():
         stop.rename(run_dir / f"stop_report.{int(time.time())}.json")
-    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / CONFIG, to_yaml(cfg))
     runs.record_resume(run_dir, step)
     print(f"resuming {run_dir} from step {step}")
     if cluster == "slurm":
@@ -406,7 +419,7 @@ def submit_eval_at(run_dir: Path, step: int) -> str:
     from regscale.launch.job import EvalJob
 
     cfg = runs.load_run_config(run_dir)
-    launcher = Launcher(cfg, "slurm", run_dir / "jobs")
+    launcher = Launcher(cfg, "slurm", run_dir / JOB_FOLDER)
     job = launcher.submit(EvalJob(str(run_dir), step), f"{cfg.run.name}-eval{step}")
     runs.add_jobs(run_dir, [runs.JobRecord(job.job_id, "eval", "slurm", step=step)])
     return job.job_id

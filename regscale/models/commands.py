@@ -22,7 +22,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def _targets(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(repo id, file name) pairs to download."""
-    from regscale.errors import UserError
+    from regscale.errors import UserError, first_line
     from regscale.models.encoders import DINOV2_FILE, DINOV2_HUB, VAE_FILES
 
     if args.encoder not in DINOV2_HUB:
@@ -34,7 +34,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, str]]:
         try:
             validate_repo_id(repo)
         except HFValidationError as err:
-            raise UserError(f"--vae {repo!r} is not a Hugging Face repo id ({str(err).splitlines()[0]})") from None
+            raise UserError(f"--vae {repo!r} is not a Hugging Face repo id ({first_line(err)})") from None
         files += [(repo, name) for name in VAE_FILES]
     return files
 
@@ -60,7 +60,7 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
     """Download the pretrained encoder and VAE files into the Hugging Face cache."""
     from huggingface_hub import constants, hf_hub_download
 
-    from regscale.errors import UserError
+    from regscale.errors import UserError, first_line
     from regscale.paths import check_writable
 
     targets = _targets(args)
@@ -75,6 +75,6 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
         try:
             path = hf_hub_download(repo, name)
         except Exception as err:  # network and Hub errors of every kind: one line naming the file
-            raise UserError(f"could not fetch {repo}/{name}: {str(err).splitlines()[0][:200]}") from None
+            raise UserError(f"could not fetch {repo}/{name}: {first_line(err, 200)}") from None
         print(f"  ok {repo}/{name} -> {path}")
     return 0

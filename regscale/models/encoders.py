@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -137,8 +137,8 @@ def load_dinov2(cfg: "EncoderConfig", embed_dim: int = 768, seed: int = 0) -> Di
     try:
         state = checkpoint_filter_fn(_load_state_dict(path), vit)  # also resamples pos_embed to 16x16
         vit.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise UserError(f"{path}: not a {cfg.name} checkpoint: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # unpickling, safetensors, key and shape errors alike: not this checkpoint
+        raise UserError(f"{path}: not a {cfg.name} checkpoint: {first_line(err)}") from err
     return DinoEncoder(vit, cfg.resolution)
 
 
@@ -160,6 +160,28 @@ def _tiny_vae(seed: int) -> "AutoencoderKL":
     return vae
 
 
+def check_vae_files(name_or_path: str) -> None:
+    """The files of an SD-VAE are on this machine (a local folder, or a Hub id in the cache),
+    without loading it; MissingWeightsError names the first one missing."""
+    local = Path(name_or_path)
+    if local.exists():
+        weights = [local / "diffusion_pytorch_model.safetensors", local / "diffusion_pytorch_model.bin"]
+        for needed in ([local / "config.json"], weights):
+            if not any(f.is_file() for f in needed):
+                raise MissingWeightsError(f"VAE '{name_or_path}'", str(needed[0]))
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    for name in VAE_FILES:
+        try:
+            found = try_to_load_from_cache(name_or_path, name)
+        except HFValidationError:  # neither a folder here nor a Hub id
+            raise MissingWeightsError(f"VAE '{name_or_path}'", f"{name_or_path} (no such folder)") from None
+        if not isinstance(found, str):
+            raise MissingWeightsError(f"VAE '{name_or_path}'", f"{name_or_path} in the Hugging Face cache (no {name})")
+
+
 def load_vae(name_or_path: str, *, random_init: bool = False, seed: int = 0) -> "AutoencoderKL":
     """An SD-VAE (eval, frozen) from a local folder or a Hub id already in the cache.
 
@@ -171,16 +193,12 @@ def load_vae(name_or_path: str, *, random_init: bool = False, seed: int = 0) -> 
         from diffusers import AutoencoderKL
 
         local = Path(name_or_path)
-        if local.exists():
-            weights = [local / "diffusion_pytorch_model.safetensors", local / "diffusion_pytorch_model.bin"]
-            for needed in ([local / "config.json"], weights):
-                if not any(f.is_file() for f in needed):
-                    raise MissingWeightsError(f"VAE '{name_or_path}'", str(needed[0]))
+        check_vae_files(name_or_path)
         try:
             vae = AutoencoderKL.from_pretrained(name_or_path, local_files_only=True, low_cpu_mem_usage=False)
         except (OSError, ValueError) as err:
             where = name_or_path if local.exists() else f"{name_or_path} in the Hugging Face cache"
-            raise MissingWeightsError(f"VAE '{name_or_path}'", f"{where} ({str(err).splitlines()[0][:160]})") from None
+            raise MissingWeightsError(f"VAE '{name_or_path}'", f"{where} ({first_line(err, 160)})") from None
     return vae.eval().requires_grad_(False)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 import torch
 
 from regscale.config import MODEL_SIZES
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 from regscale.fsutil import atomic_path
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def _read(path: Path) -> Mapping[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):  # upstream stores its args
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors of all kinds: name the file
-        raise UserError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: not a readable torch checkpoint ({first_line(err, 200)})") from None
 
 
 def _select(obj: Mapping[str, Any], entry: str, source: str) -> dict[str, torch.Tensor]:

@@ -4,45 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
 from regscale.errors import UserError
-
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
-CONNECT_TIMEOUT_S = 5
-
-
-def _check_store(uri: str, what: str) -> None:
-    """A tracking store this command can read without waiting minutes or changing a file: a known
-    URI, a server that answers a connection, an SQLite file that is a database (MLflow would
-    otherwise write its tables into any file it is given)."""
-    from urllib.parse import urlsplit
-
-    from regscale.config import check_tracking_uri
-
-    check_tracking_uri(uri, what)
-    parts = urlsplit(uri)
-    if parts.scheme in ("http", "https"):
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-        except OSError as err:
-            raise UserError(f"{what} {uri}: no MLflow server answers ({err.strerror or err})") from None
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a command, not a training job
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    elif parts.scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):])
-        try:
-            with open(db, "rb") as f:
-                head = f.read(len(SQLITE_MAGIC))
-        except OSError as err:
-            raise UserError(f"{what}: cannot read the MLflow store {db} ({err.strerror or err})") from None
-        if head and head != SQLITE_MAGIC:  # an empty file is an empty database to SQLite
-            raise UserError(f"{what}: {db} is not an SQLite database (an MLflow store written by regscale); "
-                            "nothing was read or changed")
+from regscale.track.store import check_store
 
 
 def _store(args: argparse.Namespace) -> str:
@@ -50,14 +16,14 @@ def _store(args: argparse.Namespace) -> str:
     checked: a usable URI, a reachable server, a file that is an SQLite database."""
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        _check_store(uri, "--tracking-uri" if args.tracking_uri else "$MLFLOW_TRACKING_URI")
+        check_store(uri, "--tracking-uri" if args.tracking_uri else "$MLFLOW_TRACKING_URI", reading=True)
         return uri
     db = Path(args.runs_dir).resolve() / "mlflow.db"
     if not db.is_file():
         raise UserError(f"no MLflow store at {db} (nothing tracked there yet); pass --runs-dir DIR "
                         "(the recipe's run.dir) or --tracking-uri URI")
     uri = f"sqlite:///{db}"
-    _check_store(uri, "--runs-dir")
+    check_store(uri, "--runs-dir", reading=True)
     return uri
 
 

@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 from regscale.fsutil import atomic_path
-from regscale.metrics import IMAGES_PER_S, LOSS
-from regscale.track.mlflow import EVAL_PREFIX, GPU_HOURS, RUN_ID_FILE
+from regscale.metrics import EVAL_PREFIX, GPU_HOURS, IMAGES_PER_S, LOSS
+from regscale.track.lineage import stored_run_id
 
 FID = EVAL_PREFIX + "fid"
 FID_NOT_COMPARABLE = FID + "_not_comparable"  # smoke runs: a random Inception network (marked *)
-# The loop's metric names (regscale.train.loop); the first one a run has is used.
 IGNORED_PARAMS = ("run.name", "run.dir")  # the row label already says which run it is
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -83,8 +82,7 @@ def find_runs(client: Any, refs: list[str], experiment: str, filter_string: Opti
     if refs:
         runs = []
         for ref in refs:
-            if (Path(ref) / RUN_ID_FILE).is_file():
-                ref = (Path(ref) / RUN_ID_FILE).read_text().strip()
+            ref = stored_run_id(Path(ref)) or ref
             if _RUN_ID.match(ref):
                 try:
                     runs.append(client.get_run(ref))
@@ -104,7 +102,7 @@ def find_runs(client: Any, refs: list[str], experiment: str, filter_string: Opti
     try:
         runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"])
     except MlflowException as err:
-        raise UserError(f"--filter {filter_string!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"--filter {filter_string!r}: {first_line(err)}") from None
     if not runs:
         raise UserError(f"no training runs in experiment '{experiment}'"
                         + (f" match {filter_string!r}" if filter_string else ""))

@@ -123,13 +123,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Callable[[], dict[str, Any]], *, blocking: bool) -> Optional[Published]:
         """Checkpoint `step` on every rank: `state()` gives the manifest's training state (it may
-        gather over ranks). A save still in flight is published first. Blocking saves (and
-        engine.async_checkpoint=false) return their publication."""
+        gather over ranks). The save before it must be published first (`finish`): its costs are
+        the caller's to record. Blocking saves (and engine.async_checkpoint=false) return their
+        publication."""
         if step == self.last_saved:
             return None
-        earlier = self.finish()
-        if earlier is not None:
-            log.debug("the save of step %d completed before the next one", earlier.step)
+        if self.pending is not None:
+            raise RuntimeError(f"the save of step {self.pending.step} is still in flight: finish() it first")
         started = time.perf_counter()
         tmp = self.store.tmp_dir(step)
         if self.env.is_main:

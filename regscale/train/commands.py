@@ -10,21 +10,24 @@ from regscale.cliargs import non_negative_int
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One training process (start one per GPU: srun, torchrun, or plain for one process)."""
-    from regscale.config import check_paths_for_training, is_remote, load_config
-    from regscale.data.shards import check_local_shards
-    from regscale.data.store import check_remote_index
+    from regscale.config import check_paths_for_training, load_config
+    from regscale.data.shards import check_dataset
     from regscale.dist import read_layout
+    from regscale.paths import check_run_dir
     from regscale.train.loop import train
 
     cfg = load_config(args.recipe, args.overrides)
     check_paths_for_training(cfg)
-    check_local_shards(cfg.data.path, cfg.data.synthetic)
-    if is_remote(cfg.data.path):
-        check_remote_index(cfg.data.path)
+    check_dataset(cfg.data.path, cfg.data.synthetic)
     run_dir = Path(cfg.run.dir) / str(cfg.run.name)
+    check_run_dir(run_dir, cfg.data.path)
     tracker = None
     if not args.no_track and read_layout().is_main:
+        from regscale.track.lineage import tracking_uri
         from regscale.track.mlflow import Tracker
+        from regscale.track.store import check_store
+
+        check_store(tracking_uri(cfg, run_dir), "the MLflow store (mlflow.tracking_uri)", reading=False)
 
         tracker = Tracker.open(cfg, run_dir, recipe=Path(args.recipe))
     outcome = train(cfg, run_dir, tracker)
@@ -51,12 +54,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     """One consolidated safetensors file from a run's checkpoint, whatever engine/world size."""
     from safetensors import SafetensorError
 
+    from regscale.config import load_saved_config
     from regscale.errors import UserError, one_line
     from regscale.fsutil import NoSpaceError, no_space_message
     from regscale.paths import check_output
     from regscale.engine.export import export_safetensors
+    from regscale.rundir import CONFIG
 
     out = check_output(args.out, "--out", inputs=[args.run_dir], suffixes=(".safetensors",), ours=is_export)
+    if (Path(args.run_dir) / CONFIG).exists():  # it travels in the file's metadata: it must load
+        load_saved_config(Path(args.run_dir) / CONFIG)
     try:
         manifest = export_safetensors(args.run_dir, args.out, step=args.step, weights=args.weights)
     except SafetensorError as err:  # the library's writer reports the OS's error inside its own
@@ -79,8 +86,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
     e = verbs.add_parser("export", help="write a checkpoint's weights as one safetensors file",
                          description=cmd_export.__doc__)
-    e.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="runs/<name>")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="runs/<name>")
     e.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (default: newest valid)")
     e.add_argument("--weights", choices=("ema", "model"), default="ema")
-    e.add_argument("--out", type=Path, required=True, metavar="FILE.safetensors")
+    e.add_argument("--out", required=True, metavar="FILE.safetensors")
     e.set_defaults(fn=cmd_export)

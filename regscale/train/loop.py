@@ -24,24 +24,27 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from regscale import dist, faults
 from regscale import metrics as M
-from regscale.config import (Config, ConfigError, batch_plan, config_hash, flatten, from_yaml_text,
-                             resume_changes, to_yaml)
+from regscale.config import (Config, ConfigError, batch_plan, changes_numbers, config_hash, flatten,
+                             load_saved_config, resume_changes, to_yaml)
 from regscale.engine.base import precision_autocast
 from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
-from regscale.rundir import CONFIG
+from regscale.rundir import CONFIG, METRICS
 from regscale.train.checkpoint import Checkpointer, Published
 from regscale.train.health import (MetricsLog, NonFiniteGuard, Watchdog, device_peak_flops, memory_gb,
                                    train_flops_per_image)
 from regscale.train.noise import DERIVATION, SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
 from regscale.train.threads import pin_threads
+
+if TYPE_CHECKING:
+    from regscale.track.mlflow import Tracker
 
 log = logging.getLogger("regscale.train")
 
@@ -57,7 +60,7 @@ class Progress:
     rollbacks: int = 0
 
 
-def train(cfg: Config, run_dir: Path, tracker: Any = None, stop: Optional[StopFlag] = None) -> Outcome:
+def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop: Optional[StopFlag] = None) -> Outcome:
     """Train (or resume) the run in `run_dir` until train.max_steps, a stop signal or the deadline.
 
     Returns the Outcome (preempted / deadline / interrupted after saving a checkpoint).
@@ -108,7 +111,7 @@ def _setup_logging() -> None:
 class Trainer:
     """The state of one training process; `run` is the loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Any) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Optional["Tracker"]) -> None:
         from regscale.data.stream import TrainStream
         from regscale.engine import build_engine
         from regscale.models import build_model_from_config
@@ -132,12 +135,12 @@ class Trainer:
                                          keep_every=t.keep_every, protect=tuple(cfg.eval.at_steps),
                                          asynchronous=cfg.engine.async_checkpoint)
         self.checkpointer.prepare()
-        self.stream = TrainStream(cfg, env.rank, env.world_size, self.plan.micro)
+        self.stream = TrainStream(cfg.data, t, env.rank, env.world_size, self.plan.micro)
         self.noise = SampleNoise(t.seed, cfg.model.cls_token_dim, cfg.loss.time_sampling, self.device,
                                  trace=run_dir / "draws" / f"rank{env.rank:05d}.jsonl")
         self._batches = None
         self.progress = Progress()
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", tracker, enabled=env.is_main)
+        self.metrics = MetricsLog(run_dir / METRICS, tracker, enabled=env.is_main)
         self.flops_per_image = train_flops_per_image(cfg)
         self.peak = device_peak_flops(self.device)
         self.deadline = Deadline(job_deadline())
@@ -155,7 +158,7 @@ class Trainer:
         path = self.run_dir / CONFIG
         changed: dict[str, str] = {}
         if path.is_file():
-            changed = resume_changes(flatten(from_yaml_text(path.read_text())), flatten(self.cfg), str(path))
+            changed = resume_changes(flatten(load_saved_config(path)), flatten(self.cfg), str(path))
         if self.env.is_main and (changed or not path.is_file()):
             if changed:
                 log.info("%s: resuming with %s", path, ", ".join(f"{k}={v}" for k, v in sorted(changed.items())))
@@ -177,18 +180,20 @@ class Trainer:
                                  nonfinite_total=h["nonfinite_total"], rollbacks=h["rollbacks"])
         self.checkpointer.last_saved = manifest["step"]
         if self.env.is_main:
-            if changed or manifest["config_hash"] != config_hash(self.cfg):
-                exact = f"configuration changed ({', '.join(sorted(changed)) or 'config hash'}): NOT bit-exact"
-            elif not same_world:
-                exact = (f"resharded from {manifest['world_size']} to {self.env.world_size} processes: "
-                         "same samples and noise; reduction order differs")
-            else:
-                exact = "bit-exact"
+            notes = []
+            if not same_world:
+                notes.append(f"resharded from {manifest['world_size']} to {self.env.world_size} processes: "
+                             "same samples and noise; reduction order differs")
+            numeric = sorted(k for k in changed if changes_numbers(k))
+            if numeric:
+                notes.append(f"{', '.join(numeric)} changed: NOT bit-exact")
+            elif "config" not in manifest and manifest["config_hash"] != config_hash(self.cfg):
+                notes.append("configuration changed (config hash): NOT bit-exact")
             if self.device.type == "cpu" and manifest.get("threads", self.threads) != self.threads:
-                exact += (f"; NOT bit-exact: {manifest['threads']} -> {self.threads} intra-op "
-                          "threads per process (slurm.cpus_per_task)")
+                notes.append(f"{manifest['threads']} -> {self.threads} intra-op threads per process "
+                             "(slurm.cpus_per_task): NOT bit-exact")
             log.info("resumed from %s (step %d, %d images; %s)", path, manifest["step"],
-                     manifest["images"], exact)
+                     manifest["images"], "; ".join(notes) or "bit-exact")
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -279,12 +284,11 @@ class Trainer:
                 stop_now = self._agree(stop, deadline)
                 if stop_now:
                     outcome = stop_now
-                    self._published(self.checkpointer.save(p.step, self._manifest, blocking=True))
+                    self._save(blocking=True)
                     self._say_stopped(outcome)
                     break
                 if p.step % t.ckpt_every == 0 or p.step == t.max_steps:
-                    self._published(self.checkpointer.save(
-                        p.step, self._manifest, blocking=p.step == t.max_steps))
+                    self._save(blocking=p.step == t.max_steps)
                 if p.step % t.log_every == 0:
                     self._log(window, guard)
                     window = _Window(self.device)
@@ -335,6 +339,13 @@ class Trainer:
             "health": {"nonfinite_total": p.nonfinite_total, "rollbacks": p.rollbacks},
             "created_unix": time.time(), "torch": torch.__version__,
         }
+
+    def _save(self, *, blocking: bool) -> None:
+        """Checkpoint this step; a save still in flight is published (and recorded) first."""
+        if self.progress.step == self.checkpointer.last_saved:
+            return
+        self._published(self.checkpointer.finish())
+        self._published(self.checkpointer.save(self.progress.step, self._manifest, blocking=blocking))
 
     def _published(self, done: Optional[Published]) -> None:
         """A checkpoint became visible: its costs, the deadline's estimate, the sample grid."""
