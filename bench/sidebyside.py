@@ -25,7 +25,6 @@ import ast
 import copy
 import json
 import os
-import platform
 import socket
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from machine import cpu_features, cpu_name
 from torch import nn
 
 REG_IMAGES = "imagenet_256_vae"  # the official dataset.py's image folder (regscale reads images/)
@@ -364,26 +364,7 @@ def device_name(device: torch.device) -> str:
     """The CPU or GPU the figures come from."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    info = cpu_info()
-    name = info.get("model name") or platform.processor() or "unknown"
-    flags = set(info.get("flags", "").split())
-    wide = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
-    return f"CPU {name} ({wide})" if flags else f"CPU {name}"
-
-
-CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # what decides fp32/bf16 matmul speed on a CPU
-
-
-def cpu_info() -> dict[str, str]:
-    """The first processor's entries of /proc/cpuinfo (empty where there is none)."""
-    path = Path("/proc/cpuinfo")
-    info: dict[str, str] = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        if not line.strip():
-            break
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-    return info
+    return f"CPU {cpu_name()} ({cpu_features()})"
 
 
 def median(values: list[float]) -> float:
