@@ -5,7 +5,9 @@ DINOv2 stand-in, EMA, the per-step agreement), driven through its public tracker
 `train.log_every=1` the loop hands every step's metrics to `StepClock`, which reads the clock at
 each step boundary and, in between, runs the other contender's step, so both see the same
 machine state (interleaved: A B A B ...). Setup, logging and the per-step all-reduce count for
-regscale, as they do in a real run.
+regscale, as they do in a real run. Each step's wall time and the process's CPU time (all its
+threads) are recorded: on a shared machine the CPU time is far less disturbed by other processes
+than the wall clock, and the ratio of adjacent steps (A_s / B_s) cancels slow drifts of load.
 
 The official side runs the body of the official `train.py` loop from a checkout (nothing is
 copied into this repository): its `SiT`, `SILoss`, `sample_posterior`, `preprocess_raw_image` and
@@ -23,7 +25,6 @@ import ast
 import copy
 import json
 import os
-import platform
 import socket
 import sys
 import time
@@ -32,6 +33,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from machine import cpu_features, cpu_name
 from torch import nn
 
 REG_IMAGES = "imagenet_256_vae"  # the official dataset.py's image folder (regscale reads images/)
@@ -62,14 +64,17 @@ class StepClock:
         self.between, self.finish_run = between, finish_run
         self.step_s: list[float] = []
         self.between_s: list[float] = []
+        self.step_cpu_s: list[float] = []  # process CPU seconds (all threads) of the same steps
+        self.between_cpu_s: list[float] = []
         self.after_s: list[float] = []
         self.rows: list[dict[str, float]] = []
         self.first_step_s = float("nan")
-        self.start = self.mark = time.perf_counter()
+        self.begin()
 
     def begin(self) -> None:
         """Call right before `train`: time to the first step counts from here."""
         self.start = self.mark = time.perf_counter()
+        self.cpu_mark = time.process_time()
 
     # the tracker interface the loop uses
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -86,7 +91,7 @@ class StepClock:
         if "loss" not in metrics:  # first-step time, checkpoint stall: rows only
             return
         synchronize(self.device)
-        seconds = time.perf_counter() - self.mark
+        seconds, cpu_seconds = time.perf_counter() - self.mark, time.process_time() - self.cpu_mark
         last = self.warmup + self.steps
         if step == 1:
             self.first_step_s = time.perf_counter() - self.start
@@ -94,15 +99,22 @@ class StepClock:
             self.after_s.append(seconds)
         elif step > self.warmup:
             self.step_s.append(seconds)
+            self.step_cpu_s.append(cpu_seconds)
         if self.between is not None and step <= last:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             self.between()
             synchronize(self.device)
             if step > self.warmup:
                 self.between_s.append(time.perf_counter() - t0)
-        self.mark = time.perf_counter()
+                self.between_cpu_s.append(time.process_time() - cpu0)
+        self.mark, self.cpu_mark = time.perf_counter(), time.process_time()
         if step >= last and not self.finish_run:
             raise StopRun
+
+    def speedups(self, cpu: bool = False) -> list[float]:
+        """Per measured step, the other contender's time over regscale's (> 1: regscale faster)."""
+        ours, theirs = (self.step_cpu_s, self.between_cpu_s) if cpu else (self.step_s, self.between_s)
+        return [b / a for a, b in zip(ours, theirs)]
 
     def metric(self, key: str) -> list[float]:
         """Every logged value of one metric, in step order."""
@@ -352,9 +364,7 @@ def device_name(device: torch.device) -> str:
     """The CPU or GPU the figures come from."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return f"CPU {names[0] if names else platform.processor() or 'unknown'}"
+    return f"CPU {cpu_name()} ({cpu_features()})"
 
 
 def median(values: list[float]) -> float:
