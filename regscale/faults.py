@@ -3,7 +3,9 @@
 `REGSCALE_FAULT_<POINT>=s1,s2,...` makes the fault POINT fire at those training steps, once each
 per process. Points: NAN (that step's loss is NaN), KILL_IN_SAVE (rank 0 SIGKILLs itself while
 that step's checkpoint is being written), NO_SPACE (that step's checkpoint write fails as on a
-full disk). Unset in production; reading them costs one dictionary lookup.
+full disk). `REGSCALE_FAULT_SLOW_STEP_S=x` makes every training step x seconds longer (a slow
+device: a test whose timing must not depend on the machine's speed). Unset in production;
+reading them costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -23,3 +25,9 @@ def due(point: str, step: int) -> bool:
         return False
     _fired.add((point, step))
     return True
+
+
+def slow_step_s() -> float:
+    """Seconds REGSCALE_FAULT_SLOW_STEP_S adds to every training step; 0 when unset."""
+    value = os.environ.get(_PREFIX + "SLOW_STEP_S")
+    return float(value) if value else 0.0

@@ -11,7 +11,7 @@ and one driver loop acts on them while they run:
            SLURM restarts it on n1 alone; cancelled there, `regscale resume ... slurm.min_nodes=2`
            back on 2: the same samples and noise at every step as the torchrun run, weights within
            ELASTIC_RTOL
-  limit    a 3-minute time limit inside a 200-step run: SLURM's USR2 at limit - signal_lead_s (or
+  limit    a 2-minute time limit inside 200 slowed steps: SLURM's USR2 at limit - signal_lead_s (or
            the loop's deadline from SLURM's end time) -> save, requeue (a timeout), resume, finish;
            the limit stays until an attempt has saved at it, so the test holds however slowly a
            loaded machine starts training (attempts killed before their first step just requeue)
@@ -58,9 +58,9 @@ class Run:
     eval: str
 
 
-def submit_async(common: list[str], name: str, *overrides: str) -> subprocess.Popen:
+def submit_async(common: list[str], name: str, *overrides: str, env: Optional[dict] = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "regscale.cli", "submit", SMOKE, *common, f"run.name={name}",
-                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def submitted(proc: subprocess.Popen) -> Run:
@@ -180,8 +180,10 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     signallers.append(threading.Thread(target=usr2_mid_training, args=(preempt,), daemon=True))
     signallers[1].start()
     # long enough (200 steps) that the limit falls inside training, whatever the load
-    others = [submit_async(common, "limit", "slurm.time_limit_min=3", "slurm.signal_lead_s=45",
-                           "train.max_steps=200", "slurm.max_failures_at_step=20"),
+    # steps of at least 0.5 s (REGSCALE_FAULT_SLOW_STEP_S): 200 steps always outlast the 2-minute limit
+    others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45",
+                           "train.max_steps=200", "slurm.max_failures_at_step=20",
+                           env={**os.environ, "REGSCALE_FAULT_SLOW_STEP_S": "0.5"}),
               submit_async(common, "broken", f"data.path={broken}", "data.synthetic=0",
                            "slurm.max_failures_at_step=2")]
     limit, failing = (submitted(p) for p in others)

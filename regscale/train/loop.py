@@ -257,11 +257,13 @@ class Trainer:
                      self.plan.global_batch, self.engine.kind)
         watchdog.arm(max(t.watchdog_s, FIRST_STEP_WATCHDOG_S))
         first = True
+        slow_s = faults.slow_step_s()
         try:
             while self.progress.step < t.max_steps:
                 p = self.progress
                 t0 = time.perf_counter()
                 result, sums, wait = self._train_step(p.step, faults.due("NAN", p.step))
+                time.sleep(slow_s)
                 guard.record(result.applied)
                 if result.applied:
                     self.engine.update_ema(t.ema_decay)
