@@ -20,9 +20,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_paths_for_training(cfg)
     check_dataset(cfg.data.path, cfg.data.synthetic)
     run_dir = Path(cfg.run.dir) / str(cfg.run.name)
-    check_run_dir(run_dir, cfg.data.path)
+    main = read_layout().is_main
+    if main:  # before rank 0 writes there (the other ranks would find its files)
+        check_run_dir(run_dir, cfg.data.path)
     tracker = None
-    if not args.no_track and read_layout().is_main:
+    if not args.no_track and main:
         from regscale.track.lineage import tracking_uri
         from regscale.track.mlflow import Tracker
         from regscale.track.store import check_store
