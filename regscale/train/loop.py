@@ -263,7 +263,8 @@ class Trainer:
                 p = self.progress
                 t0 = time.perf_counter()
                 result, sums, wait = self._train_step(p.step, faults.due("NAN", p.step))
-                time.sleep(slow_s)
+                if slow_s:
+                    time.sleep(slow_s)
                 guard.record(result.applied)
                 if result.applied:
                     self.engine.update_ema(t.ema_decay)
