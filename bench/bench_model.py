@@ -107,7 +107,7 @@ def bench_step(args, device: torch.device) -> None:
     print(f"  one step's math: {flops / 1e9:.1f} GFLOP (SiT fwd+bwd + DINOv2 fwd, FlopCounterMode); "
           f"2048^3 matmul: {peak / 1e9:.1f} GFLOP/s")
     print(f"  {'code':36s} {'s/step':>8s} {'img/s':>8s} {'GFLOP/s':>8s} {'of matmul':>9s} {'CPU s/step':>10s}")
-    rows = [("regscale train (1 process, FSDP)", clock.step_s, clock.step_cpu_s)]
+    rows = [("regscale train (1 process)", clock.step_s, clock.step_cpu_s)]
     if official is not None:
         rows.append(("official train.py loop body", clock.between_s, clock.between_cpu_s))
     for name, times, cpu_times in rows:
