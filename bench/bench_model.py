@@ -120,6 +120,9 @@ def bench_step(args, device: torch.device) -> None:
         print(f"  regscale / official speed: {sbs.median(wall):.2f}x wall, {sbs.median(cpu):.2f}x process CPU "
               f"time (medians of the {len(wall)} adjacent-step ratios)")
         print(f"    per step, wall: {', '.join(f'{r:.2f}' for r in wall)}; CPU: {', '.join(f'{r:.2f}' for r in cpu)}")
+        ceiling = sbs.median(clock.between_s) / (flops / peak)
+        print(f"    ceiling for this math: {ceiling:.2f}x (the official step's time over the step's FLOPs "
+              f"at the 2048^3 matmul rate: nothing but matmuls, all at that rate)")
         print(f"    s/step, wall: ours {', '.join(f'{t:.2f}' for t in clock.step_s)}; "
               f"official {', '.join(f'{t:.2f}' for t in clock.between_s)}", flush=True)
 
