@@ -446,10 +446,25 @@ def _parse_yaml(text: str, source: str) -> DictConfig:
     return loaded
 
 
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def _check_bool(key: str, value: Any, source: str) -> None:
+    """A bool key holds a bool or one of BOOL_WORDS: OmegaConf would read any other number (2, -1)
+    as true, silently."""
+    text = str(value).strip()
+    if isinstance(value, bool) or text.lower() in BOOL_WORDS or text.startswith("${"):
+        return
+    raise ConfigError(f"{source}: '{key}' is a bool (true or false); got {text!r}")
+
+
 def _check_sections(node: DictConfig, schema: Any, source: str, prefix: str = "") -> None:
-    """A section given as something other than a mapping: name it before OmegaConf's merge does not."""
+    """A section given as something other than a mapping, or a bool key given another value: name
+    it before OmegaConf's merge does not."""
     for key, value in node.items_ex(resolve=False):
         sub = getattr(schema, str(key), None)
+        if isinstance(sub, bool):
+            _check_bool(f"{prefix}{key}", value, source)
         if is_dataclass(sub):
             if not isinstance(value, DictConfig):
                 raise ConfigError(f"{source}: '{prefix}{key}' is a section and must be a mapping of "
@@ -471,6 +486,8 @@ def _check_override(item: str) -> None:
         raise ConfigError(f"override: unknown key '{key}'{_closest(key)}")
     if not value.strip():
         raise ConfigError(f"override '{item}': no value for '{key}' (write {key}=null to unset it)")
+    if isinstance(_schema_node(key), bool):
+        _check_bool(key, value, f"override '{item}'")
     if is_dataclass(_schema_node(key)) and not value.lstrip().startswith("{"):
         raise ConfigError(f"override '{item}': '{key}' is a section; set its keys ({key}.KEY=VALUE)")
 

@@ -299,6 +299,7 @@ def test_submit_and_dry_run_apply_the_same_checks(case, materials, read_only, tm
     assert not (tmp_path / "D" / "runs" / "new").exists()
 
 
+CKPT = "runs/r1/checkpoints/step_00000004"
 RESUME = [
     Case("missing", ["resume", "{D}/nope"], "nope"),
     Case("not-a-run", ["resume", "{D}/data"], "config.yaml"),
@@ -310,6 +311,10 @@ RESUME = [
     Case("nodes-0", ["resume", RUN, "slurm.nodes=0"], "slurm.nodes"),
     Case("jobs-corrupt", ["resume", RUN], "jobs.json", lambda d: _write(d / "runs/r1/jobs.json", "{")),
     Case("finished", ["resume", RUN], "finished training (step 4)"),
+    Case("checkpoint-broken", ["resume", RUN, "train.max_steps=8"], "every checkpoint",
+         lambda d: _flip(d / CKPT / "__0_0.distcp")),
+    Case("newest-broken-skipped", ["resume", RUN], "finished training (step 4)",  # not step 6
+         lambda d: _flip(Path(shutil.copytree(d / CKPT, d / CKPT.replace("4", "6"))) / "__0_0.distcp")),
     Case("config-empty", ["resume", RUN], "config.yaml", lambda d: _write(d / "runs/r1/config.yaml", "")),
     Case("reference-garbage", ["resume", RUN, "train.max_steps=8", "eval.ref_batch={D}/g.npz"], "g.npz",
          lambda d: _write(d / "g.npz", "garbage")),

@@ -61,6 +61,8 @@ BAD_OVERRIDES = [
     (["train.batch_sise=3"], "train.batch_sise", "train.batch_size"),
     (["train.max_steps=many"], "train.max_steps", "int"),
     (["engine.compile=perhaps"], "engine.compile", "bool"),
+    (["train.tf32=2"], "train.tf32", "bool"),  # OmegaConf alone reads any number as true
+    (["engine.async_checkpoint=-1"], "engine.async_checkpoint", "true or false"),
     (["train.lr=fast"], "train.lr", "float"),
     (["engine.zero_stage=4"], "engine.zero_stage", "1, 2 or 3"),
     (["engine.kind=megatron"], "engine.kind", "fsdp, deepspeed"),
@@ -104,6 +106,7 @@ BAD_RECIPES = [
     ("model:\n  size: [XL, 2]\n", "model.size", "str"),
     ("train:\n  betas: [0.9]\n", "train.betas", "two numbers"),
     ("train: [1, 2]\n", "train", ""),
+    ("train:\n  tf32: 2\n", "train.tf32", "bool"),
     ("- a\n- b\n", "recipe.yaml", "mapping"),
     ("model:\n  size: XL/2\n bad: indent\n", "recipe.yaml", "YAML"),
 ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from regscale import checkpoints
 from regscale.config import (RESUMABLE_KEYS, Config, ConfigError, check_paths_for_training, is_remote, load_config,
                              resumable, to_yaml)
 from regscale.errors import UserError
@@ -395,7 +396,7 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     if active:
         raise UserError(f"{run_dir} still has jobs in SLURM ({', '.join(active)}): wait, or "
                         f"`regscale cancel {run_dir}` first")
-    step = runs.latest_step(run_dir)
+    step = _resume_step(run_dir)
     if step >= cfg.train.max_steps:
         raise UserError(f"{run_dir} finished training (step {step}); nothing to resume")
     cluster = choose_cluster(cfg, local)
@@ -411,6 +412,21 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
         report(submit_slurm(cfg, launcher, run_dir), cluster)
     else:
         report(run_local(cfg, launcher, run_dir), cluster)
+    return 0
+
+
+def _resume_step(run_dir: Path) -> int:
+    """The step a resumed job starts from: that of the newest checkpoint whose files verify (sizes
+    and hashes, read here in parallel, so no job is queued to find it broken), 0 when none was
+    published. Broken ones are named in a warning and skipped, as the job skips them."""
+    root = run_dir / CHECKPOINTS
+    found = checkpoints.find_valid(root)
+    if found is not None:
+        return int(found[1]["step"])
+    broken = checkpoints.published(root)
+    if broken:
+        raise UserError(f"resume: every checkpoint in {root} is broken ({', '.join(p.name for p in broken)}; "
+                        f"the warnings above say why): restore one, or start a new run")
     return 0
 
 
