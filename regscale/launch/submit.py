@@ -417,16 +417,21 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
 
 def _resume_step(run_dir: Path) -> int:
     """The step a resumed job starts from: that of the newest checkpoint whose files verify (sizes
-    and hashes, read here in parallel, so no job is queued to find it broken), 0 when none was
-    published. Broken ones are named in a warning and skipped, as the job skips them."""
+    and hashes, read here in parallel, so that no job is queued only to find them broken), 0 when
+    none was published. Newer broken ones are named in a warning: the job skips them too."""
     root = run_dir / CHECKPOINTS
-    found = checkpoints.find_valid(root)
-    if found is not None:
-        return int(found[1]["step"])
-    broken = checkpoints.published(root)
+    broken: list[str] = []
+    for path in checkpoints.published(root):
+        reason = checkpoints.verify(path)
+        if reason is None:
+            for problem in broken:
+                print(f"regscale resume: warning: checkpoint {problem} is broken; starting from {path.name}",
+                      file=sys.stderr)
+            return int(checkpoints.read_manifest(path)["step"])
+        broken.append(f"{path.name} ({reason})")
     if broken:
-        raise UserError(f"resume: every checkpoint in {root} is broken ({', '.join(p.name for p in broken)}; "
-                        f"the warnings above say why): restore one, or start a new run")
+        raise UserError(f"resume: every checkpoint in {root} is broken: {'; '.join(broken)}. Restore one, "
+                        f"or start a new run")
     return 0
 
 
