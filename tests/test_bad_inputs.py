@@ -62,6 +62,15 @@ def _flip(path: Path, offset: int = -100) -> None:
     path.write_bytes(bytes(data))
 
 
+def _empty_database(path: Path) -> None:
+    """An SQLite database with no table in it (what a bare `sqlite3 FILE .databases` leaves)."""
+    import sqlite3
+
+    path.unlink()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 1")  # writes the header: a real, empty database
+
+
 def _truncate(path: Path, size: int) -> None:
     path.write_bytes(path.read_bytes()[:size])
 
@@ -601,6 +610,8 @@ COMPARE = [
     Case("run-missing", comp("nosuchrun"), "nosuchrun"),
     Case("run-name-with-quote", comp("a'b"), "a'b"),
     Case("store-damaged", comp(), "mlflow.db", lambda d: _truncate(d / "runs/mlflow.db", 5000)),
+    Case("store-empty-file", comp(), "mlflow.db", lambda d: _write(d / "runs/mlflow.db", "")),
+    Case("store-no-tables", comp(), "is empty", lambda d: _empty_database(d / "runs/mlflow.db")),
     Case("uri-file-store-is-a-file", ["compare", "--tracking-uri", "file://{D}/samples.npz"], "samples.npz"),
 ]
 
@@ -623,6 +634,7 @@ UI = [
     Case("store-not-sqlite", ["ui", "--runs-dir", "{D}/runs"], "mlflow.db", lambda d: _write(d / "runs/mlflow.db", "x")),
     Case("uri-unknown-scheme", ["ui", "--tracking-uri", "nosuch://x"], "nosuch://x"),
     Case("store-damaged", ["ui", "--runs-dir", "{D}/runs"], "mlflow.db", lambda d: _truncate(d / "runs/mlflow.db", 5000)),
+    Case("store-empty-file", ["ui", "--runs-dir", "{D}/runs"], "is empty", lambda d: _write(d / "runs/mlflow.db", "")),
     Case("port-out-of-range", ["ui", "--runs-dir", "{D}/runs", "--port", "99999"], "--port"),
 ]
 

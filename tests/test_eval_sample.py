@@ -18,14 +18,14 @@ from regscale.eval.sample import make_labels, pending_chunks
 from tests.fixtures.eval import tiny_eval_config, tiny_state
 
 
-def _generate(cfg, state, out: Path, decode=None) -> Path:
+def _generate(cfg, state, out: Path, decode=None, log=None) -> Path:
     from regscale.eval.job import build_sampling_model
     from regscale.eval.sample import generate
     from regscale.models.encoders import decode_latents, load_vae
 
     model = build_sampling_model(cfg, state, torch.device("cpu"))
     vae = load_vae(cfg.vae.decoder, random_init=True)
-    return generate(model, decode or (lambda z: decode_latents(vae, z)), cfg, out, "test-weights", log=None)
+    return generate(model, decode or (lambda z: decode_latents(vae, z)), cfg, out, "test-weights", log=log)
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
@@ -103,8 +103,11 @@ def test_preempted_sampling_resumes_from_its_shards(tmp_path, one_thread):
             raise KeyboardInterrupt  # the job is killed mid-way
         return decode_latents(vae, z)
 
+    said: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        _generate(cfg, state, tmp_path / "run", decode=dies_on_second_batch)
+        _generate(cfg, state, tmp_path / "run", decode=dies_on_second_batch, log=said.append)
+    assert said[-1] == (f"sampling: interrupted; 3 of {cfg.eval.num_samples} samples are kept in "
+                        f"{tmp_path / 'run' / 'shards'}: the same command goes on from them")
     shards = sorted(p.name for p in (tmp_path / "run" / "shards").glob("*_*.npz"))
     assert shards == ["00000000_00000003.npz"]
     (tmp_path / "run" / "shards" / "00000003_00000006.npz").write_bytes(b"torn write")  # a broken shard

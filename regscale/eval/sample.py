@@ -180,6 +180,12 @@ def generate(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tens
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
     try:
         _draw(model, decode, cfg, labels, chunks[rank::world], shard_dir, device, progress=rank == 0 and log is not None)
+    except KeyboardInterrupt:
+        if rank == 0 and log:
+            kept = sum(b - a for a, b in existing_shards(shard_dir))
+            log(f"sampling: interrupted; {kept} of {n} samples are kept in {shard_dir}: "
+                f"the same command goes on from them")
+        raise
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     if world > 1:

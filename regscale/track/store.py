@@ -34,12 +34,15 @@ def _check_sqlite(db: Path, what: str, reading: bool) -> None:
     if head and head != SQLITE_MAGIC:  # an empty file is an empty database to SQLite
         raise UserError(f"{what}: {db} is not an SQLite database (an MLflow store written by regscale); "
                         "nothing was read or changed")
+    tables = 0
     if head:
         try:  # opened read-only: a damaged file stays as it is
             with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as conn:
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         except sqlite3.Error as err:
             raise UserError(f"{what}: the MLflow store {db} is damaged ({err}); nothing was changed") from None
+    if reading and not tables:  # MLflow would write its tables into it: not for a command that reads
+        raise UserError(f"{what}: the MLflow store {db} is empty (no run was tracked in it); nothing was changed")
 
 
 def check_store(uri: str, what: str, *, reading: bool) -> None:
