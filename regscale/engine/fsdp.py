@@ -1,12 +1,17 @@
 """FSDP2: `fully_shard` per SiT block and at the root, checkpoints through torch.distributed.checkpoint.
 
-Parameters stay fp32 and sharded (the optimizer's master weights); MixedPrecisionPolicy gathers
-them in bf16 for compute and reduces gradients in fp32. The EMA is a set of DTensors with the
-parameters' placements, so it is sharded exactly like them and DCP saves and reshards it.
-On one process in fp32, sharding is the identity and only adds per-block copies of every
-parameter and gradient (0.33 s of a 4.6 s SiT-B/2 step on CPU, bench/bench_model.py --parts step):
-the model then runs unwrapped, with the same math, and its checkpoints are the same DCP files
-(DCP reshards between plain tensors and DTensors either way).
+Mixed precision is the official code's, bit for bit: fp32 parameters (the optimizer's master
+weights) and torch.autocast(bf16) around the forward, so the residual stream, the timestep, the
+norms and the losses stay fp32. The blocks gather their parameters in bf16 (half the traffic):
+they hold only Linears, which autocast runs in bf16 anyway, and norms without weights, so their
+results are unchanged (with model.qk_norm their norms have weights: they gather in fp32). The
+root's parameters (embeddings, an affine norm, heads) gather in fp32.
+Gradients are reduced in fp32. The EMA is a set of DTensors with the parameters' placements, so
+it is sharded exactly like them and DCP saves and reshards it.
+On one process sharding is the identity and only adds per-block copies of every parameter and
+gradient (0.33 s of a 4.6 s SiT-B/2 fp32 step on CPU, bench/bench_model.py --parts step): the
+model then runs unwrapped, with the same math, and its checkpoints are the same DCP files (DCP
+reshards between plain tensors and DTensors either way).
 Async saves stage the state into (pinned, on CUDA) host buffers in a background thread that the
 engine keeps between saves, then write from another one; each rank hashes the files it wrote.
 """
@@ -17,7 +22,7 @@ import math
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -34,7 +39,7 @@ from regscale.checkpoints import file_entry
 from regscale.config import ConfigError, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
 from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options, host_stager,
-                                  trainable)
+                                  precision_autocast, trainable)
 
 
 def _own_outputs(module: nn.Module, args: Any, output: Any) -> Any:
@@ -42,6 +47,13 @@ def _own_outputs(module: nn.Module, args: Any, output: Any) -> Any:
     on a view would skip that hook (it warns about it): the REPA projector's output is such a view,
     since nn.Linear computes a [B, T, h] input as one 2-D matmul viewed back to 3-D."""
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t, output)
+
+
+def _linear_parameters_only(module: nn.Module) -> bool:
+    """Every parameter of `module` belongs to an nn.Linear: bf16 copies of them give autocast's
+    results exactly (it casts a Linear's weight and bias to bf16 itself)."""
+    owners = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    return all(isinstance(m, nn.Linear) for m in owners)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -59,14 +71,16 @@ class FSDPEngine(Engine):
         self.device = env.device
         model.to(env.device)
         apply_block_options(model, engine)
-        self.sharded = env.world_size > 1 or train.precision != "fp32"
+        self.precision = train.precision
+        self.sharded = env.world_size > 1
         if self.sharded:
-            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if train.precision == "bf16" else MixedPrecisionPolicy())
+            bf16 = train.precision == "bf16" and all(_linear_parameters_only(b) for b in model.blocks)
+            blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                          reduce_dtype=torch.float32, cast_forward_inputs=False)
             for block in model.blocks:
-                fully_shard(block, mp_policy=mp)
+                fully_shard(block, mp_policy=blocks)
             model.register_forward_hook(_own_outputs)  # runs before FSDP's own post-forward hook
-            fully_shard(model, mp_policy=mp)
+            fully_shard(model, mp_policy=MixedPrecisionPolicy(cast_forward_inputs=False))
         self.module = model
         named = trainable(model)
         self.names = [n for n, _ in named]
@@ -78,6 +92,9 @@ class FSDPEngine(Engine):
         # never interleave with the loop's; their stager (and its host buffers) lives as long
         self._save_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._stager: DefaultStager | None = None
+
+    def autocast(self) -> ContextManager:
+        return precision_autocast(self.precision, self.device)
 
     def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:
         if self.sharded:

@@ -1,0 +1,117 @@
+"""bf16 training computes what the official code computes: fp32 parameters under torch.autocast(bf16)
+(accelerate's mixed precision), where the residual stream, the timestep and the norms stay fp32.
+
+FSDP on 1 and 2 gloo processes gives the official forward and gradients bit for bit (its blocks
+gather bf16 copies of Linear weights, which autocast would make itself). DeepSpeed keeps bf16
+weights everywhere, so the root's embeddings and affine norm are rounded: its error against fp32
+stays that of the official code. The engines run in forked processes (the real engine code, the
+real collectives), each on the same batch, so the reduced gradient equals one rank's."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from regscale.models.sit import SiT
+from tests.fixtures.train import SMOKE
+
+BATCH = 4
+
+
+def _model() -> SiT:
+    """A small SiT with every part non-zero (the zero-initialised heads and adaLN too)."""
+    torch.manual_seed(0)
+    model = SiT(input_size=16, patch_size=2, hidden_size=128, depth=4, num_heads=4, encoder_depth=2,
+                num_classes=10, projector_dim=256, cls_token_dim=64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _batch() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(BATCH, 4, 16, 16, generator=g), torch.rand(BATCH, generator=g),
+            torch.randint(0, 10, (BATCH,), generator=g), torch.randn(BATCH, 64, generator=g))
+
+
+def _loss(out: tuple) -> torch.Tensor:
+    v, zs, v_cls = out
+    return v.float().square().mean() + sum(z.float().square().mean() for z in zs) + v_cls.float().square().mean()
+
+
+def _official(model: SiT, amp: bool) -> dict[str, torch.Tensor]:
+    """The official step's numerics: the plain module, fp32 parameters, autocast(bf16) when amp."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = model(*_batch())
+    _loss(out).backward()
+    return {"output": out[0].detach().float(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from regscale import dist
+    from regscale.config import batch_plan, load_config
+    from regscale.engine import build_engine
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    env = dist.setup()
+    try:
+        cfg = load_config(SMOKE, ["train.precision=bf16", f"train.batch_size={BATCH * world}", *overrides])
+        engine = build_engine(cfg.engine, cfg.train, _model(), env, batch_plan(cfg.train, world))
+        with engine.autocast():
+            output = engine.module(*_batch())
+        engine.backward(_loss(output), last_micro=True, accumulation=1)
+        result = {"output": output[0].detach().float()}
+        if cfg.engine.kind == "fsdp":
+            for name, p in engine.module.named_parameters():
+                grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                result[name] = grad.float()
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.teardown()
+
+
+def _run(tmp_path: Path, world: int, overrides: list[str]) -> dict[str, torch.Tensor]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / f"engine-{world}.pt"
+    # fork: the children inherit the imports; the parent runs torch with one thread (one_thread)
+    mp.start_processes(_worker, args=(world, port, overrides, str(out)), nprocs=world, start_method="fork")
+    return torch.load(out)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [1, 2])
+def test_fsdp_bf16_is_the_official_mixed_precision_bit_for_bit(world: int, tmp_path: Path, one_thread) -> None:
+    official = _official(_model(), amp=True)
+    ours = _run(tmp_path, world, ["engine.kind=fsdp"])
+    assert ours.keys() == official.keys()
+    different = [name for name in official if not torch.equal(ours[name], official[name])]
+    assert not different, f"differ from the official mixed precision: {different}"
+    fp32 = _official(_model(), amp=False)["output"]
+    assert _relative(ours["output"], fp32) > 1e-4  # bf16 did run: not a silent fp32 forward
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_bf16_is_as_close_to_fp32_as_the_official(tmp_path: Path, one_thread) -> None:
+    fp32 = _official(_model(), amp=False)["output"]
+    official = _relative(_official(_model(), amp=True)["output"], fp32)
+    ours = _relative(_run(tmp_path, 2, ["engine.kind=deepspeed", "engine.zero_stage=2"])["output"], fp32)
+    print(f"relative error of the bf16 output against fp32: official {official:.2e}, DeepSpeed {ours:.2e}")
+    assert 1e-4 < ours <= 1.1 * official
