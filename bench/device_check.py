@@ -11,9 +11,10 @@ leaves what it measured. Parts, in order of importance:
              bf16 autocast against fp32, relative L2 error <= 3e-2 (bf16 keeps 8 mantissa bits)
   peak       the measured dense bf16 (and fp32) matmul FLOP/s: the MFU denominator
   train      `regscale.train.loop.train` at SiT-XL/2, batch 32, bf16, random DINOv2-B and VAE
-             stand-ins, one process: FSDP compile off (beside the official step when --official
-             is given, interleaved), FSDP compile on, DeepSpeed ZeRO-2, FSDP compile on + foreach
-             AdamW; images/s, MFU, peak memory, time to first step, data wait
+             stand-ins, one process (where the fsdp engine runs the model unwrapped): FSDP
+             compile off (beside the official step when --official is given, interleaved), FSDP
+             compile on, DeepSpeed ZeRO-2, FSDP compile on + foreach AdamW; images/s, MFU, peak
+             memory, time to first step, data wait
   optimizer  one AdamW step over XL/2's parameters, per implementation (fused, foreach, for-loop)
   sampler    XL/2 model calls/s without and with guidance, fp32 and bf16, and the hours 50K
              samples x 250 steps would take at that rate with the published guidance interval

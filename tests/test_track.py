@@ -359,7 +359,7 @@ def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, 
 
 
 def test_ui_refuses_bad_port_and_workers(tmp_path, capsys):
-    (tmp_path / "mlflow.db").touch()  # a store is there; nothing may start
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("e")  # a store is there; nothing may start
     for args, message in ((["--port", "0"], "--port 0: expected a port number from 1 to 65535"),
                           (["--port", "70000"], "--port 70000: expected a port number from 1 to 65535"),
                           (["--workers", "0", "--port", str(free_port())], "--workers 0: expected 1 to "),
