@@ -1,6 +1,11 @@
 """DeepSpeed ZeRO stage 1, 2 or 3 with DeepSpeed's own sharded checkpoints.
 
 The client optimizer is torch AdamW (no JIT-built op), DeepSpeedCPUAdam with optimizer offload.
+bf16 is the official code's mixed precision: DeepSpeed keeps fp32 weights and the forward runs
+under torch.autocast(bf16), which gives the official forward and gradients bit for bit, reduced
+in fp32 as the official DDP does. (DeepSpeed's own bf16 mode would hold bf16 weights, rounding
+the embeddings and the affine norm, and communicate gradients in bf16; ZeRO-3's memory-efficient
+Linear adds the bias after the matmul, another bf16 rounding, so it is off.)
 Gradient clipping, accumulation and the non-finite check (a skipped step) are DeepSpeed's.
 The EMA shadows this rank's fp32 master fragments: a piece of every parameter's flattened fp32
 copy, at an offset, so it is partitioned like the optimizer (ZeRO-1/2) or the weights (ZeRO-3).
@@ -42,6 +47,8 @@ from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_b
 def ds_config(engine: EngineConfig, train: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
     """DeepSpeed's configuration for this recipe and batch plan."""
     zero: dict[str, Any] = {"stage": engine.zero_stage}
+    if engine.zero_stage == 3:  # its own Linear adds the bias after the matmul: other bf16 rounding
+        zero["memory_efficient_linear"] = False
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -50,7 +57,6 @@ def ds_config(engine: EngineConfig, train: TrainConfig, plan: BatchPlan) -> dict
         "gradient_accumulation_steps": plan.accumulation,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
