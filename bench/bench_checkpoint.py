@@ -16,7 +16,9 @@ free); per save it prints:
                     per-step agreement (for comparison, on the same files)
 
 --ranks N holds the share of one rank of an N-rank job (the SiT's blocks cut to 1/N): an async
-save keeps a host copy of the state, so one process with the whole XL/2 state needs ~22 GB.
+save keeps a host copy of the state, so one process with the whole XL/2 state needs ~22 GB. On one
+process the fsdp engine holds plain tensors instead of DTensor shards: the same bytes through the
+same DCP stager and writer.
 Each engine and mode runs in a fresh process.
 
     .venv/bin/python bench/bench_checkpoint.py --size XL/2 --ranks 4
