@@ -9,7 +9,6 @@ collectives), each on the same batch, so the reduced gradient equals one rank's.
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 from pathlib import Path

@@ -8,7 +8,6 @@ of checkpoints or preemption: that is the loop's and the Checkpointer's job.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
@@ -40,7 +39,7 @@ def host_stager(device: torch.device) -> "DefaultStager":
 
 def precision_autocast(precision: str, device: torch.device) -> ContextManager:
     """torch.autocast in `train.precision` on any device (off for fp32): what the model's forward
-    runs under where the engine does not cast by itself, and the frozen encoder's always."""
+    and the frozen encoder's run under."""
     dtype = DTYPES[precision]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -77,10 +76,13 @@ class Engine(ABC):
 
     kind: str
     module: nn.Module
+    precision: str  # train.precision
+    device: torch.device
 
     def autocast(self) -> ContextManager:
-        """Context for the forward pass (a no-op where the engine casts by itself)."""
-        return contextlib.nullcontext()
+        """Context for the forward pass: torch.autocast in `train.precision` over fp32 weights, the
+        official code's mixed precision (off for fp32)."""
+        return precision_autocast(self.precision, self.device)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:

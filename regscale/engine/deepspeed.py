@@ -27,7 +27,7 @@ import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ContextManager, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -41,7 +41,7 @@ from regscale.checkpoints import file_entry
 from regscale.config import BatchPlan, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
 from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options, host_stager,
-                                  precision_autocast, trainable)
+                                  trainable)
 
 
 def ds_config(engine: EngineConfig, train: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -91,7 +91,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.precision = train.precision
+        self.precision, self.device = train.precision, env.device
         self.env = env
         model.to(env.device)
         apply_block_options(model, engine)
@@ -124,9 +124,6 @@ class DeepSpeedEngine(Engine):
             frag = _fp32_fragment(param)
             if frag is not None:
                 self.fragments[name] = frag
-
-    def autocast(self) -> ContextManager:
-        return precision_autocast(self.precision, self.env.device)
 
     def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:
         self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps itself

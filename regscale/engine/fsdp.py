@@ -22,7 +22,7 @@ import math
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,7 @@ from regscale.checkpoints import file_entry
 from regscale.config import ConfigError, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
 from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options, host_stager,
-                                  precision_autocast, trainable)
+                                  trainable)
 
 
 def _own_outputs(module: nn.Module, args: Any, output: Any) -> Any:
@@ -92,9 +92,6 @@ class FSDPEngine(Engine):
         # never interleave with the loop's; their stager (and its host buffers) lives as long
         self._save_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._stager: DefaultStager | None = None
-
-    def autocast(self) -> ContextManager:
-        return precision_autocast(self.precision, self.device)
 
     def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:
         if self.sharded:
