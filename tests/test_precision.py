@@ -122,3 +122,66 @@ def test_bf16_is_the_official_mixed_precision_bit_for_bit(engine: str, world: in
     assert not different, f"differ from the official mixed precision: {different}"
     fp32 = _official(_model(), amp=False)["output"]
     assert _relative(ours["output"], fp32) > 1e-4  # bf16 did run: not a silent fp32 forward
+
+
+def _legacy_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Train one step with regscale's DeepSpeed bf16 engine as it was (DeepSpeed's own bf16 mode),
+    save it, load it into today's engine; rank 0 saves both engines' full fp32 weights, Adam
+    moments and EMA."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    import regscale.engine.deepspeed as zero
+    from regscale import dist
+    from regscale.config import batch_plan, load_config
+    from regscale.engine import build_engine
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    env = dist.setup()
+
+    def state(engine) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in _model_of(engine).named_parameters():
+            out[f"{name}.fp32"] = safe_get_full_fp32_param(p).clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"{name}.{key}"] = safe_get_full_optimizer_state(p, key).clone()
+        return out
+
+    try:
+        cfg = load_config(SMOKE, ["train.precision=bf16", f"train.batch_size={BATCH * world}", *ENGINES["zero2"]])
+        plan = batch_plan(cfg.train, world)
+        today = zero.ds_config
+        zero.ds_config = lambda *args: {**today(*args), "bf16": {"enabled": True}}  # the engine as it was
+        try:
+            old = build_engine(cfg.engine, cfg.train, _model(), env, plan)
+        finally:
+            zero.ds_config = today
+        with old.autocast():
+            output = old.module(*_batch())
+        old.backward(_loss(output), last_micro=True, accumulation=1)
+        assert old.step(1e-3).applied
+        old.update_ema(0.5)
+        path = Path(out) / "step_00000001"
+        old.save(path, blocking=True).written.result()
+        assert list(path.glob(f"{zero.BF16_MODE_PREFIX}*")), "not a checkpoint of DeepSpeed's bf16 mode"
+        new = build_engine(cfg.engine, cfg.train, _model(), env, plan)
+        new.load(path, {"world_size": world})
+        states = {"old": state(old), "new": state(new), "old_ema": dict(old.ema), "new_ema": dict(new.ema)}
+        if rank == 0:
+            torch.save(states, Path(out) / "states.pt")
+    finally:
+        dist.teardown()
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_of_deepspeeds_bf16_mode_resumes_with_nothing_lost(tmp_path: Path, one_thread) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_legacy_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")
+    states = torch.load(tmp_path / "states.pt")
+    old, new = states["old"], states["new"]
+    assert old.keys() == new.keys() and len(old) == 3 * len(list(_model().parameters()))
+    assert [k for k in old if not torch.equal(old[k], new[k])] == []
+    assert [k for k in states["old_ema"] if not torch.equal(states["old_ema"][k], states["new_ema"][k])] == []

@@ -44,6 +44,9 @@ from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_b
                                   trainable)
 
 
+BF16_MODE_PREFIX = "bf16_zero_pp_rank_"  # optimizer files of DeepSpeed's own bf16 mode
+
+
 def ds_config(engine: EngineConfig, train: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
     """DeepSpeed's configuration for this recipe and batch plan."""
     zero: dict[str, Any] = {"stage": engine.zero_stage}
@@ -155,7 +158,11 @@ class DeepSpeedEngine(Engine):
         return self.writer.end()
 
     def load(self, path: Path, manifest: dict[str, Any]) -> None:
-        if manifest.get("world_size") == self.env.world_size:
+        # DeepSpeed's bf16 mode (what regscale used for bf16 before its fp32 weights + autocast)
+        # names its optimizer files bf16_zero_*: the universal format carries their fp32 master
+        # weights and Adam moments over to this mode
+        bf16_mode = any(path.glob(f"{BF16_MODE_PREFIX}*"))
+        if manifest.get("world_size") == self.env.world_size and not bf16_mode:
             self.ds.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         else:
             self._load_resharded(path)
@@ -169,8 +176,9 @@ class DeepSpeedEngine(Engine):
 
     def _load_resharded(self, path: Path) -> None:
         """Weights, fp32 master copy, Adam moments and step from a checkpoint that another number
-        of ranks wrote: rank 0 converts it to a universal checkpoint in a scratch directory (the
-        `.trash_` prefix makes the next start remove it, should this one die), all ranks load it."""
+        of ranks (or DeepSpeed's bf16 mode) wrote: rank 0 converts it to a universal checkpoint in
+        a scratch directory (the `.trash_` prefix makes the next start remove it, should this one
+        die), all ranks load it."""
         import torch.distributed as dist
 
         scratch = path.parent / f".trash_universal_{path.name}"
