@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.staging import DefaultStager
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# what train.precision=bf16 means, recorded in every checkpoint's manifest: fp32 weights under
+# autocast, the official code's mixed precision (checkpoints without it had bf16 weights)
+BF16_NUMERICS = "fp32-weights+autocast"
 
 
 def host_stager(device: torch.device) -> "DefaultStager":

@@ -32,7 +32,7 @@ from regscale import dist, faults
 from regscale import metrics as M
 from regscale.config import (Config, ConfigError, batch_plan, changes_numbers, config_hash, flatten,
                              load_saved_config, resume_changes, to_yaml)
-from regscale.engine.base import precision_autocast
+from regscale.engine.base import BF16_NUMERICS, precision_autocast
 from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
 from regscale.rundir import CONFIG, METRICS
@@ -189,6 +189,11 @@ class Trainer:
                 notes.append(f"{', '.join(numeric)} changed: NOT bit-exact")
             elif "config" not in manifest and manifest["config_hash"] != config_hash(self.cfg):
                 notes.append("configuration changed (config hash): NOT bit-exact")
+            if self.cfg.train.precision == "bf16" and manifest["engine"].get("bf16_numerics") != BF16_NUMERICS:
+                notes.append("written with bf16 weights (regscale's bf16 before it was the official mixed "
+                             "precision), continued with fp32 weights under autocast: NOT bit-exact")
+            if manifest.get("torch", torch.__version__) != torch.__version__:
+                notes.append(f"written with torch {manifest['torch']}, now {torch.__version__}: NOT bit-exact")
             if self.device.type == "cpu" and manifest.get("threads", self.threads) != self.threads:
                 notes.append(f"{manifest['threads']} -> {self.threads} intra-op threads per process "
                              "(slurm.cpus_per_task): NOT bit-exact")
@@ -333,7 +338,7 @@ class Trainer:
             "config": {k: str(v) for k, v in flatten(cfg).items()},
             "world_size": self.env.world_size,
             "engine": {"kind": cfg.engine.kind, "zero_stage": cfg.engine.zero_stage,
-                       "precision": cfg.train.precision},
+                       "precision": cfg.train.precision, "bf16_numerics": BF16_NUMERICS},
             "batch": {"global": self.plan.global_batch, "micro": self.plan.micro,
                       "accumulation": self.plan.accumulation},
             "data_state": dist.gather_objects(self.stream.state_dict(), "gather the data positions"),
