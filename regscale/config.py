@@ -486,9 +486,10 @@ def _check_override(item: str) -> None:
         raise ConfigError(f"override: unknown key '{key}'{_closest(key)}")
     if not value.strip():
         raise ConfigError(f"override '{item}': no value for '{key}' (write {key}=null to unset it)")
-    if isinstance(_schema_node(key), bool):
+    node = _schema_node(key)
+    if isinstance(node, bool):
         _check_bool(key, value, f"override '{item}'")
-    if is_dataclass(_schema_node(key)) and not value.lstrip().startswith("{"):
+    if is_dataclass(node) and not value.lstrip().startswith("{"):
         raise ConfigError(f"override '{item}': '{key}' is a section; set its keys ({key}.KEY=VALUE)")
 
 

@@ -19,7 +19,6 @@ from regscale.rundir import CHECKPOINTS, JOB_FOLDER
 from regscale.rundir import CONFIG as RUN_CONFIG  # what makes a folder a run directory
 
 
-
 def _same(a: Path, b: Path) -> bool:
     try:
         return a == b or (a.exists() and b.exists() and os.path.samefile(a, b))

@@ -421,14 +421,12 @@ def _resume_step(run_dir: Path) -> int:
     none was published. Newer broken ones are named in a warning: the job skips them too."""
     root = run_dir / CHECKPOINTS
     broken: list[str] = []
-    for path in checkpoints.published(root):
-        reason = checkpoints.verify(path)
-        if reason is None:
-            for problem in broken:
-                print(f"regscale resume: warning: checkpoint {problem} is broken; starting from {path.name}",
-                      file=sys.stderr)
-            return int(checkpoints.read_manifest(path)["step"])
-        broken.append(f"{path.name} ({reason})")
+    found = checkpoints.find_valid(root, skipped=lambda path, reason: broken.append(f"{path.name} ({reason})"))
+    if found is not None:
+        for problem in broken:
+            print(f"regscale resume: warning: checkpoint {problem} is broken; starting from {found[0].name}",
+                  file=sys.stderr)
+        return int(found[1]["step"])
     if broken:
         raise UserError(f"resume: every checkpoint in {root} is broken: {'; '.join(broken)}. Restore one, "
                         f"or start a new run")
