@@ -161,16 +161,21 @@ def put_aside(path: Path, reason: str) -> Path:
     return aside
 
 
-def find_valid(root: Path, step: Optional[int] = None) -> Optional[tuple[Path, dict[str, Any]]]:
+def _warn_broken(path: Path, reason: str) -> None:
+    log.warning("checkpoint %s is broken (%s): skipping it", path, reason)
+
+
+def find_valid(root: Path, step: Optional[int] = None,
+               skipped: Callable[[Path, str], None] = _warn_broken) -> Optional[tuple[Path, dict[str, Any]]]:
     """The newest valid checkpoint (or the one of `step`) for a reader in one process; broken
-    ones are skipped with a warning naming them (and left where they are)."""
+    ones are skipped, each handed to `skipped` with the reason (a warning), and left where they are."""
     for path in published(root):
         if step is not None and path.name != step_name(step):
             continue
         reason = verify(path)
         if reason is None:
             return path, read_manifest(path)
-        log.warning("checkpoint %s is broken (%s): skipping it", path, reason)
+        skipped(path, reason)
     return None
 
 
