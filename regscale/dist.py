@@ -135,11 +135,10 @@ def _store(layout: Layout, timeout: datetime.timedelta) -> Any:
     try:
         store, _, _ = next(dist.rendezvous("env://", layout.rank, layout.world_size, timeout=timeout))
     except (RuntimeError, ValueError, OSError) as err:  # DistStoreError and DistNetworkError too
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(
             f"no rendezvous of {layout.world_size} processes at MASTER_ADDR:MASTER_PORT={where} "
             f"within {timeout.total_seconds():.0f} s (this is RANK={layout.rank} of WORLD_SIZE="
-            f"{layout.world_size} from the environment; {first}): start every rank (torchrun, srun), "
+            f"{layout.world_size} from the environment; {first_line(err)}): start every rank (torchrun, srun), "
             "or unset RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT to run one process") from None
     return store
 
@@ -201,9 +200,8 @@ def waiting(what: str) -> Iterator[None]:
         if not isinstance(err, dist.DistError) and not any(
                 k in text for k in ("Timed out", "timed out", "Connection closed", "Connection reset", "gloo")):
             raise
-        first = (text.strip().splitlines() or [type(err).__name__])[0][:200]
         rank = dist.get_rank() if dist.is_initialized() else 0
-        raise UserError(f"rank {rank} waited for every rank to {what}, in vain ({first}): another rank "
+        raise UserError(f"rank {rank} waited for every rank to {what}, in vain ({first_line(err)}): another rank "
                         "stopped or hangs; its log says why") from None
 
 
