@@ -111,21 +111,21 @@ def _ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-FORK_SAFE_PYTHON = (3, 11, 8)  # CPython gh-112275 fixed (3.12 never had it)
+WORKER_PRELOAD = ["torch", "streaming", __name__]  # what the forkserver imports once for every worker
 
 
-def _worker_context(num_workers: int) -> Optional[str]:
-    """How DataLoader workers start: forked from this process (cheap: no re-import of torch), also
-    when it was itself spawned, whose default would be to spawn them too; but spawned before
-    Python 3.11.8. This process runs threads (gloo's, the watchdog's, checkpoint writers'), and
-    there a fork taken while another thread holds the interpreter's thread-state lock deadlocks the
-    child at birth (CPython gh-112275; seen as a rank waiting forever for its first batch). A
-    spawned worker imports torch anew: seconds, once per worker (they persist across epochs)."""
-    if num_workers == 0:
+def _worker_context(num_workers: int) -> Optional[multiprocessing.context.BaseContext]:
+    """DataLoader workers start from a forkserver, never by forking this process: it runs threads
+    (gloo's, the watchdog's, checkpoint writers'), and before Python 3.11.8 and 3.12 a fork taken
+    while another thread holds the interpreter's thread-state lock deadlocks the child in its first
+    instant (CPython gh-112275; seen here as a rank waiting forever for its first batch). The
+    server is a fresh single-threaded process that imports WORKER_PRELOAD once (seconds, once per
+    rank); each worker is then forked from it cheaply."""
+    if num_workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
-    if sys.version_info >= FORK_SAFE_PYTHON and "fork" in multiprocessing.get_all_start_methods():
-        return "fork"
-    return "spawn"
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
 
 
 def _host_layout(rank: int, world_size: int) -> tuple[int, int]:
