@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import multiprocessing
 import os
 import signal
 import sys
@@ -111,21 +110,12 @@ def _ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-WORKER_PRELOAD = ["torch", "streaming", __name__]  # what the forkserver imports once for every worker
+def _worker_context(num_workers: int) -> Optional[str]:
+    """Fork DataLoader workers where possible (cheap: no re-import of torch), also when this
+    process was itself spawned, whose default would be to spawn them too."""
+    import multiprocessing as mp
 
-
-def _worker_context(num_workers: int) -> Optional[multiprocessing.context.BaseContext]:
-    """DataLoader workers start from a forkserver, never by forking this process: it runs threads
-    (gloo's, the watchdog's, checkpoint writers'), and before Python 3.11.8 and 3.12 a fork taken
-    while another thread holds the interpreter's thread-state lock deadlocks the child in its first
-    instant (CPython gh-112275; seen here as a rank waiting forever for its first batch). The
-    server is a fresh single-threaded process that imports WORKER_PRELOAD once (seconds, once per
-    rank); each worker is then forked from it cheaply."""
-    if num_workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)
-    return context
+    return "fork" if num_workers > 0 and "fork" in mp.get_all_start_methods() else None
 
 
 def _host_layout(rank: int, world_size: int) -> tuple[int, int]:
