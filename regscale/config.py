@@ -144,7 +144,10 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     tf32: bool = True
     max_nonfinite_steps: int = 10  # consecutive skipped steps before rolling back
-    watchdog_s: int = 900  # a step slower than this dumps every thread's stack (0: off)
+    # a rank silent for max(hang_timeout_s, 10 x p99 step time) is hung: its node's agent dumps every
+    # rank's stack into the run directory and restarts the group (0: no hang detection)
+    hang_timeout_s: float = 60.0
+    first_step_timeout_s: float = 1800.0  # the same bound before a process's first step (build, data, compile)
 
     def check(self) -> None:
         """Refuse values this section cannot run with (the batch against the world: `batch_plan`)."""
@@ -168,7 +171,8 @@ class TrainConfig:
         _positive("train.sample_every", self.sample_every, allow_zero=True)
         _choice("train.precision", self.precision, ("bf16", "fp16", "fp32"))
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
-        _positive("train.watchdog_s", self.watchdog_s, allow_zero=True)
+        _positive("train.hang_timeout_s", self.hang_timeout_s, allow_zero=True)
+        _positive("train.first_step_timeout_s", self.first_step_timeout_s)
 
 
 @dataclass
@@ -242,6 +246,7 @@ class SlurmConfig:
     time_limit_min: int = 2880
     signal_lead_s: int = 300  # SIGUSR2 this long before the limit: one step + a checkpoint save
     max_requeues: int = 50
+    max_restarts: int = 3  # in-job restarts of a failed or hung group, per job start (no trip through the queue)
     max_failures_at_step: int = 3  # attempts in a row failing from one checkpoint before the run stops
 
     def check(self) -> None:
@@ -250,6 +255,7 @@ class SlurmConfig:
             _positive(f"slurm.{key}", getattr(self, key))
         _positive("slurm.signal_lead_s", self.signal_lead_s, allow_zero=True)
         _positive("slurm.max_requeues", self.max_requeues, allow_zero=True)
+        _positive("slurm.max_restarts", self.max_restarts, allow_zero=True)
         _positive("slurm.max_failures_at_step", self.max_failures_at_step)
         if self.mem_gb is not None:
             _positive("slurm.mem_gb", self.mem_gb)
@@ -462,6 +468,8 @@ def _check_sections(node: DictConfig, schema: Any, source: str, prefix: str = ""
     """A section given as something other than a mapping, or a bool key given another value: name
     it before OmegaConf's merge does not."""
     for key, value in node.items_ex(resolve=False):
+        if f"{prefix}{key}" in RETIRED_KEYS:
+            raise ConfigError(f"{source}: '{prefix}{key}' was retired; use {RETIRED_KEYS[f'{prefix}{key}']}")
         sub = getattr(schema, str(key), None)
         if isinstance(sub, bool):
             _check_bool(f"{prefix}{key}", value, source)
@@ -482,6 +490,8 @@ def _check_override(item: str) -> None:
         raise ConfigError(f"override '{key}': the value {value!r} holds a control character (a newline, a tab, ...)")
     if not all(part.strip() == part and part for part in key.split(".")):
         raise ConfigError(f"override '{item}': '{key}' is not a dotted key like train.lr")
+    if key in RETIRED_KEYS:
+        raise ConfigError(f"override: '{key}' was retired; use {RETIRED_KEYS[key]}")
     if key not in _valid_keys(Config()):
         raise ConfigError(f"override: unknown key '{key}'{_closest(key)}")
     if not value.strip():
@@ -560,8 +570,14 @@ def load_saved_config(path: Path) -> Config:
 
 def from_yaml_text(text: str, source: str = "saved config", overrides: list[str] = ()) -> Config:
     """Load a resolved configuration saved by `to_yaml` (a run directory's config.yaml, an
-    export's metadata), with overrides; `source` names it in errors."""
-    return _resolve(_parse_yaml(text, source), source, list(overrides), None)
+    export's metadata), with overrides; `source` names it in errors. Retired keys are dropped."""
+    saved = _parse_yaml(text, source)
+    for key in RETIRED_KEYS:
+        section, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(saved, section)
+        if isinstance(node, DictConfig) and leaf in node:
+            node.pop(leaf)
+    return _resolve(saved, source, list(overrides), None)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
@@ -704,8 +720,13 @@ RESUMABLE_KEYS = (
     "encoder.weights", "vae.encoder", "vae.decoder",
     "train.max_steps", "train.micro_batch_size", "train.ckpt_every", "train.keep_last",
     "train.keep_every", "train.log_every", "train.sample_every", "train.max_nonfinite_steps",
-    "train.tf32", "train.watchdog_s",
+    "train.tf32", "train.hang_timeout_s", "train.first_step_timeout_s",
 )
+
+# Keys of earlier versions: dropped from saved configurations (old run directories still load),
+# refused with their replacement anywhere else.
+RETIRED_KEYS = {"train.watchdog_s": "train.hang_timeout_s and train.first_step_timeout_s (a hung rank is "
+                                    "detected and restarted by its node's agent)"}
 
 
 # The resumable keys that can change the numbers a step computes: a resume that changes one is

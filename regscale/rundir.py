@@ -10,6 +10,8 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"  # one JSON object per logged step, written by rank 0
 CHECKPOINTS = "checkpoints"
 JOB_FOLDER = "jobs"  # submitit's job scripts, logs and results
+LOGS = "logs"  # one log per rank and attempt, written by the node agents
+STACKS = "stacks"  # every thread's stack of each rank, dumped when its group hung
 _STEP = re.compile(r"^step_(\d{8})$")
 
 

@@ -17,6 +17,7 @@ global order, which the canonical nodes fix.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import signal
@@ -104,18 +105,49 @@ def _collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
 
 
-def _ignore_interrupts(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the training process (it saves at a step boundary, then
-    shuts them down); by default a terminal's SIGINT would kill them mid-epoch."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGUSR2, signal.SIGTERM)
+
+
+def _leave_stop_signals(handled: tuple[int, ...], worker_id: int) -> None:
+    """A DataLoader worker leaves the stop signals its training process handles (`handled`) to it:
+    a terminal's Ctrl-C and SLURM's preemption signals reach every process of the job, and by
+    default would kill a worker mid-epoch; the training process saves at a step boundary, then
+    shuts its workers down (TrainStream.close). The others keep their default (multiprocessing
+    ends a leftover worker with SIGTERM at exit). A spawned worker starts with them blocked
+    (`_stop_signals_blocked`): ignored first, then unblocked."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN if sig in handled else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """While DataLoader workers start: a stop signal stays pending in this thread (delivered after)
+    and a worker starts with it blocked, so that none dies of one before `_leave_stop_signals`."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def fork_is_safe(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
+    """Whether this interpreter forks a threaded process safely. Before 3.11.8 a child forked while
+    another thread held the interpreter's HEAD_LOCK deadlocks at birth (CPython gh-112275; a rank
+    has gloo's and the tracker's threads), which hung a rank at its first batch. 3.12 has the fix;
+    3.10 and older count as unsafe (their fix came only in late security releases)."""
+    return version >= (3, 12) or (3, 11, 8) <= version < (3, 12)
 
 
 def _worker_context(num_workers: int) -> Optional[str]:
-    """Fork DataLoader workers where possible (cheap: no re-import of torch), also when this
-    process was itself spawned, whose default would be to spawn them too."""
+    """How DataLoader workers start: forked where the interpreter forks a threaded process safely
+    (cheap: no re-import of torch; also when this process was itself spawned, whose default would
+    be to spawn them too), spawned where it does not (`fork_is_safe`)."""
     import multiprocessing as mp
 
-    return "fork" if num_workers > 0 and "fork" in mp.get_all_start_methods() else None
+    if num_workers == 0:
+        return None
+    return "fork" if fork_is_safe() and "fork" in mp.get_all_start_methods() else "spawn"
 
 
 def _host_layout(rank: int, world_size: int) -> tuple[int, int]:
@@ -181,11 +213,12 @@ class TrainStream:
         self._world = (rank, world_size, *_host_layout(rank, world_size))
         with _world_env(*self._world):
             self._open(options, first_on_host=self._world[2] == 0)
+        handled = tuple(sig for sig in STOP_SIGNALS if signal.getsignal(sig) not in (signal.SIG_DFL, None))
         self.loader = StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=data.num_workers,
                                           collate_fn=_collate, drop_last=True, pin_memory=torch.cuda.is_available(),
                                           persistent_workers=data.num_workers > 0,
                                           multiprocessing_context=_worker_context(data.num_workers),
-                                          worker_init_fn=_ignore_interrupts)
+                                          worker_init_fn=functools.partial(_leave_stop_signals, handled))
 
     def _open(self, options: dict[str, Any], first_on_host: bool) -> None:
         """Create the StreamingDataset. The host's first rank removes dead runs' shared memory
@@ -235,7 +268,9 @@ class TrainStream:
 
     def _epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
-            yield from self.loader
+            with _stop_signals_blocked():  # the first epoch starts the (persistent) workers
+                batches = iter(self.loader)
+            yield from batches
         except UserError as err:  # raised in a worker: DataLoader wraps it with the worker's traceback
             last = str(err).strip().splitlines()[-1]
             raise ShardError(last.split(": ", 1)[1] if "Error: " in last else last) from None
@@ -268,7 +303,13 @@ class TrainStream:
         self._resumed_samples = s["sample_in_epoch"]
 
     def close(self) -> None:
-        """Release the shared-memory claim (also done by the OS when the process exits)."""
+        """Stop the DataLoader workers (they ignore the stop signals their training process handles,
+        so multiprocessing's SIGTERM at exit would not end them) and release the shared-memory claim
+        (also done by the OS when the process exits)."""
+        iterator = getattr(self.loader, "_iterator", None)  # DataLoader's persistent-workers iterator
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self.loader._iterator = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -1,19 +1,24 @@
 """What runs inside a job: the training callable (requeued by `scontrol requeue`) and the evaluation one.
 
-Every task (one per GPU) runs `TrainJob()`. It takes over the stop signals at once (one StopFlag,
-handed to the loop: regscale.train.preempt owns preemption), exports the torch.distributed
-variables, calls `regscale.train.loop.train` (which always resumes from the newest checkpoint, so
-a job restarted by anyone resumes too) and acts on its Outcome:
+The training job runs one task per node: `TrainJob()`, that node's agent (regscale.launch.agent),
+which starts one training process per GPU and restarts the group inside the allocation when a
+process dies or hangs (slurm.max_restarts per job start). Each process trains with
+`regscale.train.loop.train`, which always resumes from the newest valid checkpoint. Node 0's
+TrainJob acts on how the group ended:
 
 - completed: the job ends; the chained evaluation job (afterok) may start;
-- preempted / deadline: a checkpoint was saved; rank 0 requeues the job (`scontrol requeue`; under
-  the local executor, submitit's restart code) and the next attempt resumes from it;
+- preempted / deadline: a checkpoint was saved; it requeues the job (`scontrol requeue`; under the
+  local executor, submitit's restart code) and the next start resumes from it;
 - interrupted (SIGINT): a checkpoint was saved; the job fails without a requeue (stop_report.json);
-- an exception: rank 0 requeues as well, unless the run keeps failing at the same checkpoint step.
+- failed for good (in-job restarts used up, too few nodes left for the rendezvous): it requeues
+  as well, unless the run keeps failing at the same checkpoint step.
 
-The one requeue bound is slurm.max_requeues, counted in attempts.jsonl; a run that hits it or fails
-slurm.max_failures_at_step times in a row from the same step stops: stop_report.json says why (the
-last error), the job fails, and SLURM cancels the evaluation job that depends on it.
+The bounds: slurm.max_restarts in-job restarts per job start, slurm.max_requeues job starts,
+slurm.max_failures_at_step attempts in a row failing from the same step (in-job restarts and
+requeues alike), all counted in attempts.jsonl. A run that hits one stops: stop_report.json says
+why (the last error), the job fails, and SLURM cancels the evaluation job that depends on it. An
+attempt that nobody could record the end of (the node running the batch script lost, scancel) gets
+its end from SLURM's accounting at the next start.
 """
 
 from __future__ import annotations
@@ -25,24 +30,23 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import submitit
 
 from regscale.config import Config
-from regscale.errors import UserError
+from regscale.errors import UserError, first_line
 from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.outcome import Outcome
 from regscale.rundir import CHECKPOINTS, step_name
 
 if TYPE_CHECKING:
+    from regscale.launch.agent import NodeJob
     from regscale.track.mlflow import Tracker
 
 NOT_FAILED = (*(o.value for o in Outcome if o is not Outcome.FAILED), runs.RESUMED)  # attempts.jsonl ends
-FAILURE_GRACE_S = 15.0  # a failing rank > 0 waits this long before exiting (srun --kill-on-bad-exit)
 DISTRIBUTED_NAMES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -161,76 +165,118 @@ def _leave_process_group() -> None:
 
 
 class TrainJob:
-    """The training job of one run directory (picklable; the same pickle serves every requeue)."""
+    """The training job of one run directory (picklable; the same pickle serves every requeue):
+    one task per node, each that node's agent."""
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
 
     def __call__(self) -> str:
-        from regscale.train.loop import train
-        from regscale.train.preempt import StopFlag
+        from regscale.launch.agent import run_agent
 
-        stop = StopFlag().install()  # from here on a stop signal waits for a step boundary
         env = job_environment()
         export_deadline()
         run_dir = Path(self.run_dir)
         cfg = runs.load_run_config(run_dir)
-        rank0 = env.global_rank == 0
-        start_step = runs.latest_step(run_dir)
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        node = node_job(env)
+        rank0 = node.node_rank == 0
         if rank0:
             attempts = runs.read_attempts(run_dir)
-            restarts = max(restarts, sum(a.job_id == env.job_id for a in attempts))
-            reason = stop_reason(attempts, start_step, restarts, cfg)
+            node.restart = max(node.restart, sum(a.job_id == node.job_id and a.round == 0 for a in attempts))
+            close_unrecorded(run_dir, attempts)
+        else:
+            node.restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+
+        def check_start(step: int) -> None:
+            reason = stop_reason(runs.read_attempts(run_dir), step, node.restart, cfg)
             if reason:
-                write_stop_report(run_dir, reason, start_step)
+                write_stop_report(run_dir, reason, step)
                 raise RunStopped(reason)
-            runs.record_start(run_dir, env.job_id, restarts, start_step)
+
         watcher = EvalWatcher(run_dir, cfg) if rank0 and env.cluster == "slurm" and cfg.eval.at_steps else None
         if watcher:
             watcher.start()
         try:
-            outcome = train(cfg, run_dir, open_tracker(cfg, run_dir) if rank0 else None, stop=stop)
-        except Exception as err:
+            result = run_agent(cfg, run_dir, node, check_start)
+        except RunStopped:
+            raise
+        except Exception as err:  # no rendezvous (too few nodes), the agent itself failed
             if rank0:
-                self._after_failure(env, run_dir, cfg, err, restarts)
-            else:  # give rank 0 time to record the failure and requeue before srun ends the step
-                time.sleep(FAILURE_GRACE_S)
+                self._after_failure(env, run_dir, cfg, f"{type(err).__name__}: {first_line(err)}", node.restart)
             raise
         finally:
             if watcher:
                 watcher.stop()
-        if rank0:
-            step = runs.latest_step(run_dir)
-            runs.record_end(run_dir, outcome.value, step)
-            if outcome.requeue:
-                reason = stop_reason([], step, restarts + 1, cfg)
-                if reason:
-                    write_stop_report(run_dir, reason, step)
-                    raise RunStopped(reason)
-                print(f"regscale: {outcome.value} at step {step}: requeueing (requeue {restarts + 1} of "
-                      f"at most {cfg.slurm.max_requeues})", flush=True)
-                requeue(env, outcome)
-            elif outcome is Outcome.INTERRUPTED:  # the job fails: its evaluation must not start
-                reason = f"interrupted (SIGINT) at step {step}"
+        if not rank0:
+            return "node done"
+        if result.failed:
+            self._after_failure(env, run_dir, cfg, result.reason, node.restart)
+            raise RunStopped(result.reason)
+        outcome = result.outcome or Outcome.COMPLETED
+        step = runs.latest_step(run_dir)
+        if outcome.requeue:
+            reason = stop_reason([], step, node.restart + 1, cfg)
+            if reason:
                 write_stop_report(run_dir, reason, step)
                 raise RunStopped(reason)
+            print(f"regscale: {outcome.value} at step {step}: requeueing (requeue {node.restart + 1} of "
+                  f"at most {cfg.slurm.max_requeues})", flush=True)
+            requeue(env, outcome)
+        elif outcome is Outcome.INTERRUPTED:  # the job fails: its evaluation must not start
+            reason = f"interrupted (SIGINT) at step {step}"
+            write_stop_report(run_dir, reason, step)
+            raise RunStopped(reason)
         return outcome.value
 
-    def _after_failure(self, env: submitit.JobEnvironment, run_dir: Path, cfg: Config, err: Exception,
+    def _after_failure(self, env: submitit.JobEnvironment, run_dir: Path, cfg: Config, error: str,
                        restarts: int) -> None:
-        """Record the failure; requeue unless the run is failing over and over at the same step."""
+        """The group failed for good in this job start: requeue, unless the run keeps failing at
+        the same step or has used up its requeues (then the stop report says why)."""
         step = runs.latest_step(run_dir)
-        runs.record_end(run_dir, Outcome.FAILED.value, step, error=f"{type(err).__name__}: {err}")
-        if not isinstance(err, UserError):  # a UserError's message says it all
-            traceback.print_exc()
+        attempts = runs.read_attempts(run_dir)
+        if attempts and not attempts[-1].ends:  # the agent failed before its processes could say why
+            runs.record_end(run_dir, Outcome.FAILED.value, step, error)
         reason = stop_reason(runs.read_attempts(run_dir), step, restarts + 1, cfg)
         if reason:
             write_stop_report(run_dir, reason, step)
             return
-        print(f"regscale: training failed at step {step}; requeueing to retry from the newest "
+        print(f"regscale: training failed at step {step} ({error}); requeueing to retry from the newest "
               "checkpoint", file=sys.stderr, flush=True)
         requeue(env, Outcome.FAILED)
+
+
+def node_job(env: submitit.JobEnvironment) -> NodeJob:
+    """This task's node in the training job (one task per node), and where the rendezvous is."""
+    from regscale.launch.agent import NodeJob, free_port, rendezvous_port
+
+    if env.cluster != "slurm":
+        return NodeJob(env.job_id, 0, 0, 1, "127.0.0.1", free_port())
+    job = os.environ.get("SLURM_JOB_ID", env.job_id)
+    return NodeJob(job, int(os.environ.get("SLURM_RESTART_COUNT", "0")), env.global_rank, env.num_nodes,
+                   env.hostnames[0], rendezvous_port(job))
+
+
+def close_unrecorded(run_dir: Path, attempts: list[runs.Attempt]) -> None:
+    """The newest attempt has no end: the job ended from outside before anything recorded it (the
+    node with the batch script lost, scancel, a kill). Record it from SLURM's accounting."""
+    if not attempts or attempts[-1].ends or attempts[-1].job_id == "resume":
+        return
+    last = attempts[-1]
+    state = _accounted_state(last.job_id)
+    runs.record_end(run_dir, "lost", runs.latest_step(run_dir),
+                    f"ended from outside (SLURM: {state})" if state else "ended from outside, unrecorded")
+
+
+def _accounted_state(job_id: str) -> Optional[str]:
+    """The state SLURM's accounting gives the newest finished run of a job (NODE_FAIL, CANCELLED, ...)."""
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "State,End"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    ended = [line.split("|")[0].split()[0] for line in out.splitlines()
+             if line.strip() and not line.endswith("|Unknown")]
+    return ended[-1] if ended else None
 
 
 class EvalJob(submitit.helpers.Checkpointable):

@@ -31,7 +31,7 @@ _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-&|\[\]*()!]+$")
 _EXTRA = re.compile(r"^--([a-z][a-z0-9-]*)(?:=([A-Za-z0-9_.,:@%+=/\-&|\[\]*()!]+))?$")
 # Options the launcher sets itself: a profile line must not silently fight them.
 _RESERVED = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time", "signal", "output",
-             "error", "array", "dependency", "job-name", "open-mode", "requeue", "no-requeue"}
+             "error", "array", "dependency", "job-name", "open-mode", "requeue", "no-requeue", "no-kill"}
 
 
 @dataclass
@@ -112,17 +112,21 @@ def check_value(what: str, value: str, pattern: re.Pattern = _NAME) -> None:
                         f"({shown}); nothing was submitted")
 
 
-def sbatch_parameters(cfg: Config, profile: Profile, job_name: str) -> dict[str, Any]:
-    """submitit AutoExecutor parameters for one task per GPU, recipe values over profile values."""
+def sbatch_parameters(cfg: Config, profile: Profile, job_name: str, *, per_node: bool = False) -> dict[str, Any]:
+    """submitit AutoExecutor parameters, recipe values over profile values: one task per GPU
+    (evaluation), or with `per_node` one task per node holding the node's GPUs and their CPUs
+    (training: the node's agent starts a process per GPU). A training job is not ended by SLURM
+    when one of its nodes fails (--no-kill): its agents go on with the nodes left."""
     s = cfg.slurm
     check_value("run.name", job_name)
+    tasks = 1 if per_node else s.gpus_per_node
     params: dict[str, Any] = dict(
         name=job_name,
         nodes=s.nodes,
-        cpus_per_task=s.cpus_per_task,
+        cpus_per_task=s.cpus_per_task * (s.gpus_per_node if per_node else 1),
         timeout_min=s.time_limit_min,
         slurm_signal_delay_s=s.signal_lead_s,
-        slurm_srun_args=["--kill-on-bad-exit=1"],
+        slurm_srun_args=["--no-kill"] if per_node else ["--kill-on-bad-exit=1"],
     )
     if profile.gpus_as_gres:
         params["gpus_per_node"] = s.gpus_per_node
@@ -138,21 +142,20 @@ def sbatch_parameters(cfg: Config, profile: Profile, job_name: str) -> dict[str,
     for key in ("mail_user", "mail_type"):
         if getattr(profile, key):
             params[f"slurm_{key}"] = getattr(profile, key)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"no-kill": True} if per_node else {}
     for line in profile.extra_sbatch:
         option, _, value = line[2:].partition("=")
         extra[option] = value if value else True
     if s.node_range == str(s.nodes):
-        params["tasks_per_node"] = s.gpus_per_node
+        params["tasks_per_node"] = tasks
     else:
         # SLURM sizes an allocation with a node range by its task count: with --ntasks-per-node it
         # takes the range's minimum even when more nodes are free. Without it, the allocation takes
         # as many nodes of the range as are free (--mincpus: the CPUs of a node's tasks), and srun
-        # starts one task per GPU on each (submitit's `nodes` is a count: the range goes in as is).
+        # starts the tasks on each (submitit's `nodes` is a count: the range goes in as is).
         extra.update(nodes=s.node_range, mincpus=s.gpus_per_node * s.cpus_per_task)
-        params["slurm_srun_args"].append(f"--ntasks-per-node={s.gpus_per_node}")
-    if extra:
-        params["slurm_additional_parameters"] = extra
+        params["slurm_srun_args"].append(f"--ntasks-per-node={tasks}")
+    params["slurm_additional_parameters"] = extra  # always: submitit keeps a key not given again
     return params
 
 

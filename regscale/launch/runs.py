@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from regscale.config import Config, load_saved_config
 from regscale.errors import UserError
@@ -87,22 +87,68 @@ def add_jobs(run_dir: Path, records: list[JobRecord]) -> None:
         write_atomic(run_dir / JOBS, json.dumps({"jobs": [asdict(j) for j in jobs]}, indent=1) + "\n")
 
 
+# How an attempt ended, besides the Outcome values: a process died, or hung (killed by its node's
+# agent), or the whole job ended from outside (the node with the batch script lost, scancel).
+FAILED_ENDS = ("failed", "hung", "lost")
+
+
+@dataclass
+class End:
+    """One report of how an attempt ended. A multi-process attempt can get several: the rank that
+    failed first (the cause) and the ranks that then waited for it in vain (secondary)."""
+
+    end: str
+    end_step: Optional[int]
+    ended_at: float
+    error: Optional[str] = None  # the first line of the error, the signal, or why it was deemed hung
+    rank: Optional[int] = None
+    host: Optional[str] = None
+    signal: Optional[str] = None
+    log: Optional[str] = None  # that rank's log
+    reached_step: Optional[int] = None  # the last step that rank finished, when known
+    secondary: bool = False  # a consequence of another rank's end (a peer's failure)
+
+
 @dataclass
 class Attempt:
-    """One start of the training job and how it ended (end is None while running or if killed)."""
+    """One start of the training processes (a job start, or an in-job restart: `round`) and how it
+    ended (end is None while running, or when nothing could record it)."""
 
     job_id: str
     restart: int
     start_step: int
     started_at: float
-    end: Optional[str] = None
-    end_step: Optional[int] = None
-    ended_at: Optional[float] = None
-    error: Optional[str] = None
+    round: int = 0  # in-job restarts before this attempt, within this start of the job
+    world_size: Optional[int] = None
+    nodes: Optional[int] = None
+    logs: Optional[str] = None  # the folder of its per-rank logs, relative to the run directory
+    ends: list[End] = field(default_factory=list)
+
+    @property
+    def cause(self) -> Optional[End]:
+        """The end that says why the attempt ended: the earliest that is not a consequence."""
+        primary = [e for e in self.ends if not e.secondary] or self.ends
+        return min(primary, key=lambda e: e.ended_at) if primary else None
+
+    @property
+    def end(self) -> Optional[str]:
+        return self.cause.end if self.cause else None
+
+    @property
+    def end_step(self) -> Optional[int]:
+        return self.cause.end_step if self.cause else None
+
+    @property
+    def ended_at(self) -> Optional[float]:
+        return self.cause.ended_at if self.cause else None
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.cause.error if self.cause else None
 
 
 def read_attempts(run_dir: Path) -> list[Attempt]:
-    """Attempts in order; an 'end' line completes the attempt started last by the same job."""
+    """Attempts in order; an 'end' line belongs to the attempt started last before it."""
     path = run_dir / ATTEMPTS
     attempts: list[Attempt] = []
     if not path.is_file():
@@ -114,18 +160,19 @@ def read_attempts(run_dir: Path) -> list[Attempt]:
             if event == "start":
                 attempts.append(Attempt(**entry))
             elif event == "resume":  # `regscale resume`: a fresh start, whatever failed before
-                attempts.append(Attempt("resume", 0, entry["step"], entry["at"], RESUMED, entry["step"],
-                                        entry["at"]))
+                attempts.append(Attempt("resume", 0, entry["step"], entry["at"],
+                                        ends=[End(RESUMED, entry["step"], entry["at"])]))
             elif attempts:
-                end = (entry["end"], entry["end_step"], entry["ended_at"], entry.get("error"))
-                attempts[-1].end, attempts[-1].end_step, attempts[-1].ended_at, attempts[-1].error = end
+                attempts[-1].ends.append(End(**entry))
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # a line torn by a crash mid-append (or mangled by hand): that event is unknown
     return attempts
 
 
 def _append(run_dir: Path, entry: dict) -> None:
+    """One line at the end of attempts.jsonl, under a lock: every node's agent may report an end."""
     with open(run_dir / ATTEMPTS, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":  # the last append was cut short by a crash: start a new line
@@ -135,14 +182,16 @@ def _append(run_dir: Path, entry: dict) -> None:
         os.fsync(f.fileno())
 
 
-def record_start(run_dir: Path, job_id: str, restart: int, start_step: int) -> None:
+def record_start(run_dir: Path, job_id: str, restart: int, start_step: int, *, round: int = 0,
+                 world_size: Optional[int] = None, nodes: Optional[int] = None, logs: Optional[str] = None) -> None:
     _append(run_dir, dict(event="start", job_id=job_id, restart=restart, start_step=start_step,
-                          started_at=time.time()))
+                          started_at=time.time(), round=round, world_size=world_size, nodes=nodes, logs=logs))
 
 
 def record_resume(run_dir: Path, step: int) -> None:
     _append(run_dir, dict(event="resume", step=step, at=time.time()))
 
 
-def record_end(run_dir: Path, end: str, end_step: int, error: Optional[str] = None) -> None:
-    _append(run_dir, dict(event="end", end=end, end_step=end_step, ended_at=time.time(), error=error))
+def record_end(run_dir: Path, end: str, end_step: int, error: Optional[str] = None, **details: Any) -> None:
+    """An end of the attempt started last; `details`: the other fields of `End`."""
+    _append(run_dir, dict(event="end", **asdict(End(end, end_step, time.time(), error, **details))))

@@ -161,7 +161,7 @@ def run_status(run_dir: Path) -> RunStatus:
     evals = [eval_status(run_dir, j, states, cfg.train.max_steps) for j in jobs if j.kind == "eval"]
     kept = [step_of(p.name) for p in published(run_dir / CHECKPOINTS)]
     return RunStatus(run_dir, last_train.id if last_train else "-", state,
-                     sum(a.job_id == last_train.id for a in attempts) - 1 if last_train and attempts else 0,
+                     sum(a.job_id == last_train.id and a.round == 0 for a in attempts) - 1 if last_train and attempts else 0,
                      step, ckpt, cfg.train.max_steps, rate, eta, evals, stop["reason"] if stop else None,
                      sorted(kept), attempts, stop)
 
@@ -195,19 +195,37 @@ def _when(unix: Optional[float]) -> str:
     return "-" if unix is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
 
 
-def _attempt_line(a: runs.Attempt) -> str:
+def _attempt_line(number: int, a: runs.Attempt) -> str:
+    """When and where an attempt started, and how it ended: the rank, host, signal or first error
+    line and log of the process that ended it (the others' ends are their consequences)."""
     if a.job_id == "resume":
-        return f"  attempt  {_when(a.started_at)}  regscale resume from step {a.start_step}"
-    end = "running (or killed)" if a.end is None else f"{a.end} at step {a.end_step} ({_when(a.ended_at)})"
-    error = f": {a.error}" if a.error else ""
-    return f"  attempt  {_when(a.started_at)}  job {a.job_id} restart {a.restart}, from step {a.start_step} -> {end}{error}"
+        return f"  resumed  {_when(a.started_at)}  regscale resume from step {a.start_step}"
+    where = f"job {a.job_id} restart {a.restart}" + (f" round {a.round}" if a.round else "")
+    size = f", {a.world_size} processes" if a.world_size else ""
+    cause = a.cause
+    if cause is None:
+        end = "running (or killed without a record)"
+    else:
+        end = f"{cause.end} at step {cause.end_step} ({_when(cause.ended_at)})"
+        if cause.end in runs.FAILED_ENDS:
+            who = f"rank {cause.rank} on {cause.host}: " if cause.rank is not None else ""
+            end += f": {who}{cause.error or 'no error recorded'}"
+            others = len(a.ends) - 1
+            if others:
+                end += f" (+{others} other rank{'s' if others > 1 else ''} ended with it)"
+            if cause.log:
+                end += f"; log {cause.log}"
+    return f"  attempt {number:<2} {_when(a.started_at)}  {where}{size}, from step {a.start_step} -> {end}"
 
 
 def _detail(st: RunStatus) -> list[str]:
     lines = [f"  run dir          {st.run_dir}",
              f"  checkpoints      {', '.join(map(str, st.checkpoints)) or 'none yet'}"
              + (f" (newest: step {st.ckpt_step})" if st.checkpoints else "")]
-    lines += [_attempt_line(a) for a in st.attempts]
+    numbered = [a for a in st.attempts if a.job_id != "resume"]
+    lines += [_attempt_line(numbered.index(a) + 1 if a in numbered else 0, a) for a in st.attempts]
+    if numbered:
+        lines.append(f"  logs             regscale logs {st.run_dir} [--attempt K] [--rank R] [--follow]")
     for ev in st.evals:
         lines.append(f"  eval job {ev.job_id:<8} {_evaluated(ev):<12} {ev.state:<10} FID {_fid(ev)}"
                      + (f"  {ev.record}" if ev.record else ""))

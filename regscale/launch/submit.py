@@ -74,7 +74,8 @@ def preflight(params: dict[str, Any]) -> None:
 
 
 class Launcher:
-    """A submitit executor for one run (or sweep) on one cluster kind, with its sbatch parameters."""
+    """A submitit executor for one run (or sweep) on one cluster kind, with the sbatch parameters of
+    its training jobs (one task per node: the node's agent) and evaluation jobs (one per GPU)."""
 
     def __init__(self, cfg: Config, cluster: str, folder: Path, profile: Optional[Profile] = None) -> None:
         import submitit
@@ -84,12 +85,14 @@ class Launcher:
         check_value("job folder", str(folder))
         self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)  # requeues: launch.job
         if cluster == "slurm":
-            self.params = sbatch_parameters(cfg, profile or load_profile(s.profile), str(cfg.run.name))
+            profile = profile or load_profile(s.profile)
+            self.params = sbatch_parameters(cfg, profile, str(cfg.run.name), per_node=True)
+            self.eval_params = sbatch_parameters(cfg, profile, str(cfg.run.name))
         else:
             if s.nodes != 1:
                 raise ConfigError(f"the local executor runs on one machine: slurm.nodes must be 1, got {s.nodes}")
-            self.params = dict(name=str(cfg.run.name), nodes=1, tasks_per_node=s.gpus_per_node,
-                               timeout_min=s.time_limit_min)
+            self.params = dict(name=str(cfg.run.name), nodes=1, tasks_per_node=1, timeout_min=s.time_limit_min)
+            self.eval_params = dict(self.params, tasks_per_node=s.gpus_per_node)
 
     def check(self) -> None:
         """SLURM's verdict on the request (partition, account, qos, resources); nothing on local."""
@@ -97,10 +100,13 @@ class Launcher:
             preflight(self.params)
 
     def submit(self, fn: Any, name: str, after: Optional[str] = None) -> Any:
-        """Submit one job; `after`: start only when that job completed (and die if it cannot)."""
+        """Submit one job (a TrainJob one task per node, others one per GPU); `after`: start only
+        when that job completed (and die if it cannot)."""
         import submitit
 
-        params = dict(self.params, name=name)
+        from regscale.launch.job import TrainJob
+
+        params = dict(self.params if isinstance(fn, TrainJob) else self.eval_params, name=name)
         if after is not None and self.cluster == "slurm":
             extra = dict(params.get("slurm_additional_parameters", {}), **{"kill-on-invalid-dep": "yes"})
             params.update(slurm_dependency=f"afterok:{after}", slurm_additional_parameters=extra)
@@ -111,7 +117,7 @@ class Launcher:
             raise UserError(f"sbatch refused the job: {' '.join(str(err).split())}") from None
 
     def submit_array(self, fns: list[Any], name: str) -> list[Any]:
-        """Submit one SLURM job array (or, locally, one job per function)."""
+        """Submit training jobs as one SLURM job array (or, locally, one job per function)."""
         self.executor.update_parameters(**dict(self.params, name=name))
         with self.executor.batch():
             jobs = [self.executor.submit(fn) for fn in fns]
@@ -321,7 +327,7 @@ def check_request(recipe: str, overrides: list[str], *, local: bool = False,
         if profile is None and cfg.slurm.nodes != 1:
             raise ConfigError(f"the local executor runs on one machine: slurm.nodes must be 1, got {cfg.slurm.nodes}")
         if profile is not None:
-            sbatch_parameters(cfg, profile, str(cfg.run.name))
+            sbatch_parameters(cfg, profile, str(cfg.run.name), per_node=True)
     if on_slurm_only:
         require_slurm_tools()
     if len({c.run.name for c in cfgs}) != len(cfgs):

@@ -1,16 +1,15 @@
-"""Health of a running job: non-finite steps, a hang watchdog, metrics (test-only faults are
-injected through regscale.faults)."""
+"""Health of a running job: non-finite steps, FLOPs and MFU, metrics (hangs: regscale.train.heartbeat;
+test-only faults are injected through regscale.faults)."""
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Optional
 
 import torch
 
@@ -38,34 +37,6 @@ class NonFiniteGuard:
     @property
     def rollback_due(self) -> bool:
         return self.in_a_row >= self.limit
-
-
-class Watchdog:
-    """Dumps every thread's stack to stderr and `path` when one step takes longer than timeout_s.
-
-    faulthandler's timer runs outside the interpreter lock, so it fires even when a rank is stuck
-    in a collective. `arm` before each step re-arms it; the process keeps running (a hang in a
-    collective also ends by the process group's own timeout).
-    """
-
-    def __init__(self, path: Path, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.path = path
-        self._file: Optional[TextIO] = None
-
-    def arm(self, timeout_s: Optional[float] = None) -> None:
-        if self.timeout_s <= 0:
-            return
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a")
-        faulthandler.dump_traceback_later(timeout_s or self.timeout_s, repeat=False, file=self._file)
-
-    def disarm(self) -> None:
-        faulthandler.cancel_dump_traceback_later()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def train_flops_per_image(cfg: Config) -> float:

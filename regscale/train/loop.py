@@ -37,8 +37,8 @@ from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
 from regscale.rundir import CONFIG, METRICS
 from regscale.train.checkpoint import Checkpointer, Published
-from regscale.train.health import (MetricsLog, NonFiniteGuard, Watchdog, device_peak_flops, memory_gb,
-                                   train_flops_per_image)
+from regscale.train.health import MetricsLog, NonFiniteGuard, device_peak_flops, memory_gb, train_flops_per_image
+from regscale.train.heartbeat import Heartbeat
 from regscale.train.noise import DERIVATION, SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
 from regscale.train.threads import pin_threads
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("regscale.train")
 
-FIRST_STEP_WATCHDOG_S = 3600.0  # the first step compiles and JIT-builds; give it time
 GRID_WAIT_S = 600.0  # at the end, the longest wait for a sample grid still being made
 
 
@@ -60,12 +59,14 @@ class Progress:
     rollbacks: int = 0
 
 
-def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop: Optional[StopFlag] = None) -> Outcome:
+def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop: Optional[StopFlag] = None,
+          heartbeat: Optional[Heartbeat] = None) -> Outcome:
     """Train (or resume) the run in `run_dir` until train.max_steps, a stop signal or the deadline.
 
     Returns the Outcome (preempted / deadline / interrupted after saving a checkpoint).
     Reads the distributed environment from torchrun, SLURM or a single process; `stop` is the
-    caller's StopFlag when it took over the signals earlier (the SLURM job does).
+    caller's StopFlag when it took over the signals earlier (the node agent's worker does), and
+    `heartbeat` its Heartbeat (default: the agent's, from the environment, if any).
     """
     from regscale.data.synthetic import ensure_synthetic_dataset
 
@@ -78,7 +79,8 @@ def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop:
     trainer = None
     outcome = Outcome.FAILED
     try:
-        trainer = Trainer(cfg, Path(run_dir), env, tracker if env.is_main else None)
+        heartbeat = heartbeat or Heartbeat.from_env(cfg.train.hang_timeout_s, cfg.train.first_step_timeout_s)
+        trainer = Trainer(cfg, Path(run_dir), env, tracker if env.is_main else None, heartbeat)
         outcome = trainer.run(stop)
         return outcome
     except KeyboardInterrupt:  # a second Ctrl-C: no agreement, no save
@@ -111,13 +113,14 @@ def _setup_logging() -> None:
 class Trainer:
     """The state of one training process; `run` is the loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Optional["Tracker"]) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Optional["Tracker"],
+                 heartbeat: Heartbeat) -> None:
         from regscale.data.stream import TrainStream
         from regscale.engine import build_engine
         from regscale.models import build_model_from_config
         from regscale.models.encoders import load_dinov2
 
-        self.cfg, self.run_dir, self.env, self.tracker = cfg, run_dir, env, tracker
+        self.cfg, self.run_dir, self.env, self.tracker, self.heartbeat = cfg, run_dir, env, tracker, heartbeat
         self.device = env.device
         self.plan = batch_plan(cfg.train, env.world_size)
         t = cfg.train
@@ -248,7 +251,6 @@ class Trainer:
         cfg, env = self.cfg, self.env
         t = cfg.train
         deadline = self.deadline
-        watchdog = Watchdog(self.run_dir / "stacks" / f"rank{env.rank:05d}.txt", t.watchdog_s)
         guard = NonFiniteGuard(t.max_nonfinite_steps, self.progress.nonfinite_total)
         window = _Window(self.device)
         outcome = Outcome.COMPLETED
@@ -260,50 +262,47 @@ class Trainer:
                      "accumulation = %d images/step, engine %s", self.run_dir, self.progress.step,
                      t.max_steps, env.world_size, self.plan.micro, self.plan.accumulation,
                      self.plan.global_batch, self.engine.kind)
-        watchdog.arm(max(t.watchdog_s, FIRST_STEP_WATCHDOG_S))
         first = True
         slow_s = faults.slow_step_s()
-        try:
-            while self.progress.step < t.max_steps:
-                p = self.progress
-                t0 = time.perf_counter()
-                result, sums, wait = self._train_step(p.step, faults.due("NAN", p.step))
-                if slow_s:
-                    time.sleep(slow_s)
-                guard.record(result.applied)
-                if result.applied:
-                    self.engine.update_ema(t.ema_decay)
-                p.step += 1
-                p.images += self.plan.global_batch
-                p.nonfinite_total = guard.total
-                step_s = time.perf_counter() - t0
-                deadline.observe(step_s=step_s)
-                window.add(result, sums, wait, step_s, self.plan.accumulation)
-                watchdog.arm()
-                if first:
-                    first = False
-                    self.metrics.log({M.FIRST_STEP_S: time.time() - _process_start()}, p.step)
-                if not result.applied:
-                    log.warning("step %d: non-finite gradient norm, step skipped (%d in a row, %d "
-                                "in total)", p.step, guard.in_a_row, guard.total)
-                if guard.rollback_due:
-                    self._rollback(guard)
-                    continue
-                stop_now = self._agree(stop, deadline)
-                if stop_now:
-                    outcome = stop_now
-                    self._save(blocking=True)
-                    self._say_stopped(outcome)
-                    break
-                if p.step % t.ckpt_every == 0 or p.step == t.max_steps:
-                    self._save(blocking=p.step == t.max_steps)
-                if p.step % t.log_every == 0:
-                    self._log(window, guard)
-                    window = _Window(self.device)
-            self._published(self.checkpointer.finish())
-            dist.barrier("finish training (the last checkpoint is published)")
-        finally:
-            watchdog.disarm()
+        while self.progress.step < t.max_steps:
+            p = self.progress
+            t0 = time.perf_counter()
+            result, sums, wait = self._train_step(p.step, faults.due("NAN", p.step))
+            if slow_s:
+                time.sleep(slow_s)
+            guard.record(result.applied)
+            if result.applied:
+                self.engine.update_ema(t.ema_decay)
+            p.step += 1
+            p.images += self.plan.global_batch
+            p.nonfinite_total = guard.total
+            step_s = time.perf_counter() - t0
+            deadline.observe(step_s=step_s)
+            window.add(result, sums, wait, step_s, self.plan.accumulation)
+            self.heartbeat.beat(p.step)
+            if first:
+                first = False
+                self.metrics.log({M.FIRST_STEP_S: time.time() - _process_start()}, p.step)
+            if not result.applied:
+                log.warning("step %d: non-finite gradient norm, step skipped (%d in a row, %d "
+                            "in total)", p.step, guard.in_a_row, guard.total)
+            if guard.rollback_due:
+                self._rollback(guard)
+                continue
+            stop_now = self._agree(stop, deadline)
+            if stop_now:
+                outcome = stop_now
+                self._save(blocking=True)
+                self._say_stopped(outcome)
+                break
+            if p.step % t.ckpt_every == 0 or p.step == t.max_steps:
+                self._save(blocking=p.step == t.max_steps)
+            if p.step % t.log_every == 0:
+                self._log(window, guard)
+                window = _Window(self.device)
+        self.heartbeat.waiting(t.first_step_timeout_s)
+        self._published(self.checkpointer.finish())
+        dist.barrier("finish training (the last checkpoint is published)")
         return outcome
 
     def _agree(self, stop: StopFlag, deadline: Deadline) -> Optional[Outcome]:
@@ -352,6 +351,8 @@ class Trainer:
         """Checkpoint this step; a save still in flight is published (and recorded) first."""
         if self.progress.step == self.checkpointer.last_saved:
             return
+        if blocking:
+            self.heartbeat.waiting(self.cfg.train.first_step_timeout_s)
         self._published(self.checkpointer.finish())
         self._published(self.checkpointer.save(self.progress.step, self._manifest, blocking=blocking))
 
@@ -394,6 +395,7 @@ class Trainer:
             raise RuntimeError(f"{guard.in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
                                f"{guard.limit}) and no checkpoint to roll back to")
         skipped, total = guard.in_a_row, guard.total
+        self.heartbeat.waiting(self.cfg.train.first_step_timeout_s)
         self._restore(*found)
         self.progress.rollbacks += 1
         self.progress.nonfinite_total = total
