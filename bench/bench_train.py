@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from regscale.rundir import CHECKPOINTS, METRICS
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "smoke.yaml"
 
@@ -62,7 +64,7 @@ def run(run_dir: Path, data: Path, overrides: list[str], nproc: int, peak: float
 
 
 def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
 
 
 def throughput(args: argparse.Namespace, work: Path) -> None:
@@ -106,7 +108,7 @@ def checkpoint_stall(args: argparse.Namespace, work: Path) -> None:
             f"engine.async_checkpoint={mode == 'async'}", f"data.num_workers={args.workers}"]
         run(work / name, args.data, over, args.nproc, args.peak)
         stalls = [r["ckpt/stall_s"] for r in rows(work / name) if "ckpt/stall_s" in r][:-1]
-        manifest = json.loads((work / name / "checkpoints" / "step_00000009" / "manifest.json").read_text())
+        manifest = json.loads((work / name / CHECKPOINTS / "step_00000009" / "manifest.json").read_text())
         print(f"{engine:6} {mode:9} {sum(stalls) / len(stalls):8.3f} {len(stalls):5d} "
               f"{manifest['total_bytes'] / 1e6:8.1f}", flush=True)
 

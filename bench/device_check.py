@@ -294,7 +294,9 @@ def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional
 
 
 def checkpoint_bytes(run_dir: Path) -> Optional[int]:
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    from regscale.rundir import CHECKPOINTS
+
+    ckpts = sorted((run_dir / CHECKPOINTS).glob("step_*"))
     if not ckpts:
         return None
     return sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file())

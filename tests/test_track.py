@@ -25,7 +25,8 @@ from PIL import Image
 from regscale.cli import main
 from regscale.config import load_config
 from regscale.errors import UserError
-from regscale.track.lineage import RUN_ID_FILE, config_params
+from regscale.rundir import METRICS, MLARTIFACTS, MLFLOW_DB, MLFLOW_PENDING, MLFLOW_RUN_ID, MLFLOW_UI_LOG
+from regscale.track.lineage import config_params
 from regscale.track.mlflow import Tracker, register_run
 from regscale.track.ui import check_port
 from tests.fixtures.mlflow import free_port
@@ -64,7 +65,7 @@ def test_run_logs_params_metrics_tags_and_artifacts(mlflow_server, tmp_path, exp
         tracker.log_image(grid_png(tmp_path / "grid.png", (255, 0, 0)), 10)
         tracker.set_tags({"resumed_from": ""})
     client = MlflowClient(mlflow_server.url)
-    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    run_id = (run_dir / MLFLOW_RUN_ID).read_text().strip()
     assert run_id == tracker.run_id
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -123,7 +124,7 @@ def test_killed_and_resumed_run_continues_the_same_run(mlflow_server, tmp_path, 
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert (run_dir / RUN_ID_FILE).read_text().strip() == run_id
+    assert (run_dir / MLFLOW_RUN_ID).read_text().strip() == run_id
     assert client.get_run(run_id).info.status == "RUNNING"  # killed: nobody could say otherwise
 
     # the requeued job: its checkpoint was at step 20, so steps 25 and 30 are replayed
@@ -248,7 +249,7 @@ def test_server_outage_does_not_stop_training(mlflow_server, tmp_path, experimen
         assert late.run_id is None
         late.log_metrics({"loss": 0.25}, 5)
         late.finish("FINISHED", timeout=2)
-        assert list((tmp_path / "runs" / "late").glob("mlflow_pending*.json"))
+        assert list((tmp_path / "runs" / "late").glob(f"{MLFLOW_PENDING}*.json"))
     finally:  # back on the same port and store, through `regscale ui`
         mlflow_server.start(via_ui=True)
     assert mlflow_server.banner.startswith(f"MLflow UI ready at {mlflow_server.url} ")
@@ -266,7 +267,7 @@ def test_server_outage_does_not_stop_training(mlflow_server, tmp_path, experimen
     assert late.flush(60)
     late.finish("FINISHED")
     assert steps_of(client, late.run_id, "loss") == [5]
-    assert not list((tmp_path / "runs" / "late").glob("mlflow_pending*.json"))
+    assert not list((tmp_path / "runs" / "late").glob(f"{MLFLOW_PENDING}*.json"))
 
 
 def test_backlog_goes_in_flight_whole_and_once_and_a_refusal_drops_only_its_batch(mlflow_server, tmp_path,
@@ -305,15 +306,15 @@ def test_default_store_is_sqlite_in_run_dir(tmp_path, experiment):
     cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"mlflow.experiment={experiment}"])
     with Tracker.open(cfg, tmp_path / "runs" / "smoke") as tracker:
         tracker.log_metrics({"loss": 1.0}, 5)
-    assert tracker.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert tracker.uri == f"sqlite:///{tmp_path / 'runs' / MLFLOW_DB}"
     client = MlflowClient(tracker.uri)
     assert steps_of(client, tracker.run_id, "loss") == [5]
     artifacts = client.get_run(tracker.run_id).info.artifact_uri
-    assert artifacts.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
+    assert artifacts.startswith((tmp_path / "runs" / MLARTIFACTS).as_uri())
     # no store there: `compare` and `ui` say so in one line (exit 2)
     assert main(["compare", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
     assert main(["ui", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
-    assert (tmp_path / "runs" / "mlartifacts").is_dir()
+    assert (tmp_path / "runs" / MLARTIFACTS).is_dir()
 
 
 def test_unreadable_pending_files_are_kept_and_skipped(tmp_path, experiment, caplog):
@@ -346,11 +347,11 @@ def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, 
     client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name(experiment)
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_id == (tmp_path / "runs" / "tracked" / RUN_ID_FILE).read_text().strip()
+    assert run.info.run_id == (tmp_path / "runs" / "tracked" / MLFLOW_RUN_ID).read_text().strip()
     assert run.info.status == "FINISHED"
     assert run.data.params == config_params(load_config(SMOKE, overrides))
     assert run.data.tags["world_size"] == "2" and run.data.tags["engine"] == "fsdp"
-    jsonl = [json.loads(line) for line in (tmp_path / "runs" / "tracked" / "metrics.jsonl").open()]
+    jsonl = [json.loads(line) for line in (tmp_path / "runs" / "tracked" / METRICS).open()]
     logged = {row["step"]: row["loss"] for row in jsonl if "loss" in row}
     history = client.get_metric_history(run.info.run_id, "loss")
     assert {m.step: m.value for m in history} == logged and sorted(logged) == [1, 2]
@@ -359,7 +360,7 @@ def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, 
 
 
 def test_ui_refuses_bad_port_and_workers(tmp_path, capsys):
-    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("e")  # a store is there; nothing may start
+    MlflowClient(f"sqlite:///{tmp_path / MLFLOW_DB}").create_experiment("e")  # a store is there; nothing may start
     for args, message in ((["--port", "0"], "--port 0: expected a port number from 1 to 65535"),
                           (["--port", "70000"], "--port 70000: expected a port number from 1 to 65535"),
                           (["--workers", "0", "--port", str(free_port())], "--workers 0: expected 1 to "),
@@ -372,7 +373,7 @@ def test_ui_refuses_bad_port_and_workers(tmp_path, capsys):
         port = busy.getsockname()[1]
         assert main(["ui", "--runs-dir", str(tmp_path), "--port", str(port)]) == 2
         assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
-    assert not (tmp_path / "mlflow-ui.log").exists()
+    assert not (tmp_path / MLFLOW_UI_LOG).exists()
 
 
 def _alive(processes: list) -> list:
@@ -420,5 +421,5 @@ def test_ui_is_ready_when_it_answers_and_a_signal_stops_its_whole_tree(tmp_path,
     assert ui.returncode == 0 and out.strip() == "MLflow UI stopped" and "Traceback" not in err
     assert _alive(tree) == []
     check_port(port)  # nothing listens on the port any more (a new server could bind it)
-    log = (runs_dir / "mlflow-ui.log").read_text()
+    log = (runs_dir / MLFLOW_UI_LOG).read_text()
     assert "Uvicorn running" in log and "/health" not in log and "runs/search" not in log

@@ -27,10 +27,10 @@ from typing import Any, Callable, Optional
 from regscale.errors import UserError, first_line
 from regscale.fsutil import write_atomic
 from regscale.metrics import EVAL_PREFIX
+from regscale.rundir import MLFLOW_PENDING
 from regscale.track.client import BATCH, CONNECT_TIMEOUT_S, is_permanent, log_batch
 from regscale.track.lineage import RunRef, eval_run
 
-PENDING_PREFIX = "mlflow_pending"
 IN_FLIGHT = 8  # metric batches (of <= BATCH values) sent at once when a backlog has built up
 _MAX_BACKOFF_S = 30.0
 
@@ -69,7 +69,7 @@ class Outbox:
     def load_pending(self, run_id: Optional[str]) -> None:
         """Queue what earlier attempts of run `run_id` saved undelivered (their final status is
         superseded by this attempt's)."""
-        for path in sorted(self.run_dir.glob(f"{PENDING_PREFIX}*.json")):
+        for path in sorted(self.run_dir.glob(f"{MLFLOW_PENDING}*.json")):
             try:
                 saved = json.loads(path.read_text())
                 saved_run, ops = saved["run_id"], [op for op in saved["ops"] if op["op"] != "status"]
@@ -126,7 +126,7 @@ class Outbox:
         self._retry_at = now + min(_MAX_BACKOFF_S, 2.0 ** doublings)
 
     def _save_pending(self) -> None:
-        path = self.run_dir / f"{PENDING_PREFIX}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
+        path = self.run_dir / f"{MLFLOW_PENDING}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
         write_atomic(path, json.dumps({"run_id": self.run.run_id if self.run else None, "ops": list(self._ops)}))
         self._forget_consumed()
         log.warning("MLflow: %d undelivered entries saved to %s; the next Tracker.open of this run "

@@ -35,7 +35,7 @@ from regscale.config import (Config, ConfigError, batch_plan, changes_numbers, c
 from regscale.engine.base import BF16_NUMERICS, precision_autocast
 from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
-from regscale.rundir import CONFIG, METRICS
+from regscale.rundir import CONFIG, DRAWS, METRICS, STACKS
 from regscale.train.checkpoint import Checkpointer, Published
 from regscale.train.health import (MetricsLog, NonFiniteGuard, Watchdog, device_peak_flops, memory_gb,
                                    train_flops_per_image)
@@ -137,7 +137,7 @@ class Trainer:
         self.checkpointer.prepare()
         self.stream = TrainStream(cfg.data, t, env.rank, env.world_size, self.plan.micro)
         self.noise = SampleNoise(t.seed, cfg.model.cls_token_dim, cfg.loss.time_sampling, self.device,
-                                 trace=run_dir / "draws" / f"rank{env.rank:05d}.jsonl")
+                                 trace=run_dir / DRAWS / f"rank{env.rank:05d}.jsonl")
         self._batches = None
         self.progress = Progress()
         self.metrics = MetricsLog(run_dir / METRICS, tracker, enabled=env.is_main)
@@ -248,7 +248,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         t = cfg.train
         deadline = self.deadline
-        watchdog = Watchdog(self.run_dir / "stacks" / f"rank{env.rank:05d}.txt", t.watchdog_s)
+        watchdog = Watchdog(self.run_dir / STACKS / f"rank{env.rank:05d}.txt", t.watchdog_s)
         guard = NonFiniteGuard(t.max_nonfinite_steps, self.progress.nonfinite_total)
         window = _Window(self.device)
         outcome = Outcome.COMPLETED
