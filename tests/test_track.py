@@ -25,7 +25,8 @@ from PIL import Image
 from regscale.cli import main
 from regscale.config import load_config
 from regscale.errors import UserError
-from regscale.rundir import METRICS, MLARTIFACTS, MLFLOW_DB, MLFLOW_PENDING, MLFLOW_RUN_ID, MLFLOW_UI_LOG
+from regscale.rundir import (METRICS, MLARTIFACTS, MLFLOW_DB, MLFLOW_OUTBOX, MLFLOW_PENDING, MLFLOW_REJECTED,
+                             MLFLOW_RUN_ID, MLFLOW_UI_LOG)
 from regscale.track.lineage import config_params
 from regscale.track.mlflow import Tracker, register_run
 from regscale.track.ui import check_port
@@ -317,21 +318,40 @@ def test_default_store_is_sqlite_in_run_dir(tmp_path, experiment):
     assert (tmp_path / "runs" / MLARTIFACTS).is_dir()
 
 
-def test_unreadable_pending_files_are_kept_and_skipped(tmp_path, experiment, caplog):
-    """A pending file that is not what the tracker wrote (cut, foreign) does not stop training from
-    being tracked; it stays on disk, named in a warning."""
+def test_undeliverable_pending_entries_move_aside_and_delivery_goes_on(tmp_path, experiment, caplog):
+    """What the tracker cannot deliver from the pending files on disk (a cut file, a foreign one, an
+    operation of unknown kind or without its fields) moves to mlflow_outbox/rejected/ with one
+    warning per file; the good entries beside it are delivered, and the next open finds nothing."""
     caplog.set_level(logging.WARNING, logger="regscale.track")
     run_dir = tmp_path / "runs" / "smoke"
     run_dir.mkdir(parents=True)
-    bad = {"mlflow_pending-cut.json": '{"run_id": null, "ops": [', "mlflow_pending-foreign.json": '{"run_id": null}'}
-    for name, text in bad.items():
+    good = {"op": "metrics", "metrics": {"loss": 2.0}, "step": 3, "ts": 1000}
+    bad = [{"op": "frobnicate", "x": 1}, {"op": "metrics", "metrics": {"loss": 9.0}}, ["not", "an", "op"]]
+    unreadable = {f"{MLFLOW_PENDING}-cut.json": '{"run_id": null, "ops": [',
+                  f"{MLFLOW_PENDING}-foreign.json": '{"run_id": null}',
+                  f"{MLFLOW_PENDING}-ops-not-a-list.json": '{"run_id": null, "ops": {"op": "tags"}}'}
+    for name, text in unreadable.items():
         (run_dir / name).write_text(text)
+    mixed = f"{MLFLOW_PENDING}-mixed.json"
+    (run_dir / mixed).write_text(json.dumps({"run_id": None, "ops": [bad[0], good, *bad[1:]]}))
     cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"mlflow.experiment={experiment}"])
     with Tracker.open(cfg, run_dir) as tracker:
         tracker.log_metrics({"loss": 1.0}, 5)
-    assert steps_of(MlflowClient(tracker.uri), tracker.run_id, "loss") == [5]
-    assert {p.name: p.read_text() for p in run_dir.glob("mlflow_pending*")} == bad
-    assert sum("is unreadable" in r.getMessage() for r in caplog.records) == 2
+    assert steps_of(MlflowClient(tracker.uri), tracker.run_id, "loss") == [3, 5]
+    assert not list(run_dir.glob(f"{MLFLOW_PENDING}*"))
+    rejected = run_dir / MLFLOW_OUTBOX / MLFLOW_REJECTED
+    assert {p.name: p.read_text() for p in rejected.iterdir() if p.name != mixed} == unreadable
+    assert json.loads((rejected / mixed).read_text()) == {"run_id": None, "ops": bad}
+    warnings = [r.getMessage() for r in caplog.records if str(rejected) in r.getMessage()]
+    assert len(warnings) == 4 and sum("is unreadable" in w for w in warnings) == 3
+    assert [w for w in warnings if mixed in w and "3 of the 4 entries" in w and "unknown operation 'frobnicate'" in w]
+    # a later attempt of the run finds nothing left to move or warn about
+    caplog.clear()
+    with Tracker.open(cfg, run_dir) as tracker:
+        pass
+    assert not [r for r in caplog.records if "MLflow" in r.getMessage()]
+    with pytest.raises(ValueError, match="unknown operation 'frobnicate'"):  # a bug of the caller, at once
+        tracker._outbox.put(bad[0])
 
 
 def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, experiment):
