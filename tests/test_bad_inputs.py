@@ -110,7 +110,8 @@ def materials(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.fixtures.data import make_imagefolder
 
     root = tmp_path_factory.mktemp("bad-inputs")
-    ensure_synthetic_dataset(load_config(SMOKE, [f"data.path={root / 'data'}", "data.synthetic=16"]))
+    smoke = load_config(SMOKE, [f"data.path={root / 'data'}", "data.synthetic=16"])
+    ensure_synthetic_dataset(smoke.data, smoke.model.num_classes)
     shutil.rmtree(root / "data.images")
     run = root / "runs" / "r1"
     run.mkdir(parents=True)

@@ -111,7 +111,8 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     common = [f"run.dir={root / 'runs'}", f"data.path={root / 'data'}", "data.synthetic=32",
               "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=2",
               "slurm.gpus_per_node=1", "eval.num_samples=8", "eval.batch_size=8", "eval.steps=2"]
-    ensure_synthetic_dataset(load_config(SMOKE, common))  # once, before four jobs read it
+    smoke = load_config(SMOKE, common)
+    ensure_synthetic_dataset(smoke.data, smoke.model.num_classes)  # once, before four jobs read it
     # a dataset whose shards changed in place (same sizes): submit's cheap checks pass, training's
     # per-shard hash check fails before any sample is used
     broken = root / "broken"

@@ -71,8 +71,8 @@ def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop:
 
     _setup_logging()
     stop = (stop or StopFlag()).install()
-    pin_threads(cfg)  # before the smoke data's VAE pass too: its latents depend on the thread count
-    ensure_synthetic_dataset(cfg)  # smoke runs: rank 0 generates, the others wait (bounded)
+    pin_threads(cfg.slurm)  # before the smoke data's VAE pass too: its latents depend on the thread count
+    ensure_synthetic_dataset(cfg.data, cfg.model.num_classes)  # smoke runs: rank 0 generates, the others wait (bounded)
     owns_group = not torch.distributed.is_initialized()
     env = dist.setup()
     trainer = None
@@ -125,7 +125,7 @@ class Trainer:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = t.tf32
             torch.backends.cudnn.allow_tf32 = t.tf32
-        self.threads = pin_threads(cfg)
+        self.threads = pin_threads(cfg.slurm)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model_from_config(cfg.model)
         self.encoder = load_dinov2(cfg.encoder, embed_dim=cfg.model.cls_token_dim,
