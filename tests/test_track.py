@@ -193,7 +193,8 @@ def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experimen
     assert children[1].data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
 
 
-def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, capsys):
+def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # the table whole, whatever terminal runs the tests
     for name, lr, fids, base in (("reg-a", "1e-4", {100: 40.0, 200: 20.0, 300: 22.0}, 1.0),
                                  ("reg-b", "2e-4", {100: 35.0, 200: 28.0}, 0.8)):
         cfg = make_cfg(tmp_path, mlflow_server.url, experiment, f"run.name={name}", f"train.lr={lr}")
@@ -229,6 +230,38 @@ def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, ca
     with out_csv.open() as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["reg-a"]
     assert main(["compare", "nope", "--tracking-uri", mlflow_server.url, "--experiment", experiment]) == 2
+
+
+def test_compare_fits_a_narrow_terminal(tmp_path, experiment, capsys, monkeypatch):
+    """In an 80 or 100 column terminal the table fits: every run name and best FID (with its step)
+    on one line, whole; the run id shortened; the rest folded (a real SQLite store, 4 runs)."""
+    runs = {"reg-xl2-lr1e-4-ema9999": ("1e-4", "256", 20.0), "reg-xl2-lr2e-4-ema9999": ("2e-4", "256", 28.125),
+            "reg-xl2-lr2e-4-bs512": ("2e-4", "512", 31.5), "sit-xl2-baseline": ("1e-4", "256", None)}
+    ids = []
+    for name, (lr, batch, fid) in runs.items():
+        cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"run.name={name}", f"train.lr={lr}",
+                                  f"train.batch_size={batch}", f"mlflow.experiment={experiment}"])
+        with Tracker.open(cfg, tmp_path / "runs" / name) as tracker:
+            tracker.log_metrics({"loss": 0.5, "images_per_s": 1234.5}, 260)
+            if fid is not None:
+                tracker.log_eval({"fid": fid} if name != "reg-xl2-lr2e-4-bs512" else {"fid_not_comparable": fid},
+                                 200, {"num_samples": 64})
+        ids.append(tracker.run_id)
+    tables = {}
+    for columns in (80, 100, 1000):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        assert main(["compare", "--runs-dir", str(tmp_path / "runs"), "--experiment", experiment]) == 0
+        tables[columns] = capsys.readouterr().out
+        lines = tables[columns].splitlines()
+        assert max(map(len, lines)) <= columns
+        rows = {name: next(line for line in lines if line.startswith(name + " ")) for name in runs}
+        for (name, (_, _, fid)), run_id in zip(runs.items(), ids):
+            shown = rows[name].split()
+            assert shown[1] == run_id[:len(shown[1])] and 4 <= len(shown[1]) <= 8
+            assert shown[6:8] == ([f"{fid:.2f}" + ("*" if name == "reg-xl2-lr2e-4-bs512" else ""), "200"]
+                                  if fid is not None else ["-", "-"])
+    assert "* a random Inception network's FID: not comparable" in tables[80]
+    assert "train.batch_size" in tables[1000] and "train.batch_size" not in tables[80]  # folded
 
 
 def test_server_outage_does_not_stop_training(mlflow_server, tmp_path, experiment, caplog):
