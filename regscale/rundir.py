@@ -41,6 +41,7 @@ MLFLOW_REJECTED = "rejected"  # in MLFLOW_OUTBOX: entries that could never be de
 MLFLOW_DB = "mlflow.db"
 MLARTIFACTS = "mlartifacts"
 MLFLOW_UI_LOG = "mlflow-ui.log"
+
 _STEP = re.compile(r"^step_(\d{8})$")
 
 

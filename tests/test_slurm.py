@@ -41,7 +41,7 @@ import torch
 from regscale.config import load_config
 from regscale.launch import runs
 from regscale.engine.export import load_consolidated
-from regscale.rundir import CONFIG, EVAL, EVAL_RECORD, JOB_FOLDER, METRICS
+from regscale.rundir import CONFIG, EVAL, EVAL_RECORD, JOB_FOLDER, METRICS, STOP_REPORT
 from tests.fixtures.slurm import (HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, set_node,
                                   wait_until)
 from tests.fixtures.train import (ELASTIC_RTOL, launch_train, losses, max_relative_difference, ok,
@@ -346,7 +346,7 @@ def test_failing_training_stops_with_a_report_and_cancels_eval(scenarios: dict) 
     attempts = runs.read_attempts(run.run_dir)
     assert [(a.start_step, a.end) for a in attempts[:2]] == [(0, "failed"), (0, "failed")]
     assert attempts[1].error and "Error" in attempts[1].error
-    reports = list(run.run_dir.glob("stop_report.*.json"))  # `regscale resume` set it aside
+    reports = list(run.run_dir.glob(STOP_REPORT.replace(".json", ".*.json")))  # `regscale resume` set it aside
     assert len(reports) == 1
     assert "2 attempts in a row failed from the checkpoint at step 0" in json.loads(reports[0].read_text())["reason"]
 

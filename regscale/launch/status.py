@@ -16,7 +16,8 @@ from regscale.errors import UserError, debug, expected_failure
 from regscale.launch import runs
 from regscale.checkpoints import published
 from regscale.metrics import IMAGES_PER_S
-from regscale.rundir import CHECKPOINTS, CONFIG, EVAL, EVAL_RECORD, JOB_FOLDER, METRICS, STOP_REPORT, step_name, step_of
+from regscale.rundir import (CHECKPOINTS, CONFIG, EVAL, EVAL_RECORD, JOB_FOLDER, METRICS, STOP_REPORT, step_name,
+                             step_of)
 
 
 

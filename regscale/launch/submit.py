@@ -404,7 +404,7 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     launcher.check()
     stop = run_dir / STOP_REPORT
     if stop.is_file():
-        stop.rename(run_dir / f"stop_report.{int(time.time())}.json")
+        stop.rename(stop.with_name(f"{stop.stem}.{int(time.time())}{stop.suffix}"))
     write_atomic(run_dir / CONFIG, to_yaml(cfg))
     runs.record_resume(run_dir, step)
     print(f"resuming {run_dir} from step {step}")
