@@ -31,6 +31,7 @@ from sidebyside import device_name, synchronize
 from torch import nn
 
 from regscale.config import EncoderConfig, LossConfig
+from regscale.metrics import DATA_WAIT_S
 from regscale.models import build_model
 from regscale.objective import draw, reg_loss
 from regscale.sampling import sample
@@ -114,7 +115,7 @@ def bench_step(args, device: torch.device) -> None:
         seconds = sbs.median(times)
         print(f"  {name:36s} {seconds:8.3f} {args.batch / seconds:8.3f} {flops / seconds / 1e9:8.1f} "
               f"{flops / seconds / peak:9.0%} {sbs.median(cpu_times):10.3f}")
-    print(f"  data wait (regscale): {sbs.median(clock.metric('data_wait_s')[args.warmup:]):.4f} s/step")
+    print(f"  data wait (regscale): {sbs.median(clock.metric(DATA_WAIT_S)[args.warmup:]):.4f} s/step")
     if official is not None:
         wall, cpu = clock.speedups(), clock.speedups(cpu=True)
         print(f"  regscale / official speed: {sbs.median(wall):.2f}x wall, {sbs.median(cpu):.2f}x process CPU "

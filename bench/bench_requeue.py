@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from regscale.launch import runs  # noqa: E402
+from regscale.rundir import METRICS  # noqa: E402
 
 
 def sh(*cmd: str) -> str:
@@ -34,7 +35,7 @@ def sh(*cmd: str) -> str:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from regscale.metrics import CKPT_STALL_S, FIRST_STEP_S, IMAGES_PER_S, MFU, STEP_S
+from regscale.rundir import CHECKPOINTS, METRICS
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "smoke.yaml"
 
@@ -62,7 +65,7 @@ def run(run_dir: Path, data: Path, overrides: list[str], nproc: int, peak: float
 
 
 def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
 
 
 def throughput(args: argparse.Namespace, work: Path) -> None:
@@ -85,13 +88,13 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
                 name = f"tp-{size.replace('/', '')}-{engine}-{precision}"
                 shutil.rmtree(work / name, ignore_errors=True)
                 run(work / name, args.data, over, args.nproc, args.peak)
-                last = [r for r in rows(work / name) if "images_per_s" in r][-1]
+                last = [r for r in rows(work / name) if IMAGES_PER_S in r][-1]
                 cfg = load_config(SMOKE, over + [f"data.path={args.data}"])
                 flops = train_flops_per_image(cfg)
-                tflops = last["images_per_s"] * flops / 1e12
-                mfu = f"{100 * last['mfu']:.1f}%" if "mfu" in last else "n/a"
-                print(f"{size:6} {engine:6} {precision:5} {last['images_per_s']:8.2f} "
-                      f"{last['step_s']:7.3f} {flops / 1e9:10.2f} {tflops:8.4f} {mfu:>6}", flush=True)
+                tflops = last[IMAGES_PER_S] * flops / 1e12
+                mfu = f"{100 * last[MFU]:.1f}%" if MFU in last else "n/a"
+                print(f"{size:6} {engine:6} {precision:5} {last[IMAGES_PER_S]:8.2f} "
+                      f"{last[STEP_S]:7.3f} {flops / 1e9:10.2f} {tflops:8.4f} {mfu:>6}", flush=True)
 
 
 def checkpoint_stall(args: argparse.Namespace, work: Path) -> None:
@@ -105,8 +108,8 @@ def checkpoint_stall(args: argparse.Namespace, work: Path) -> None:
             "train.max_steps=9", "train.ckpt_every=2", "train.log_every=3", "train.keep_last=1",
             f"engine.async_checkpoint={mode == 'async'}", f"data.num_workers={args.workers}"]
         run(work / name, args.data, over, args.nproc, args.peak)
-        stalls = [r["ckpt/stall_s"] for r in rows(work / name) if "ckpt/stall_s" in r][:-1]
-        manifest = json.loads((work / name / "checkpoints" / "step_00000009" / "manifest.json").read_text())
+        stalls = [r[CKPT_STALL_S] for r in rows(work / name) if CKPT_STALL_S in r][:-1]
+        manifest = json.loads((work / name / CHECKPOINTS / "step_00000009" / "manifest.json").read_text())
         print(f"{engine:6} {mode:9} {sum(stalls) / len(stalls):8.3f} {len(stalls):5d} "
               f"{manifest['total_bytes'] / 1e6:8.1f}", flush=True)
 
@@ -122,7 +125,7 @@ def first_resumed_step(args: argparse.Namespace, work: Path) -> None:
             "train.ckpt_every=2", "train.log_every=1", f"data.num_workers={args.workers}"]
         run(work / name, args.data, over + ["train.max_steps=2"], args.nproc, args.peak)
         wall = run(work / name, args.data, over + ["train.max_steps=3"], args.nproc, args.peak)
-        first = [r["time/first_step_s"] for r in rows(work / name) if "time/first_step_s" in r][-1]
+        first = [r[FIRST_STEP_S] for r in rows(work / name) if FIRST_STEP_S in r][-1]
         print(f"{engine:6} {first:12.1f} {wall:13.1f}", flush=True)
 
 
@@ -147,7 +150,8 @@ def main() -> None:
         from regscale.data.synthetic import ensure_synthetic_dataset
 
         args.data = args.work / "data"
-        ensure_synthetic_dataset(load_config(SMOKE, [f"data.path={args.data}"]))
+        smoke = load_config(SMOKE, [f"data.path={args.data}"])
+        ensure_synthetic_dataset(smoke.data, smoke.model.num_classes)
     import torch
 
     print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, "

@@ -245,6 +245,7 @@ def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional
     """One `regscale.train.loop.train` run: warm-up, timed steps (beside the official step when
     `official` is a checkout); with `checkpoint`, one warm-up and one timed step, then an async save,
     one more step and the final blocking save of the whole training state."""
+    from regscale.metrics import CKPT_ASYNC, CKPT_STALL_S, DATA_WAIT_S
     from regscale.train.health import device_peak_flops, train_flops_per_image
 
     free_memory(device)
@@ -265,7 +266,7 @@ def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional
         "status": status, "step_s": step_s, "steps_s": clock.step_s, "images_s": images_s,
         "tflops": images_s * flops / 1e12, "gflop_per_image": flops / 1e9,
         "gflop_per_image_loop_formula": train_flops_per_image(cfg) / 1e9,
-        "first_step_s": clock.first_step_s, "data_wait_s": sbs.median(clock.metric("data_wait_s")[warmup:]),
+        "first_step_s": clock.first_step_s, "data_wait_s": sbs.median(clock.metric(DATA_WAIT_S)[warmup:]),
     }
     if peak:
         out["mfu_measured_peak"] = images_s * flops / peak
@@ -280,8 +281,8 @@ def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional
         out.update(official_step_s=official_s, official_steps_s=clock.between_s,
                    official_images_s=sizes.batch / official_s, speed_vs_official=official_s / step_s)
     if checkpoint:
-        stalls = clock.metric("ckpt/stall_s")
-        kinds = clock.metric("ckpt/async")
+        stalls = clock.metric(CKPT_STALL_S)
+        kinds = clock.metric(CKPT_ASYNC)
         out.update(async_stall_s=next((s for s, a in zip(stalls, kinds) if a), None),
                    blocking_stall_s=next((s for s, a in zip(stalls, kinds) if not a), None),
                    step_with_async_save_s=clock.after_s[0] if clock.after_s else None,
@@ -294,7 +295,9 @@ def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional
 
 
 def checkpoint_bytes(run_dir: Path) -> Optional[int]:
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    from regscale.rundir import CHECKPOINTS
+
+    ckpts = sorted((run_dir / CHECKPOINTS).glob("step_*"))
     if not ckpts:
         return None
     return sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file())

@@ -36,6 +36,8 @@ import torch
 from machine import cpu_features, cpu_name
 from torch import nn
 
+from regscale.metrics import LOSS
+
 REG_IMAGES = "imagenet_256_vae"  # the official dataset.py's image folder (regscale reads images/)
 
 
@@ -88,7 +90,7 @@ class StepClock:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.rows.append({"step": step, **metrics})
-        if "loss" not in metrics:  # first-step time, checkpoint stall: rows only
+        if LOSS not in metrics:  # first-step time, checkpoint stall: rows only
             return
         synchronize(self.device)
         seconds, cpu_seconds = time.perf_counter() - self.mark, time.process_time() - self.cpu_mark

@@ -15,8 +15,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from regscale.errors import UserError, has_control_character
 from regscale.fsutil import NoSpaceError, no_space, no_space_message
-from regscale.rundir import CHECKPOINTS, JOB_FOLDER
-from regscale.rundir import CONFIG as RUN_CONFIG  # what makes a folder a run directory
+from regscale.rundir import CHECKPOINTS, CONFIG, JOB_FOLDER
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -33,7 +32,7 @@ def _inside(child: Path, parent: Path) -> bool:
 def checkpoints_of(path: Path) -> Optional[Path]:
     """The run's checkpoints/ folder that `path` is in (or is), if any."""
     for folder in (path, *path.parents):
-        if folder.name == CHECKPOINTS and (folder.parent / RUN_CONFIG).is_file():
+        if folder.name == CHECKPOINTS and (folder.parent / CONFIG).is_file():
             return folder
     return None
 
@@ -91,7 +90,7 @@ def check_output(path: str | os.PathLike, what: str, *, inputs: Iterable[str | o
 
 def run_of(path: Path) -> Optional[Path]:
     """The run directory that `path` is inside (not: is), if any."""
-    return next((folder for folder in path.parents if (folder / RUN_CONFIG).is_file()), None)
+    return next((folder for folder in path.parents if (folder / CONFIG).is_file()), None)
 
 
 def check_run_dir(run_dir: Path, data: Optional[str] = None) -> Path:
@@ -99,7 +98,7 @@ def check_run_dir(run_dir: Path, data: Optional[str] = None) -> Path:
     checkpoints, outside the local dataset `data`, a run directory or a folder that is still empty,
     writable. Returns it resolved."""
     def ours(folder: Path) -> bool:  # a run's, or one whose submission made the job folder and stopped
-        return (folder / RUN_CONFIG).is_file() or all(p.name == JOB_FOLDER for p in folder.iterdir())
+        return (folder / CONFIG).is_file() or all(p.name == JOB_FOLDER for p in folder.iterdir())
 
     out = check_output(run_dir, "run directory", kind="dir", ours=ours)
     other = run_of(out)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from regscale.launch import runs
+from regscale.rundir import ATTEMPTS
 from regscale.train.heartbeat import Heartbeat, read_beat
 from tests.fixtures.train import (HANG_GUARD_S, SMOKE, assert_same_weights, launch_train, logged_step, ok,
                                   rank_process)
@@ -106,13 +107,13 @@ def test_an_attempts_cause_is_the_earliest_end_that_is_not_a_consequence(tmp_pat
     runs.record_end(tmp_path, "failed", 4, "killed by SIGKILL", rank=3, host="n2", signal="SIGKILL")
     runs.record_end(tmp_path, "failed", 4, "stopped with its group after another process failed", rank=2,
                     secondary=True)
-    with open(tmp_path / runs.ATTEMPTS, "a") as f:
+    with open(tmp_path / ATTEMPTS, "a") as f:
         f.write('{"event": "end", "end": "fai')  # torn by a crash: ignored
     (attempt,) = runs.read_attempts(tmp_path)
     assert (attempt.end, attempt.cause.rank, attempt.cause.host, attempt.round) == ("failed", 3, "n2", 1)
     assert len(attempt.ends) == 3 and attempt.logs == "logs/7.0.1"
     old = {"event": "start", "job_id": "5", "restart": 0, "start_step": 0, "started_at": 1.0}  # before rounds
-    (tmp_path / runs.ATTEMPTS).write_text(json.dumps(old) + "\n")
+    (tmp_path / ATTEMPTS).write_text(json.dumps(old) + "\n")
     (attempt,) = runs.read_attempts(tmp_path)
     assert attempt.round == 0 and attempt.end is None and attempt.logs is None
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from regscale.cli import main
+from regscale import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
@@ -109,18 +110,19 @@ def materials(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.fixtures.data import make_imagefolder
 
     root = tmp_path_factory.mktemp("bad-inputs")
-    ensure_synthetic_dataset(load_config(SMOKE, [f"data.path={root / 'data'}", "data.synthetic=16"]))
+    smoke = load_config(SMOKE, [f"data.path={root / 'data'}", "data.synthetic=16"])
+    ensure_synthetic_dataset(smoke.data, smoke.model.num_classes)
     shutil.rmtree(root / "data.images")
     run = root / "runs" / "r1"
     run.mkdir(parents=True)
     cfg = load_config(SMOKE, ["run.name=r1", f"run.dir={root / 'runs'}", "train.max_steps=4"])
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    store = CheckpointStore(run / "checkpoints", keep_last=2, keep_every=0)
+    (run / rundir.CONFIG).write_text(to_yaml(cfg))
+    store = CheckpointStore(run / rundir.CHECKPOINTS, keep_last=2, keep_every=0)
     tmp = store.tmp_dir(4)
     _write(tmp / "__0_0.distcp", b"weights" * 64)
     store.publish(tmp, {"step": 4, "images": 32}, {"__0_0.distcp": file_entry(tmp / "__0_0.distcp")})
-    (run / "metrics.jsonl").write_text('{"step": 4, "loss": 1.0, "images_per_s": 10.0}\n')
-    client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    (run / rundir.METRICS).write_text('{"step": 4, "loss": 1.0, "images_per_s": 10.0}\n')
+    client = MlflowClient(f"sqlite:///{root / 'runs' / rundir.MLFLOW_DB}")
     tracked = client.create_run(client.create_experiment("regscale"), run_name="r1",
                                 tags={"regscale.kind": "train"})
     client.set_terminated(tracked.info.run_id)
@@ -270,7 +272,7 @@ REQUEST = [
     Case("tracking-port", ["mlflow.tracking_uri=http://127.0.0.1:0"], "mlflow.tracking_uri"),
     Case("no-sbatch", ["slurm.cluster=slurm"], "sbatch", env={"PATH": "/nonexistent"}),
     Case("run-is-the-dataset", ["run.dir={D}", "run.name=data"], "data"),
-    Case("run-in-checkpoints", ["run.dir={D}/runs/r1/checkpoints"], "checkpoints"),
+    Case("run-in-checkpoints", ["run.dir={D}/runs/r1/" + rundir.CHECKPOINTS], rundir.CHECKPOINTS),
     Case("run-in-another-run", ["run.dir={D}/runs/r1"], "r1"),
     Case("run-dir-foreign-folder", ["run.dir={D}", "run.name=src"], "src"),
 ]
@@ -281,7 +283,7 @@ FILES = [
     Case("ref-garbage", ["eval.ref_batch={D}/g.npz"], "g.npz", lambda d: _write(d / "g.npz", "garbage")),
     Case("ref-nan", ["eval.ref_batch={D}/ref.npz"], "ref.npz", lambda d: _reference(d, poison="sigma")),
     Case("index-empty", [], "index.json", lambda d: _write(d / "data" / "index.json", '{"shards": []}')),
-    Case("store-not-sqlite", [], "mlflow.db", lambda d: _write(d / "runs" / "mlflow.db", "garbage")),
+    Case("store-not-sqlite", [], rundir.MLFLOW_DB, lambda d: _write(d / "runs" / rundir.MLFLOW_DB, "garbage")),
     Case("encoder-weights-garbage", ["encoder.weights={D}/g.pth", "encoder.random_init=false", "model.cls_token_dim=768"],
          "g.pth", lambda d: _write(d / "g.pth", "garbage")),
     Case("remote-without-credentials", ["data.path=s3://regscale-no-bucket/x"], "s3://regscale-no-bucket/x",
@@ -308,23 +310,23 @@ def test_submit_and_dry_run_apply_the_same_checks(case, materials, read_only, tm
     assert not (tmp_path / "D" / "runs" / "new").exists()
 
 
-CKPT = "runs/r1/checkpoints/step_00000004"
+CKPT = f"runs/r1/{rundir.CHECKPOINTS}/step_00000004"
 RESUME = [
     Case("missing", ["resume", "{D}/nope"], "nope"),
-    Case("not-a-run", ["resume", "{D}/data"], "config.yaml"),
-    Case("config-corrupt", ["resume", RUN], "config.yaml", lambda d: _write(d / "runs/r1/config.yaml", "a: [1\n")),
-    Case("config-list", ["resume", RUN], "config.yaml", lambda d: _write(d / "runs/r1/config.yaml", "- 1\n")),
+    Case("not-a-run", ["resume", "{D}/data"], rundir.CONFIG),
+    Case("config-corrupt", ["resume", RUN], rundir.CONFIG, lambda d: _write(d / "runs/r1" / rundir.CONFIG, "a: [1\n")),
+    Case("config-list", ["resume", RUN], rundir.CONFIG, lambda d: _write(d / "runs/r1" / rundir.CONFIG, "- 1\n")),
     Case("config-bad-value", ["resume", RUN], "train.batch_size",
-         lambda d: _write(d / "runs/r1/config.yaml", "train:\n  batch_size: 0\n")),
+         lambda d: _write(d / "runs/r1" / rundir.CONFIG, "train:\n  batch_size: 0\n")),
     Case("key-not-resumable", ["resume", RUN, "train.lr=1"], "train.lr"),
     Case("nodes-0", ["resume", RUN, "slurm.nodes=0"], "slurm.nodes"),
-    Case("jobs-corrupt", ["resume", RUN], "jobs.json", lambda d: _write(d / "runs/r1/jobs.json", "{")),
+    Case("jobs-corrupt", ["resume", RUN], rundir.JOBS, lambda d: _write(d / "runs/r1" / rundir.JOBS, "{")),
     Case("finished", ["resume", RUN], "finished training (step 4)"),
     Case("checkpoint-broken", ["resume", RUN, "train.max_steps=8"], "every checkpoint",
          lambda d: _flip(d / CKPT / "__0_0.distcp")),
     Case("newest-broken-skipped", ["resume", RUN], "finished training (step 4)",  # not step 6
          lambda d: _flip(Path(shutil.copytree(d / CKPT, d / CKPT.replace("4", "6"))) / "__0_0.distcp")),
-    Case("config-empty", ["resume", RUN], "config.yaml", lambda d: _write(d / "runs/r1/config.yaml", "")),
+    Case("config-empty", ["resume", RUN], rundir.CONFIG, lambda d: _write(d / "runs/r1" / rundir.CONFIG, "")),
     Case("reference-garbage", ["resume", RUN, "train.max_steps=8", "eval.ref_batch={D}/g.npz"], "g.npz",
          lambda d: _write(d / "g.npz", "garbage")),
 ]
@@ -342,25 +344,25 @@ def _second_run(d: Path, name: str = "r2") -> Path:
 
 STATUS = [
     Case("config-corrupt", ["status", "{D}/runs"], "r1",
-         lambda d: _write(_second_run(d) / "config.yaml", "a: [1\n"), code=0),
-    Case("config-corrupt-names-it", ["status", "{D}/runs"], "r2/config.yaml",
-         lambda d: _write(_second_run(d) / "config.yaml", "a: [1\n"), code=0),
+         lambda d: _write(_second_run(d) / rundir.CONFIG, "a: [1\n"), code=0),
+    Case("config-corrupt-names-it", ["status", "{D}/runs"], "r2/" + rundir.CONFIG,
+         lambda d: _write(_second_run(d) / rundir.CONFIG, "a: [1\n"), code=0),
     Case("attempt-half-written", ["status", "{D}/runs"], "r1",
-         lambda d: _write(d / "runs/r1/attempts.jsonl",
+         lambda d: _write(d / "runs/r1" / rundir.ATTEMPTS,
                           '{"event": "start", "job_id": "1", "restart": 0, "start_step": 0, "started_at": 1}\n'
                           '{"event": "end", "en'), code=0),
     Case("attempt-lines-mangled", ["status", "{D}/runs"], "r1",
-         lambda d: _write(d / "runs/r1/attempts.jsonl", '{"event": "start"}\n[1]\n"x"\n\xff\n'), code=0),
+         lambda d: _write(d / "runs/r1" / rundir.ATTEMPTS, '{"event": "start"}\n[1]\n"x"\n\xff\n'), code=0),
     Case("jobs-corrupt", ["status", "{D}/runs"], "r1",
-         lambda d: _write(_second_run(d) / "jobs.json", "{"), code=0),
+         lambda d: _write(_second_run(d) / rundir.JOBS, "{"), code=0),
     Case("stop-report-corrupt", ["status", "{D}/runs"], "r1",
-         lambda d: _write(_second_run(d) / "stop_report.json", "[]"), code=0),
+         lambda d: _write(_second_run(d) / rundir.STOP_REPORT, "[]"), code=0),
     Case("metrics-garbage", ["status", "{D}/runs"], "r1",
-         lambda d: _write(_second_run(d) / "metrics.jsonl", b'{"step": "abc"}\n\xff\xfe'), code=0),
+         lambda d: _write(_second_run(d) / rundir.METRICS, b'{"step": "abc"}\n\xff\xfe'), code=0),
     Case("one-run-corrupt", ["status", RUN], "r1",
-         lambda d: _write(d / "runs/r1/config.yaml", "a: [1\n"), code=0),
+         lambda d: _write(d / "runs/r1" / rundir.CONFIG, "a: [1\n"), code=0),
     Case("stop-report-wrong-types", ["status", "{D}/runs"], "r2",
-         lambda d: _write(_second_run(d) / "stop_report.json", '{"reason": 5, "stopped_at": "x"}'), code=0),
+         lambda d: _write(_second_run(d) / rundir.STOP_REPORT, '{"reason": 5, "stopped_at": "x"}'), code=0),
     Case("missing", ["status", "{D}/nope"], "nope"),
 ]
 
@@ -373,10 +375,10 @@ def test_status_shows_every_run(case, materials, read_only, tmp_path, capsys, mo
 CANCEL = [
     Case("missing", ["cancel", "{D}/nope"], "nope"),
     Case("no-jobs", ["cancel", RUN], "r1"),
-    Case("jobs-corrupt", ["cancel", RUN], "jobs.json", lambda d: _write(d / "runs/r1/jobs.json", "{")),
-    Case("config-corrupt", ["cancel", RUN], "config.yaml", lambda d: _write(d / "runs/r1/config.yaml", "a: [1\n")),
+    Case("jobs-corrupt", ["cancel", RUN], rundir.JOBS, lambda d: _write(d / "runs/r1" / rundir.JOBS, "{")),
+    Case("config-corrupt", ["cancel", RUN], rundir.CONFIG, lambda d: _write(d / "runs/r1" / rundir.CONFIG, "a: [1\n")),
     Case("no-scancel", ["cancel", RUN], "scancel",
-         lambda d: _write(d / "runs/r1/jobs.json", '{"jobs": [{"id": "9", "kind": "train", "cluster": "slurm"}]}'),
+         lambda d: _write(d / "runs/r1" / rundir.JOBS, '{"jobs": [{"id": "9", "kind": "train", "cluster": "slurm"}]}'),
          env={"PATH": "/nonexistent"}),
 ]
 
@@ -391,27 +393,27 @@ def export(out: str, *extra: str) -> list[str]:
 
 
 EXPORT = [
-    Case("out-is-a-checkpoint-file", export(RUN + "/checkpoints/step_00000004/__0_0.distcp"), "__0_0.distcp"),
-    Case("out-into-checkpoints", export(RUN + "/checkpoints/x.safetensors"), "checkpoints"),
+    Case("out-is-a-checkpoint-file", export(f"{RUN}/{rundir.CHECKPOINTS}/step_00000004/__0_0.distcp"), "__0_0.distcp"),
+    Case("out-into-checkpoints", export(f"{RUN}/{rundir.CHECKPOINTS}/x.safetensors"), rundir.CHECKPOINTS),
     Case("out-over-foreign-safetensors", export("{D}/g.safetensors"), "g.safetensors", lambda d: _foreign_export(d, None)),
-    Case("out-is-config", export(RUN + "/config.yaml"), "config.yaml"),
+    Case("out-is-config", export(f"{RUN}/{rundir.CONFIG}"), rundir.CONFIG),
     Case("out-is-dir", export("{D}/data"), "data"),
     Case("out-parent-is-file", export("{D}/samples.npz/x.safetensors"), "samples.npz"),
     Case("out-read-only", export("{RO}/x.safetensors"), "{RO}"),
     Case("run-missing", ["export", "{D}/nope", "--out", "{D}/x.safetensors"], "nope"),
     Case("step-missing", export("{D}/x.safetensors", "--step", "3"), "step 3"),
     Case("step-negative", export("{D}/x.safetensors", "--step", "-1"), "--step"),
-    Case("checkpoint-truncated", export("{D}/x.safetensors"), "checkpoints",
-         lambda d: _truncate(d / "runs/r1/checkpoints/step_00000004/__0_0.distcp", 10)),
-    Case("manifest-corrupt", export("{D}/x.safetensors"), "checkpoints",
-         lambda d: _write(d / "runs/r1/checkpoints/step_00000004/manifest.json", "{")),
-    Case("manifest-step-not-int", export("{D}/x.safetensors"), "checkpoints",
+    Case("checkpoint-truncated", export("{D}/x.safetensors"), rundir.CHECKPOINTS,
+         lambda d: _truncate(d / "runs/r1" / rundir.CHECKPOINTS / "step_00000004/__0_0.distcp", 10)),
+    Case("manifest-corrupt", export("{D}/x.safetensors"), rundir.CHECKPOINTS,
+         lambda d: _write(d / "runs/r1" / rundir.CHECKPOINTS / "step_00000004/manifest.json", "{")),
+    Case("manifest-step-not-int", export("{D}/x.safetensors"), rundir.CHECKPOINTS,
          lambda d: _edit_manifest(d, step="abc")),
-    Case("manifest-file-entry", export("{D}/x.safetensors"), "checkpoints",
+    Case("manifest-file-entry", export("{D}/x.safetensors"), rundir.CHECKPOINTS,
          lambda d: _edit_manifest(d, files={"__0_0.distcp": 5})),
     Case("checkpoint-foreign", export("{D}/x.safetensors"), "step_00000004"),
-    Case("config-corrupt", export("{D}/x.safetensors"), "config.yaml",
-         lambda d: _write(d / "runs/r1/config.yaml", "a: [1")),
+    Case("config-corrupt", export("{D}/x.safetensors"), rundir.CONFIG,
+         lambda d: _write(d / "runs/r1" / rundir.CONFIG, "a: [1")),
     Case("out-empty", export(""), "--out"),
 ]
 
@@ -431,11 +433,11 @@ SAMPLE = [
     Case("safetensors-bad-config", ["sample", "{D}/g.safetensors"], "g.safetensors", lambda d: _foreign_export(d, "a: [1")),
     Case("safetensors-no-config", ["sample", "{D}/g.safetensors"], "g.safetensors", lambda d: _foreign_export(d, None)),
     Case("setting-nan", ["sample", RUN, "eval.cfg_scale=nan"], "eval.cfg_scale"),
-    Case("no-valid-checkpoint", ["sample", RUN], "checkpoints",
-         lambda d: _flip(d / "runs/r1/checkpoints/step_00000004/__0_0.distcp")),
+    Case("no-valid-checkpoint", ["sample", RUN], rundir.CHECKPOINTS,
+         lambda d: _flip(d / "runs/r1" / rundir.CHECKPOINTS / "step_00000004/__0_0.distcp")),
     Case("step-missing", ["sample", RUN, "--step", "3"], "step 3"),
     Case("out-is-file", ["sample", RUN, "--out", "{D}/samples.npz"], "samples.npz"),
-    Case("out-into-checkpoints", ["sample", RUN, "--out", RUN + "/checkpoints/s"], "checkpoints"),
+    Case("out-into-checkpoints", ["sample", RUN, "--out", f"{RUN}/{rundir.CHECKPOINTS}/s"], rundir.CHECKPOINTS),
     Case("out-is-the-run", ["sample", RUN, "--out", RUN], "r1"),
     Case("out-is-the-input", ["sample", "{D}/export.safetensors", "--out", "{D}/export.safetensors"],
          "export.safetensors"),
@@ -455,7 +457,7 @@ SAMPLE = [
 
 
 def _edit_manifest(d: Path, **changes) -> None:
-    path = d / "runs/r1/checkpoints/step_00000004/manifest.json"
+    path = d / "runs/r1" / rundir.CHECKPOINTS / "step_00000004/manifest.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
@@ -487,8 +489,8 @@ EVAL = [
     Case("out-foreign-json", evaluate("--random-inception", "--out", "{D}/notes.json"), "notes.json",
          lambda d: (_reference(d), _write(d / "notes.json", '{"mine": 1}'))),
     Case("out-is-dir", evaluate("--random-inception", "--out", "{D}/data"), "data", _reference),
-    Case("out-into-checkpoints", evaluate("--random-inception", "--out", RUN + "/checkpoints/x.json"), "checkpoints",
-         _reference),
+    Case("out-into-checkpoints", evaluate("--random-inception", "--out", f"{RUN}/{rundir.CHECKPOINTS}/x.json"),
+         rundir.CHECKPOINTS, _reference),
     Case("out-read-only", evaluate("--random-inception", "--out", "{RO}/x.json"), "{RO}", _reference),
     Case("samples-missing", evaluate(samples="{D}/nope.npz"), "nope.npz", _reference),
     Case("samples-not-npz", evaluate(samples="{D}/g.npz"), "g.npz", lambda d: (_reference(d), _write(d / "g.npz", "x"))),
@@ -532,7 +534,7 @@ PREPARE = [
     Case("src-inside-out", prep("{D}/src", "{D}"), "src"),
     Case("out-is-file", prep("{D}/src", "{D}/samples.npz"), "samples.npz"),
     Case("out-read-only", prep("{D}/src", "{RO}/out"), "{RO}"),
-    Case("out-into-checkpoints", prep("{D}/src", RUN + "/checkpoints/x"), "checkpoints"),
+    Case("out-into-checkpoints", prep("{D}/src", f"{RUN}/{rundir.CHECKPOINTS}/x"), rundir.CHECKPOINTS),
     Case("out-foreign-folder", prep("{D}/src", RUN), "r1"),
     Case("out-other-dataset", prep("{D}/src", "{D}/data"), "data"),
     Case("workers-0", prep("{D}/src", "{D}/out", "--workers", "0"), "--workers"),
@@ -594,12 +596,12 @@ def comp(*extra: str) -> list[str]:
 
 COMPARE = [
     Case("store-missing", ["compare", "--runs-dir", "{D}/nope"], "nope"),
-    Case("store-not-sqlite", comp(), "mlflow.db", lambda d: _write(d / "runs/mlflow.db", "garbage")),
+    Case("store-not-sqlite", comp(), rundir.MLFLOW_DB, lambda d: _write(d / "runs" / rundir.MLFLOW_DB, "garbage")),
     Case("uri-unknown-scheme", ["compare", "--tracking-uri", "nosuch://x"], "nosuch://x"),
     Case("uri-port-out-of-range", ["compare", "--tracking-uri", "http://127.0.0.1:99999"], "99999"),
     Case("uri-env", ["compare"], "nosuch://y", env={"MLFLOW_TRACKING_URI": "nosuch://y"}),
-    Case("plot-over-the-store", comp("--plot", "{D}/runs/mlflow.db"), "--plot"),
-    Case("csv-over-the-store", comp("--csv", "{D}/runs/mlflow.db"), "--csv"),
+    Case("plot-over-the-store", comp("--plot", "{D}/runs/" + rundir.MLFLOW_DB), "--plot"),
+    Case("csv-over-the-store", comp("--csv", "{D}/runs/" + rundir.MLFLOW_DB), "--csv"),
     Case("plot-over-a-foreign-png", comp("--plot", "{D}/photo.png"), "photo.png",
          lambda d: _write(d / "photo.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)),
     Case("csv-over-a-foreign-csv", comp("--csv", "{D}/mine.csv"), "mine.csv", lambda d: _write(d / "mine.csv", "a,b\n")),
@@ -609,9 +611,9 @@ COMPARE = [
     Case("filter-invalid", comp("--filter", "params.x ==== 1"), "--filter"),
     Case("run-missing", comp("nosuchrun"), "nosuchrun"),
     Case("run-name-with-quote", comp("a'b"), "a'b"),
-    Case("store-damaged", comp(), "mlflow.db", lambda d: _truncate(d / "runs/mlflow.db", 5000)),
-    Case("store-empty-file", comp(), "mlflow.db", lambda d: _write(d / "runs/mlflow.db", "")),
-    Case("store-no-tables", comp(), "is empty", lambda d: _empty_database(d / "runs/mlflow.db")),
+    Case("store-damaged", comp(), rundir.MLFLOW_DB, lambda d: _truncate(d / "runs" / rundir.MLFLOW_DB, 5000)),
+    Case("store-empty-file", comp(), rundir.MLFLOW_DB, lambda d: _write(d / "runs" / rundir.MLFLOW_DB, "")),
+    Case("store-no-tables", comp(), "is empty", lambda d: _empty_database(d / "runs" / rundir.MLFLOW_DB)),
     Case("uri-file-store-is-a-file", ["compare", "--tracking-uri", "file://{D}/samples.npz"], "samples.npz"),
 ]
 
@@ -631,10 +633,13 @@ def test_compare_does_not_wait_for_an_absent_server(materials, read_only, tmp_pa
 
 UI = [
     Case("store-missing", ["ui", "--runs-dir", "{D}/nope"], "nope"),
-    Case("store-not-sqlite", ["ui", "--runs-dir", "{D}/runs"], "mlflow.db", lambda d: _write(d / "runs/mlflow.db", "x")),
+    Case("store-not-sqlite", ["ui", "--runs-dir", "{D}/runs"], rundir.MLFLOW_DB,
+         lambda d: _write(d / "runs" / rundir.MLFLOW_DB, "x")),
     Case("uri-unknown-scheme", ["ui", "--tracking-uri", "nosuch://x"], "nosuch://x"),
-    Case("store-damaged", ["ui", "--runs-dir", "{D}/runs"], "mlflow.db", lambda d: _truncate(d / "runs/mlflow.db", 5000)),
-    Case("store-empty-file", ["ui", "--runs-dir", "{D}/runs"], "is empty", lambda d: _write(d / "runs/mlflow.db", "")),
+    Case("store-damaged", ["ui", "--runs-dir", "{D}/runs"], rundir.MLFLOW_DB,
+         lambda d: _truncate(d / "runs" / rundir.MLFLOW_DB, 5000)),
+    Case("store-empty-file", ["ui", "--runs-dir", "{D}/runs"], "is empty",
+         lambda d: _write(d / "runs" / rundir.MLFLOW_DB, "")),
     Case("port-out-of-range", ["ui", "--runs-dir", "{D}/runs", "--port", "99999"], "--port"),
 ]
 

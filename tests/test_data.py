@@ -364,15 +364,16 @@ def test_synthetic_dataset_rank_safe_and_idempotent(tmp_path):
     torch.set_num_threads(1)
     path = tmp_path / "smoke-data"
     cfg = load_config(REPO / "recipes" / "smoke.yaml", [f"data.path={path}", "data.synthetic=24"])
-    waiter = mp.get_context("fork").Process(target=_as_rank, args=(1, ensure_synthetic_dataset, cfg))
+    args = (cfg.data, cfg.model.num_classes)
+    waiter = mp.get_context("fork").Process(target=_as_rank, args=(1, ensure_synthetic_dataset, *args))
     waiter.start()  # rank 1 waits for rank 0's dataset
-    ensure_synthetic_dataset(cfg)  # this process is rank 0 (no RANK in the environment)
+    ensure_synthetic_dataset(*args)  # this process is rank 0 (no RANK in the environment)
     waiter.join(timeout=120)
     assert waiter.exitcode == 0
     summary = json.loads((path / "summary.json").read_text())
     assert summary["samples"] == 24 and len(summary["per_class"]) == 10
     stamp = (path / "index.json").stat().st_mtime_ns
-    ensure_synthetic_dataset(cfg)
+    ensure_synthetic_dataset(*args)
     assert (path / "index.json").stat().st_mtime_ns == stamp
     labels = [int(s["label"]) for s in _read_all(path)]
     assert max(labels) < cfg.model.num_classes

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from regscale.errors import UserError
+from regscale.rundir import EVAL_RECORD, EVAL_SAMPLES
 from tests.fixtures.eval import tiny_eval_config, tiny_state
 
 
@@ -42,7 +43,7 @@ def _write_shards(out: Path, n: int) -> Path:
 
 
 def test_tiny_chain_with_random_networks(tmp_path, one_thread):
-    from regscale.eval.job import RECORD, evaluate
+    from regscale.eval.job import evaluate
 
     data = _write_shards(tmp_path / "data", 4)
     cfg = tiny_eval_config(f"data.path={data}", "eval.num_samples=4", "eval.batch_size=4")
@@ -63,13 +64,13 @@ def test_tiny_chain_with_random_networks(tmp_path, one_thread):
     assert record["inception_score"] == {"chunk_sizes": [4]}  # ADM's chunks of 5,000: one short chunk
     assert record["precision_recall"] == {"distances": "float16", "float32_blocks": 0, "blocks": 3}
     assert any("0 log 0" in line for line in record["evaluator"]["adm_undefined"])
-    assert json.loads((tmp_path / "eval" / RECORD).read_text()) == json.loads(json.dumps(record, default=str))
-    with np.load(tmp_path / "eval" / "samples.npz") as npz:
+    assert json.loads((tmp_path / "eval" / EVAL_RECORD).read_text()) == json.loads(json.dumps(record, default=str))
+    with np.load(tmp_path / "eval" / EVAL_SAMPLES) as npz:
         assert npz["arr_0"].shape == (4, 64, 64, 3) and npz["arr_0"].dtype == np.uint8
     (metrics, step, info), = tracker.evals
     assert step == 20 and metrics == record["metrics"] and info["comparable"] is False
     assert info["precision"] == "fp32" and info["pr_distances"] == "float16"
-    assert tracker.artifacts == [(tmp_path / "eval" / RECORD, "eval/step_00000020")]
+    assert tracker.artifacts == [(tmp_path / "eval" / EVAL_RECORD, "eval/step_00000020")]
 
 
 def test_precomputed_reference_statistics_are_used_as_they_are(tmp_path, one_thread):

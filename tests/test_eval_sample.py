@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from regscale.errors import UserError
 from regscale.eval.sample import make_labels, pending_chunks
+from regscale.rundir import EVAL_SAMPLES, EVAL_SHARDS
 from tests.fixtures.eval import tiny_eval_config, tiny_state
 
 
@@ -59,11 +60,11 @@ def test_two_gloo_processes_give_the_single_process_samples(tmp_path, one_thread
     mp.start_processes(_worker, args=(2, _free_port(), [], str(tmp_path / "two")), nprocs=2,
                        start_method="fork")
     a, la = _arrays(single)
-    b, lb = _arrays(tmp_path / "two" / "samples.npz")
+    b, lb = _arrays(tmp_path / "two" / EVAL_SAMPLES)
     assert a.shape == (7, 64, 64, 3) and a.dtype == np.uint8  # ADM layout: uint8 NHWC in arr_0
     np.testing.assert_array_equal(la, lb)
     np.testing.assert_array_equal(a, b)  # same chunks whatever the world size: bitwise equal
-    assert not list((tmp_path / "two" / "shards").glob("*_*.npz"))  # shards removed once assembled
+    assert not list((tmp_path / "two" / EVAL_SHARDS).glob("*_*.npz"))  # shards removed once assembled
     # another batch size: other GEMM shapes, the same samples up to float rounding
     c, lc = _arrays(_generate(tiny_eval_config("eval.batch_size=2"), tiny_state(cfg), tmp_path / "bs2"))
     np.testing.assert_array_equal(la, lc)
@@ -107,10 +108,10 @@ def test_preempted_sampling_resumes_from_its_shards(tmp_path, one_thread):
     with pytest.raises(KeyboardInterrupt):
         _generate(cfg, state, tmp_path / "run", decode=dies_on_second_batch, log=said.append)
     assert said[-1] == (f"sampling: interrupted; 3 of {cfg.eval.num_samples} samples are kept in "
-                        f"{tmp_path / 'run' / 'shards'}: the same command goes on from them")
-    shards = sorted(p.name for p in (tmp_path / "run" / "shards").glob("*_*.npz"))
+                        f"{tmp_path / 'run' / EVAL_SHARDS}: the same command goes on from them")
+    shards = sorted(p.name for p in (tmp_path / "run" / EVAL_SHARDS).glob("*_*.npz"))
     assert shards == ["00000000_00000003.npz"]
-    (tmp_path / "run" / "shards" / "00000003_00000006.npz").write_bytes(b"torn write")  # a broken shard
+    (tmp_path / "run" / EVAL_SHARDS / "00000003_00000006.npz").write_bytes(b"torn write")  # a broken shard
     calls.clear()
     resumed, _ = _arrays(_generate(cfg, state, tmp_path / "run", decode=lambda z: (calls.append(len(z)),
                                                                                     decode_latents(vae, z))[1]))

@@ -15,6 +15,7 @@ from regscale.launch import runs
 from regscale.launch.job import stop_reason
 from regscale.launch.profile import Profile, load_profile, sbatch_parameters, sbatch_test_args
 from regscale.launch.submit import parse_sweep
+from regscale.rundir import CHECKPOINTS, JOBS, METRICS, PROGRESS
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
@@ -132,12 +133,12 @@ def test_bookkeeping_roundtrip(tmp_path: Path) -> None:
     got = runs.read_attempts(run_dir)
     assert [(a.start_step, a.end, a.end_step) for a in got] == [(0, "preempted", 20), (20, None, None),
                                                                   (20, "resumed", 20)]
-    (run_dir / "checkpoints" / "step_00000020").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_00000030.broken-1").mkdir()
-    (run_dir / "checkpoints" / "latest").write_text("garbage\n")  # a pointer only: the directories tell
+    (run_dir / CHECKPOINTS / "step_00000020").mkdir(parents=True)
+    (run_dir / CHECKPOINTS / "step_00000030.broken-1").mkdir()
+    (run_dir / CHECKPOINTS / "latest").write_text("garbage\n")  # a pointer only: the directories tell
     assert runs.latest_step(run_dir) == 20
-    (run_dir / "jobs.json").write_text("{not json")
-    with pytest.raises(UserError, match="jobs.json: unreadable"):
+    (run_dir / JOBS).write_text("{not json")
+    with pytest.raises(UserError, match=f"{JOBS}: unreadable"):
         runs.read_jobs(run_dir)
 
 
@@ -202,9 +203,9 @@ def test_status_shows_evaluations_checkpoints_attempts_and_the_stop_report(tmp_p
     runs.record_end(run_dir, "failed", 20, error="RuntimeError: boom")
     runs.record_start(run_dir, "4242", 1, 20)
     for step in (20, 40):
-        (run_dir / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
-    (run_dir / "checkpoints" / ".tmp_step_00000060").mkdir()  # being written: not kept yet
-    (run_dir / "checkpoints" / "latest").write_text("step_00000040\n")
+        (run_dir / CHECKPOINTS / f"step_{step:08d}").mkdir(parents=True)
+    (run_dir / CHECKPOINTS / ".tmp_step_00000060").mkdir()  # being written: not kept yet
+    (run_dir / CHECKPOINTS / "latest").write_text("step_00000040\n")
     write_record(eval_record_path(run_dir, 20), {"step": 20, "metrics": {"fid_not_comparable": 31.25}})
     write_stop_report(run_dir, "2 attempts in a row failed from the checkpoint at step 40", 40)
     capsys.readouterr()
@@ -232,21 +233,21 @@ def test_followers_read_what_the_jobs_write(tmp_path: Path) -> None:
     run_dir.mkdir()
     training = TrainingFollower(run_dir, smoke_cfg(tmp_path))  # batch 8, 40 steps
     assert training() == Update("training", 0, 40, "steps", "starting: model, data, first step")
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / METRICS)
     log.log({"time/first_step_s": 3.0}, 1)
     log.log({"loss": 0.5, "images_per_s": 16.0}, 10)
     assert training() == Update("training", 10, 40, "steps", "loss 0.5000  16.0 img/s", 30 * 8 / 16.0)
-    with open(run_dir / "metrics.jsonl", "a") as f:
+    with open(run_dir / METRICS, "a") as f:
         f.write('{"step": 20, "loss": 0.25')  # a line being written
     assert training().done == 10
-    with open(run_dir / "metrics.jsonl", "a") as f:
+    with open(run_dir / METRICS, "a") as f:
         f.write(', "images_per_s": 20.0}\n')
     assert training().done == 20
 
     out_dir = tmp_path / "eval" / "step_00000040"
     evaluation = EvaluationFollower(out_dir)
     assert evaluation().stage == "starting" and evaluation().count() == ""
-    progress.record_to(out_dir / progress.FILE_NAME)
+    progress.record_to(out_dir / PROGRESS)
     try:
         progress.report("sampling", 4, 4, "batches (rank 0)")
         assert evaluation() == Update("sampling", 4, 4, "batches (rank 0)")

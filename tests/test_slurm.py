@@ -41,6 +41,7 @@ import torch
 from regscale.config import load_config
 from regscale.launch import runs
 from regscale.engine.export import load_consolidated
+from regscale.rundir import CONFIG, EVAL, EVAL_RECORD, JOB_FOLDER, METRICS, STOP_REPORT
 from tests.fixtures.slurm import (HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, set_node,
                                   wait_until)
 from tests.fixtures.train import (ELASTIC_RTOL, launch_train, losses, max_relative_difference, ok,
@@ -82,7 +83,7 @@ def parse_submit(out: str) -> Run:
 
 
 def last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return 0
     steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
@@ -110,7 +111,8 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     common = [f"run.dir={root / 'runs'}", f"data.path={root / 'data'}", "data.synthetic=32",
               "slurm.cluster=slurm", f"slurm.profile={slurm_cluster}", "slurm.nodes=2",
               "slurm.gpus_per_node=1", "eval.num_samples=8", "eval.batch_size=8", "eval.steps=2"]
-    ensure_synthetic_dataset(load_config(SMOKE, common))  # once, before four jobs read it
+    smoke = load_config(SMOKE, common)
+    ensure_synthetic_dataset(smoke.data, smoke.model.num_classes)  # once, before four jobs read it
     # a dataset whose shards changed in place (same sizes): submit's cheap checks pass, training's
     # per-shard hash check fails before any sample is used
     broken = root / "broken"
@@ -279,8 +281,8 @@ def test_chained_eval_runs_only_after_training_completed(scenarios: dict) -> Non
     train_end = sacct(base.train, "End")[0]
     eval_start = sacct(base.eval, "Start")[0]
     assert eval_start >= train_end, (train_end, eval_start)  # ISO times compare as strings
-    assert f"afterok:{base.train}" in (base.run_dir / "jobs" / f"{base.eval}_submission.sh").read_text()
-    record = json.loads((base.run_dir / "eval" / "step_00000040" / "eval_record.json").read_text())
+    assert f"afterok:{base.train}" in (base.run_dir / JOB_FOLDER / f"{base.eval}_submission.sh").read_text()
+    record = json.loads((base.run_dir / EVAL / "step_00000040" / EVAL_RECORD).read_text())
     assert record["step"] == 40
 
 
@@ -306,11 +308,11 @@ def test_requeued_on_fewer_nodes_and_resumed_on_more_keeps_samples_and_noise(sce
     first, requeued = attempts[:2]
     assert first.end == "preempted" and (requeued.job_id, requeued.restart) == (run.train, 1)
     assert requeued.start_step == first.end_step
-    log = (run.run_dir / "jobs" / f"{run.train}_0_log.err").read_text()  # both attempts of the job
+    log = (run.run_dir / JOB_FOLDER / f"{run.train}_0_log.err").read_text()  # both attempts of the job
     assert "resharded from 2 to 1 processes: same samples and noise; reduction order differs" in log
     resumed = scenarios["elastic_resumed"]
     assert job_state(resumed) == "COMPLETED" and sacct(resumed, "NNodes") == ["2"]
-    log = (run.run_dir / "jobs" / f"{resumed}_0_log.err").read_text()
+    log = (run.run_dir / JOB_FOLDER / f"{resumed}_0_log.err").read_text()
     assert "resharded from 1 to 2 processes: same samples and noise; reduction order differs" in log
     assert attempts[-1].end == "completed" and attempts[-1].end_step == 40
     draws, ref_draws = traced_draws(run.run_dir), traced_draws(torchrun.run_dir)
@@ -331,7 +333,7 @@ def test_time_limit_requeues_and_resumes(scenarios: dict) -> None:
     for before, after in zip(chain, chain[1:]):
         assert after.start_step == before.end_step > 0, chain
     assert chain[-1].end == "completed" and chain[-1].end_step == 200
-    log = (run.run_dir / "jobs" / f"{run.train}_0_log.out").read_text()
+    log = (run.run_dir / JOB_FOLDER / f"{run.train}_0_log.out").read_text()
     # regscale requeued it (scontrol requeue), counted against slurm.max_requeues, the one bound
     assert f"regscale: {chain[0].end} at step {chain[0].end_step}: requeueing (requeue " in log
     assert "this job is timed-out" not in log, "submitit's own handler did not requeue it"
@@ -344,7 +346,7 @@ def test_failing_training_stops_with_a_report_and_cancels_eval(scenarios: dict) 
     attempts = runs.read_attempts(run.run_dir)
     assert [(a.start_step, a.end) for a in attempts[:2]] == [(0, "failed"), (0, "failed")]
     assert attempts[1].error and "Error" in attempts[1].error
-    reports = list(run.run_dir.glob("stop_report.*.json"))  # `regscale resume` set it aside
+    reports = list(run.run_dir.glob(STOP_REPORT.replace(".json", ".*.json")))  # `regscale resume` set it aside
     assert len(reports) == 1
     assert "2 attempts in a row failed from the checkpoint at step 0" in json.loads(reports[0].read_text())["reason"]
 
@@ -354,7 +356,7 @@ def test_resume_after_the_fix_finishes_the_stopped_run(scenarios: dict) -> None:
     assert "resuming" in scenarios["resume_out"] and job_state(scenarios["resumed"]) == "COMPLETED"
     attempts = runs.read_attempts(run.run_dir)
     assert [a.end for a in attempts] == ["failed", "failed", "resumed", "completed"]
-    assert load_config(run.run_dir / "config.yaml").slurm.time_limit_min == 20
+    assert load_config(run.run_dir / CONFIG).slurm.time_limit_min == 20
     assert [j.id for j in runs.read_jobs(run.run_dir) if j.kind == "train"] == [run.train, scenarios["resumed"]]
     assert_same_weights(run.run_dir, scenarios["base"].run_dir)
     again = regscale("resume", str(run.run_dir), check=False)
@@ -387,7 +389,7 @@ def test_intermediate_eval_is_submitted_when_its_checkpoint_exists(scenarios: di
     from regscale.launch.job import EvalWatcher
 
     base = scenarios["base"]
-    cfg = load_config(base.run_dir / "config.yaml", ["eval.at_steps=[20]"])
+    cfg = load_config(base.run_dir / CONFIG, ["eval.at_steps=[20]"])
     watcher = EvalWatcher(base.run_dir, cfg)
     watcher.poll()
     watcher.poll()  # already submitted: nothing new
@@ -395,7 +397,7 @@ def test_intermediate_eval_is_submitted_when_its_checkpoint_exists(scenarios: di
     assert len(evals) == 1
     try:
         assert job_state(evals[0].id) in ("PENDING", "RUNNING", "CONFIGURING")
-        assert "EvalJob" in (base.run_dir / "jobs" / f"{evals[0].id}_submitted.pkl").read_bytes().decode("latin1")
+        assert "EvalJob" in (base.run_dir / JOB_FOLDER / f"{evals[0].id}_submitted.pkl").read_bytes().decode("latin1")
     finally:
         subprocess.run(["scancel", evals[0].id], timeout=30)
 
@@ -411,14 +413,14 @@ def test_local_executor_runs_train_then_eval(scenarios: dict) -> None:
     assert out.index("training: 40/40 steps") < out.index("training: completed")
     assert "sampling: 1/1 batches (rank 0)" in out
     assert re.search(r"^reference features: (\d+)/\1 images", out, re.M), out
-    record = run_dir / "eval" / "step_00000040" / "eval_record.json"
+    record = run_dir / EVAL / "step_00000040" / EVAL_RECORD
     assert re.search(r"^result      FID [\d.]+, sFID [\d.]+, IS [\d.]+, precision [\d.]+, recall [\d.]+ "
                      r"\(step 40\)\n\s+not comparable", out, re.M), out
     assert f"record      {record}" in out
     jobs = runs.read_jobs(run_dir)
     assert [(j.kind, j.cluster) for j in jobs] == [("train", "local"), ("eval", "local")]
     assert runs.read_attempts(run_dir)[-1].end == "completed"
-    assert json.loads((run_dir / "eval" / "step_00000040" / "eval_record.json").read_text())["step"] == 40
+    assert json.loads((run_dir / EVAL / "step_00000040" / EVAL_RECORD).read_text())["step"] == 40
     assert_same_weights(run_dir, scenarios["base"].run_dir)  # 1 node x 2 tasks = 2 nodes x 1 task
 
 
@@ -432,7 +434,7 @@ def test_sweep_is_one_job_array_and_cancel_stops_it(slurm_cluster: str, tmp_path
         jobs = []
         for i, name in enumerate(("smoke-lr=1e-4", "smoke-lr=2e-4")):
             run_dir = tmp_path / name
-            assert load_config(run_dir / "config.yaml").train.lr == (1e-4, 2e-4)[i]
+            assert load_config(run_dir / CONFIG).train.lr == (1e-4, 2e-4)[i]
             train, evaluation = runs.read_jobs(run_dir)
             assert (train.id, train.kind, evaluation.depends_on) == (f"{array.group(1)}_{i}", "train", train.id)
             assert "cancelled" in regscale("cancel", str(run_dir)).stdout

@@ -25,7 +25,9 @@ from PIL import Image
 from regscale.cli import main
 from regscale.config import load_config
 from regscale.errors import UserError
-from regscale.track.lineage import RUN_ID_FILE, config_params
+from regscale.rundir import (METRICS, MLARTIFACTS, MLFLOW_DB, MLFLOW_OUTBOX, MLFLOW_PENDING, MLFLOW_REJECTED,
+                             MLFLOW_RUN_ID, MLFLOW_UI_LOG)
+from regscale.track.lineage import config_params
 from regscale.track.mlflow import Tracker, register_run
 from regscale.track.ui import check_port
 from tests.fixtures.mlflow import free_port
@@ -64,7 +66,7 @@ def test_run_logs_params_metrics_tags_and_artifacts(mlflow_server, tmp_path, exp
         tracker.log_image(grid_png(tmp_path / "grid.png", (255, 0, 0)), 10)
         tracker.set_tags({"resumed_from": ""})
     client = MlflowClient(mlflow_server.url)
-    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    run_id = (run_dir / MLFLOW_RUN_ID).read_text().strip()
     assert run_id == tracker.run_id
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -123,7 +125,7 @@ def test_killed_and_resumed_run_continues_the_same_run(mlflow_server, tmp_path, 
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert (run_dir / RUN_ID_FILE).read_text().strip() == run_id
+    assert (run_dir / MLFLOW_RUN_ID).read_text().strip() == run_id
     assert client.get_run(run_id).info.status == "RUNNING"  # killed: nobody could say otherwise
 
     # the requeued job: its checkpoint was at step 20, so steps 25 and 30 are replayed
@@ -191,7 +193,8 @@ def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experimen
     assert children[1].data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
 
 
-def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, capsys):
+def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # the table whole, whatever terminal runs the tests
     for name, lr, fids, base in (("reg-a", "1e-4", {100: 40.0, 200: 20.0, 300: 22.0}, 1.0),
                                  ("reg-b", "2e-4", {100: 35.0, 200: 28.0}, 0.8)):
         cfg = make_cfg(tmp_path, mlflow_server.url, experiment, f"run.name={name}", f"train.lr={lr}")
@@ -229,6 +232,38 @@ def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, ca
     assert main(["compare", "nope", "--tracking-uri", mlflow_server.url, "--experiment", experiment]) == 2
 
 
+def test_compare_fits_a_narrow_terminal(tmp_path, experiment, capsys, monkeypatch):
+    """In an 80 or 100 column terminal the table fits: every run name and best FID (with its step)
+    on one line, whole; the run id shortened; the rest folded (a real SQLite store, 4 runs)."""
+    runs = {"reg-xl2-lr1e-4-ema9999": ("1e-4", "256", 20.0), "reg-xl2-lr2e-4-ema9999": ("2e-4", "256", 28.125),
+            "reg-xl2-lr2e-4-bs512": ("2e-4", "512", 31.5), "sit-xl2-baseline": ("1e-4", "256", None)}
+    ids = []
+    for name, (lr, batch, fid) in runs.items():
+        cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"run.name={name}", f"train.lr={lr}",
+                                  f"train.batch_size={batch}", f"mlflow.experiment={experiment}"])
+        with Tracker.open(cfg, tmp_path / "runs" / name) as tracker:
+            tracker.log_metrics({"loss": 0.5, "images_per_s": 1234.5}, 260)
+            if fid is not None:
+                tracker.log_eval({"fid": fid} if name != "reg-xl2-lr2e-4-bs512" else {"fid_not_comparable": fid},
+                                 200, {"num_samples": 64})
+        ids.append(tracker.run_id)
+    tables = {}
+    for columns in (80, 100, 1000):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        assert main(["compare", "--runs-dir", str(tmp_path / "runs"), "--experiment", experiment]) == 0
+        tables[columns] = capsys.readouterr().out
+        lines = tables[columns].splitlines()
+        assert max(map(len, lines)) <= columns
+        rows = {name: next(line for line in lines if line.startswith(name + " ")) for name in runs}
+        for (name, (_, _, fid)), run_id in zip(runs.items(), ids):
+            shown = rows[name].split()
+            assert shown[1] == run_id[:len(shown[1])] and 4 <= len(shown[1]) <= 8
+            assert shown[6:8] == ([f"{fid:.2f}" + ("*" if name == "reg-xl2-lr2e-4-bs512" else ""), "200"]
+                                  if fid is not None else ["-", "-"])
+    assert "* a random Inception network's FID: not comparable" in tables[80]
+    assert "train.batch_size" in tables[1000] and "train.batch_size" not in tables[80]  # folded
+
+
 def test_server_outage_does_not_stop_training(mlflow_server, tmp_path, experiment, caplog):
     caplog.set_level(logging.WARNING, logger="regscale.track")
     cfg = make_cfg(tmp_path, mlflow_server.url, experiment)
@@ -248,7 +283,7 @@ def test_server_outage_does_not_stop_training(mlflow_server, tmp_path, experimen
         assert late.run_id is None
         late.log_metrics({"loss": 0.25}, 5)
         late.finish("FINISHED", timeout=2)
-        assert list((tmp_path / "runs" / "late").glob("mlflow_pending*.json"))
+        assert list((tmp_path / "runs" / "late").glob(f"{MLFLOW_PENDING}*.json"))
     finally:  # back on the same port and store, through `regscale ui`
         mlflow_server.start(via_ui=True)
     assert mlflow_server.banner.startswith(f"MLflow UI ready at {mlflow_server.url} ")
@@ -266,7 +301,7 @@ def test_server_outage_does_not_stop_training(mlflow_server, tmp_path, experimen
     assert late.flush(60)
     late.finish("FINISHED")
     assert steps_of(client, late.run_id, "loss") == [5]
-    assert not list((tmp_path / "runs" / "late").glob("mlflow_pending*.json"))
+    assert not list((tmp_path / "runs" / "late").glob(f"{MLFLOW_PENDING}*.json"))
 
 
 def test_backlog_goes_in_flight_whole_and_once_and_a_refusal_drops_only_its_batch(mlflow_server, tmp_path,
@@ -305,32 +340,51 @@ def test_default_store_is_sqlite_in_run_dir(tmp_path, experiment):
     cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"mlflow.experiment={experiment}"])
     with Tracker.open(cfg, tmp_path / "runs" / "smoke") as tracker:
         tracker.log_metrics({"loss": 1.0}, 5)
-    assert tracker.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert tracker.uri == f"sqlite:///{tmp_path / 'runs' / MLFLOW_DB}"
     client = MlflowClient(tracker.uri)
     assert steps_of(client, tracker.run_id, "loss") == [5]
     artifacts = client.get_run(tracker.run_id).info.artifact_uri
-    assert artifacts.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
+    assert artifacts.startswith((tmp_path / "runs" / MLARTIFACTS).as_uri())
     # no store there: `compare` and `ui` say so in one line (exit 2)
     assert main(["compare", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
     assert main(["ui", "--runs-dir", str(tmp_path / "elsewhere")]) == 2
-    assert (tmp_path / "runs" / "mlartifacts").is_dir()
+    assert (tmp_path / "runs" / MLARTIFACTS).is_dir()
 
 
-def test_unreadable_pending_files_are_kept_and_skipped(tmp_path, experiment, caplog):
-    """A pending file that is not what the tracker wrote (cut, foreign) does not stop training from
-    being tracked; it stays on disk, named in a warning."""
+def test_undeliverable_pending_entries_move_aside_and_delivery_goes_on(tmp_path, experiment, caplog):
+    """What the tracker cannot deliver from the pending files on disk (a cut file, a foreign one, an
+    operation of unknown kind or without its fields) moves to mlflow_outbox/rejected/ with one
+    warning per file; the good entries beside it are delivered, and the next open finds nothing."""
     caplog.set_level(logging.WARNING, logger="regscale.track")
     run_dir = tmp_path / "runs" / "smoke"
     run_dir.mkdir(parents=True)
-    bad = {"mlflow_pending-cut.json": '{"run_id": null, "ops": [', "mlflow_pending-foreign.json": '{"run_id": null}'}
-    for name, text in bad.items():
+    good = {"op": "metrics", "metrics": {"loss": 2.0}, "step": 3, "ts": 1000}
+    bad = [{"op": "frobnicate", "x": 1}, {"op": "metrics", "metrics": {"loss": 9.0}}, ["not", "an", "op"]]
+    unreadable = {f"{MLFLOW_PENDING}-cut.json": '{"run_id": null, "ops": [',
+                  f"{MLFLOW_PENDING}-foreign.json": '{"run_id": null}',
+                  f"{MLFLOW_PENDING}-ops-not-a-list.json": '{"run_id": null, "ops": {"op": "tags"}}'}
+    for name, text in unreadable.items():
         (run_dir / name).write_text(text)
+    mixed = f"{MLFLOW_PENDING}-mixed.json"
+    (run_dir / mixed).write_text(json.dumps({"run_id": None, "ops": [bad[0], good, *bad[1:]]}))
     cfg = load_config(SMOKE, [f"run.dir={tmp_path / 'runs'}", f"mlflow.experiment={experiment}"])
     with Tracker.open(cfg, run_dir) as tracker:
         tracker.log_metrics({"loss": 1.0}, 5)
-    assert steps_of(MlflowClient(tracker.uri), tracker.run_id, "loss") == [5]
-    assert {p.name: p.read_text() for p in run_dir.glob("mlflow_pending*")} == bad
-    assert sum("is unreadable" in r.getMessage() for r in caplog.records) == 2
+    assert steps_of(MlflowClient(tracker.uri), tracker.run_id, "loss") == [3, 5]
+    assert not list(run_dir.glob(f"{MLFLOW_PENDING}*"))
+    rejected = run_dir / MLFLOW_OUTBOX / MLFLOW_REJECTED
+    assert {p.name: p.read_text() for p in rejected.iterdir() if p.name != mixed} == unreadable
+    assert json.loads((rejected / mixed).read_text()) == {"run_id": None, "ops": bad}
+    warnings = [r.getMessage() for r in caplog.records if str(rejected) in r.getMessage()]
+    assert len(warnings) == 4 and sum("is unreadable" in w for w in warnings) == 3
+    assert [w for w in warnings if mixed in w and "3 of the 4 entries" in w and "unknown operation 'frobnicate'" in w]
+    # a later attempt of the run finds nothing left to move or warn about
+    caplog.clear()
+    with Tracker.open(cfg, run_dir) as tracker:
+        pass
+    assert not [r for r in caplog.records if "MLflow" in r.getMessage()]
+    with pytest.raises(ValueError, match="unknown operation 'frobnicate'"):  # a bug of the caller, at once
+        tracker._outbox.put(bad[0])
 
 
 def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, experiment):
@@ -346,11 +400,11 @@ def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, 
     client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name(experiment)
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_id == (tmp_path / "runs" / "tracked" / RUN_ID_FILE).read_text().strip()
+    assert run.info.run_id == (tmp_path / "runs" / "tracked" / MLFLOW_RUN_ID).read_text().strip()
     assert run.info.status == "FINISHED"
     assert run.data.params == config_params(load_config(SMOKE, overrides))
     assert run.data.tags["world_size"] == "2" and run.data.tags["engine"] == "fsdp"
-    jsonl = [json.loads(line) for line in (tmp_path / "runs" / "tracked" / "metrics.jsonl").open()]
+    jsonl = [json.loads(line) for line in (tmp_path / "runs" / "tracked" / METRICS).open()]
     logged = {row["step"]: row["loss"] for row in jsonl if "loss" in row}
     history = client.get_metric_history(run.info.run_id, "loss")
     assert {m.step: m.value for m in history} == logged and sorted(logged) == [1, 2]
@@ -359,7 +413,7 @@ def test_two_process_training_logs_one_run(mlflow_server, smoke_data, tmp_path, 
 
 
 def test_ui_refuses_bad_port_and_workers(tmp_path, capsys):
-    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("e")  # a store is there; nothing may start
+    MlflowClient(f"sqlite:///{tmp_path / MLFLOW_DB}").create_experiment("e")  # a store is there; nothing may start
     for args, message in ((["--port", "0"], "--port 0: expected a port number from 1 to 65535"),
                           (["--port", "70000"], "--port 70000: expected a port number from 1 to 65535"),
                           (["--workers", "0", "--port", str(free_port())], "--workers 0: expected 1 to "),
@@ -372,7 +426,7 @@ def test_ui_refuses_bad_port_and_workers(tmp_path, capsys):
         port = busy.getsockname()[1]
         assert main(["ui", "--runs-dir", str(tmp_path), "--port", str(port)]) == 2
         assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
-    assert not (tmp_path / "mlflow-ui.log").exists()
+    assert not (tmp_path / MLFLOW_UI_LOG).exists()
 
 
 def _alive(processes: list) -> list:
@@ -420,5 +474,5 @@ def test_ui_is_ready_when_it_answers_and_a_signal_stops_its_whole_tree(tmp_path,
     assert ui.returncode == 0 and out.strip() == "MLflow UI stopped" and "Traceback" not in err
     assert _alive(tree) == []
     check_port(port)  # nothing listens on the port any more (a new server could bind it)
-    log = (runs_dir / "mlflow-ui.log").read_text()
+    log = (runs_dir / MLFLOW_UI_LOG).read_text()
     assert "Uvicorn running" in log and "/health" not in log and "runs/search" not in log

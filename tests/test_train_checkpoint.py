@@ -189,6 +189,7 @@ def test_threads_come_from_the_recipe_not_the_launcher() -> None:
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)  # what srun leaves a process on this 2-core machine
-        assert pin_threads(load_config(None, ["run.name=x", "slurm.cpus_per_task=1"])) == 1 == torch.get_num_threads()
+        slurm = load_config(None, ["run.name=x", "slurm.cpus_per_task=1"]).slurm
+        assert pin_threads(slurm) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from regscale.checkpoints import verify
 from regscale.dist import RENDEZVOUS_S
-from regscale.rundir import step_name
+from regscale.rundir import CHECKPOINTS, METRICS, step_name
 from tests.fixtures.train import launch_train, ok
 
 BASE = ["train.max_steps=8", "train.ckpt_every=2", "train.keep_last=2", "engine.async_checkpoint=true",
@@ -24,17 +24,17 @@ def _clean_failure(launch, code: int) -> None:
 
 
 def _latest(run: Path) -> str:
-    return (run / "checkpoints" / "latest").read_text().strip()
+    return (run / CHECKPOINTS / "latest").read_text().strip()
 
 
 def test_training_faults_end_in_one_line(smoke_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     full = launch_train(run, smoke_data, BASE, nproc=0, env={"REGSCALE_FAULT_NO_SPACE": "4"})
     _clean_failure(full, 2)
-    assert (f"regscale train: error: no space left on {run / 'checkpoints'} while writing the checkpoint "
+    assert (f"regscale train: error: no space left on {run / CHECKPOINTS} while writing the checkpoint "
             f"of step 4: it is not saved; the newest saved one ({step_name(2)}) is kept") in full.stderr, ok(full)
-    assert _latest(run) == step_name(2) and verify(run / "checkpoints" / step_name(2)) is None
-    assert not list((run / "checkpoints").glob(".tmp_*")), "the partial write is removed"
+    assert _latest(run) == step_name(2) and verify(run / CHECKPOINTS / step_name(2)) is None
+    assert not list((run / CHECKPOINTS).glob(".tmp_*")), "the partial write is removed"
 
     changed = launch_train(run, smoke_data, BASE + ["train.lr=2e-4"], nproc=0)
     _clean_failure(changed, 2)
@@ -44,18 +44,18 @@ def test_training_faults_end_in_one_line(smoke_data: Path, tmp_path: Path) -> No
     _clean_failure(stopped, 130)
     saved = int(re.search(r"interrupted at step (\d+): checkpoint step \1 saved", stopped.stderr).group(1))
     assert "regscale train: interrupted" in stopped.stdout and saved >= 4, ok(stopped)
-    assert _latest(run) == step_name(saved) and verify(run / "checkpoints" / step_name(saved)) is None
+    assert _latest(run) == step_name(saved) and verify(run / CHECKPOINTS / step_name(saved)) is None
     assert "bit-exact" in stopped.stderr and "NOT bit-exact" not in stopped.stderr  # resumed from step 2
 
-    for path in (run / "checkpoints").glob("step_*/*.distcp"):  # every checkpoint unreadable
+    for path in (run / CHECKPOINTS).glob("step_*/*.distcp"):  # every checkpoint unreadable
         path.write_bytes(b"\0" * path.stat().st_size)
-    lines = len((run / "metrics.jsonl").read_text().splitlines())
+    lines = len((run / METRICS).read_text().splitlines())
     broken = launch_train(run, smoke_data, BASE, nproc=0)
     _clean_failure(broken, 2)
     assert "no checkpoint is readable" in broken.stderr and "training would restart from step 0" in broken.stderr
     assert re.search(r"step_\d{8}\.broken-\d+", broken.stderr), ok(broken)
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == lines, "nothing was trained"
-    assert len(list((run / "checkpoints").glob("step_*.broken-*"))) == 2
+    assert len((run / METRICS).read_text().splitlines()) == lines, "nothing was trained"
+    assert len(list((run / CHECKPOINTS).glob("step_*.broken-*"))) == 2
 
 
 def _free_port() -> int:

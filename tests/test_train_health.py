@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from regscale.rundir import CHECKPOINTS, METRICS
 from tests.fixtures.train import launch_train, ok
 
 
@@ -19,9 +20,9 @@ def test_nonfinite_steps_roll_back_to_the_last_checkpoint(smoke_data: Path, tmp_
     assert "step 5: non-finite gradient norm, step skipped (2 in a row, 2 in total)" in result.stderr
     assert "2 non-finite steps in a row: rolled back to" in result.stderr
     assert "step_00000004 (rollback 1)" in result.stderr
-    manifest = json.loads((run / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+    manifest = json.loads((run / CHECKPOINTS / "step_00000006" / "manifest.json").read_text())
     assert manifest["health"] == {"nonfinite_total": 2, "rollbacks": 1}
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]  # 5 only once: rolled back first
     assert math.isnan(logged[3]["loss"]) and math.isnan(logged[3]["grad_norm"])

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from regscale.engine.export import load_consolidated
+from regscale.rundir import CHECKPOINTS, CONFIG
 from tests.fixtures.train import (ELASTIC_RTOL, Launch, adam_state, assert_same_weights, launch_train,
                                   losses, max_relative_difference, ok, traced_draws)
 
@@ -47,7 +48,7 @@ def reference(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _newest(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return run_dir / CHECKPOINTS / (run_dir / CHECKPOINTS / "latest").read_text().strip()
 
 
 def _manifest(run_dir: Path) -> dict:
@@ -73,7 +74,7 @@ def test_interrupted_run_is_bit_identical(engine: str, reference, smoke_data: Pa
     assert manifest["step"] == 8 and manifest["images"] == 64 and manifest["world_size"] == 2
     assert manifest["health"]["nonfinite_total"] == 1, "the NaN step is counted"
     assert "step 4: non-finite gradient norm, step skipped" in ref.stderr
-    assert sorted(p.name for p in (ref.run_dir / "checkpoints").glob("step_*")) == [
+    assert sorted(p.name for p in (ref.run_dir / CHECKPOINTS).glob("step_*")) == [
         "step_00000006", "step_00000008"], "retention keeps the last 2"
 
     seed = int(os.environ.get("REGSCALE_TEST_SEED", random.randrange(1 << 30)))
@@ -86,8 +87,8 @@ def test_interrupted_run_is_bit_identical(engine: str, reference, smoke_data: Pa
     if engine == "fsdp":  # die in the middle of writing the step-6 checkpoint: never published
         mid = launch_train(run, smoke_data, overrides, env={**NAN, "REGSCALE_FAULT_KILL_IN_SAVE": "6"})
         assert mid.returncode != 0, ok(mid)
-        assert (run / "checkpoints" / ".tmp_step_00000006").is_dir()
-        assert not (run / "checkpoints" / "step_00000006").exists()
+        assert (run / CHECKPOINTS / ".tmp_step_00000006").is_dir()
+        assert not (run / CHECKPOINTS / "step_00000006").exists()
 
     broken = _corrupt_newest(run)
     if engine == "zero3":  # the time limit instead of a signal
@@ -104,7 +105,7 @@ def test_interrupted_run_is_bit_identical(engine: str, reference, smoke_data: Pa
     assert sorted(r for r, _ in stops) == ["0", "1"], ok(stop)
     assert len({s for _, s in stops}) == 1, f"ranks stopped at different steps: {stops}"
     assert _manifest(run)["step"] == int(stops[0][1]), "a checkpoint of the stop step exists"
-    assert not (run / "checkpoints" / ".tmp_step_00000006").exists(), "unfinished write cleaned"
+    assert not (run / CHECKPOINTS / ".tmp_step_00000006").exists(), "unfinished write cleaned"
 
     last = launch_train(run, smoke_data, overrides, env=NAN)
     assert last.returncode == 0, ok(last)
@@ -127,7 +128,7 @@ def _export(run: Path, tmp_path: Path) -> None:
     assert main(["export", str(run), "--out", str(out)]) == 0
     exported = load_file(str(out))
     with safe_open(str(out), "pt") as f:  # the export carries its config: sampling needs no recipe
-        assert f.metadata()["config"] == (run / "config.yaml").read_text()
+        assert f.metadata()["config"] == (run / CONFIG).read_text()
     state, manifest = load_consolidated(run)
     assert manifest["step"] == 8 and exported.keys() == state.keys()
     assert all(torch.equal(exported[k], state[k]) for k in state)

@@ -1,8 +1,8 @@
 """Synthetic data for the smoke recipe: class-coloured images, prepared with a tiny random VAE.
 
-`ensure_synthetic_dataset(cfg)` is called by every rank: rank 0 generates the images (next to
-data.path, in <data.path>.images/) and runs `prepare`; the other ranks wait for its summary.json (or
-<data.path>.failed, where rank 0 writes why it failed).
+`ensure_synthetic_dataset(cfg.data, cfg.model.num_classes)` is called by every rank: rank 0
+generates the images (next to data.path, in <data.path>.images/) and runs `prepare`; the other
+ranks wait for its summary.json (or <data.path>.failed, where rank 0 writes why it failed).
 Both steps are deterministic and resumable, so calling it again (or from two jobs) is harmless.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from regscale.config import Config, is_remote
+from regscale.config import DataConfig, is_remote
 from regscale.dist import read_layout
 from regscale.data.shards import SUMMARY
 from regscale.errors import UserError
@@ -49,14 +49,15 @@ def write_synthetic_images(root: Path, num_images: int, num_classes: int) -> Non
             Image.fromarray(synthetic_image(label, i, num_classes)).save(tmp, format="PNG")
 
 
-def ensure_synthetic_dataset(cfg: Config) -> None:
-    """Generate + prepare cfg.data.synthetic images at cfg.data.path unless it already holds them."""
-    count = cfg.data.synthetic
+def ensure_synthetic_dataset(data: DataConfig, num_classes: int) -> None:
+    """Generate + prepare data.synthetic images of at most `num_classes` classes (the model's) at
+    data.path unless it already holds them."""
+    count = data.synthetic
     if count <= 0:
         return
-    if cfg.data.path is None or is_remote(cfg.data.path):
-        raise UserError(f"data.synthetic needs a local data.path to write to; got {cfg.data.path!r}")
-    out = Path(cfg.data.path)
+    if data.path is None or is_remote(data.path):
+        raise UserError(f"data.synthetic needs a local data.path to write to; got {data.path!r}")
+    out = Path(data.path)
     if (out / SUMMARY).is_file():
         return
     failed = out.with_name(out.name + ".failed")  # beside OUT: OUT itself must stay a clean dataset
@@ -72,7 +73,7 @@ def ensure_synthetic_dataset(cfg: Config) -> None:
     from regscale.data.prepare import PrepareOptions, prepare
 
     images = out.with_name(out.name + ".images")
-    num_classes = min(cfg.model.num_classes, count)
+    num_classes = min(num_classes, count)
     try:
         failed.unlink(missing_ok=True)
         write_synthetic_images(images, count, num_classes)

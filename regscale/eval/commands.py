@@ -15,8 +15,9 @@ from pathlib import Path
 
 from regscale.cliargs import non_negative_int, positive_int
 from regscale.errors import UserError, first_line
+from regscale.rundir import CHECKPOINTS, CONFIG, EVAL, EVAL_RECORD, EVAL_SAMPLES, EVAL_SHARDS, step_name
 
-SAMPLING_OUTPUTS = ("samples.npz", "shards", "eval_record.json")  # what marks a folder as sampling's
+SAMPLING_OUTPUTS = (EVAL_SAMPLES, EVAL_SHARDS, EVAL_RECORD)  # what marks a folder as sampling's
 
 
 def is_sampling_output(folder: Path) -> bool:
@@ -66,10 +67,10 @@ def _target_config(target: Path, recipe: str | None, overrides: list[str]):
     if recipe is not None:
         return load_config(recipe, overrides)
     if target.is_dir():
-        if not (target / "config.yaml").is_file():
-            raise UserError(f"{target}: not a run directory (no config.yaml); give a run directory "
+        if not (target / CONFIG).is_file():
+            raise UserError(f"{target}: not a run directory (no {CONFIG}); give a run directory "
                             "or a .safetensors export")
-        return load_config(target / "config.yaml", overrides)
+        return load_config(target / CONFIG, overrides)
     raise UserError(f"{target}: no such run directory or .safetensors file")
 
 
@@ -78,7 +79,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from regscale.dist import teardown
     from regscale.eval.job import dist_setup, sample_checkpoint
     from regscale.paths import check_output, writing_into
-    from regscale.rundir import CHECKPOINTS, step_name
 
     target = Path(args.target)
     cfg = _target_config(target, args.recipe, args.overrides)
@@ -100,7 +100,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     elif target.is_dir():
-        out = target / "eval" / step_name(step or 0)
+        out = target / EVAL / step_name(step or 0)
     else:
         out = target.with_name(target.stem + "_samples")
     check_output(out, "--out" if args.out else "the output folder", inputs=[target, *filter(None, [args.recipe])],

@@ -29,7 +29,7 @@ from regscale.eval.metrics import (ADM_UNDEFINED, IS_SPLIT_SIZE, chunk_sizes, fr
                                    precision_recall)
 from regscale.eval.npz import NpzArray, check_samples, load_reference, open_images, reference_stats
 from regscale.fsutil import write_atomic
-from regscale.rundir import step_name
+from regscale.rundir import CHECKPOINTS, EVAL_RECORD, PROGRESS, step_name
 from regscale.track import progress
 
 # Bump when anything that changes the numbers changes (network port, preprocessing, formulas).
@@ -38,7 +38,6 @@ PROTOCOL = ("ADM (guided-diffusion evaluations/evaluator.py): FID on pool_3, sFI
             "flattened HWC, IS on softmax(pool_3 @ W) in consecutive chunks of 5,000 (the last one "
             "shorter), precision/recall with k=3 manifolds on pool_3 from float16 distance blocks of "
             "10,000 x 10,000 (float32 for a block with a non-finite entry); Frechet distance in float64")
-RECORD = "eval_record.json"
 MAX_SHARD_REFERENCE = 10_000  # the ADM reference batch's size
 
 
@@ -247,7 +246,7 @@ def load_weights(weights: Path | str | dict, step: Optional[int] = None,
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         return state, {"source": str(path), "fingerprint": weights_fingerprint(state), "metadata": meta}
-    if path.is_dir() and (path / "checkpoints").is_dir():
+    if path.is_dir() and (path / CHECKPOINTS).is_dir():
         from regscale.engine.export import load_consolidated
 
         state, manifest = load_consolidated(path, step=step, weights=which)
@@ -329,7 +328,7 @@ def evaluate(cfg: Config, weights: Path | dict, out_dir: Path, step: int, tracke
     out_dir = Path(out_dir)
     rank, world, device = dist_setup()
     if rank == 0:
-        progress.record_to(out_dir / progress.FILE_NAME)  # for a `regscale submit` waiting on this job
+        progress.record_to(out_dir / PROGRESS)  # for a `regscale submit` waiting on this job
     # inputs first: no GPU time before we know the evaluation can finish
     if not ev.random_inception:
         resolve_weights(ev.inception)
@@ -345,10 +344,10 @@ def evaluate(cfg: Config, weights: Path | dict, out_dir: Path, step: int, tracke
                                   pr_distances=ev.pr_distances)
         if rank == 0:
             outcome = ("ok", _finish_record(record, cfg, npz, step, world, weights_info, sample_s, time.time() - t1))
-            write_record(out_dir / RECORD, outcome[1])
+            write_record(out_dir / EVAL_RECORD, outcome[1])
             if tracker is not None:
                 tracker.log_eval(outcome[1]["metrics"], step, _tracker_info(outcome[1]))
-                tracker.log_artifact(out_dir / RECORD, f"eval/{step_name(step)}")
+                tracker.log_artifact(out_dir / EVAL_RECORD, f"eval/{step_name(step)}")
     except UserError as err:  # raised on rank 0 alone (the metrics): tell the others, not hang them
         if rank != 0 or world == 1:
             raise

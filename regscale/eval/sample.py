@@ -24,6 +24,7 @@ from regscale.config import Config
 from regscale.errors import UserError
 from regscale.eval.npz import NpzArray, npz_members, write_npz
 from regscale.fsutil import write_atomic
+from regscale.rundir import EVAL_SAMPLES, EVAL_SHARDS
 from regscale.track import progress as track_progress
 
 SETTINGS = "sampling.json"
@@ -158,7 +159,7 @@ def generate(model: torch.nn.Module, decode: Callable[[torch.Tensor], torch.Tens
     ev = cfg.eval
     n = ev.num_samples
     out_dir = Path(out_dir)
-    npz, shard_dir = out_dir / "samples.npz", out_dir / "shards"
+    npz, shard_dir = out_dir / EVAL_SAMPLES, out_dir / EVAL_SHARDS
     rank, world = _rank_world()
     settings = sampling_settings(cfg, weights_id)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from regscale.config import Config
 from regscale.metrics import IMAGES_PER_S, LOSS
 from regscale.launch.status import format_duration
-from regscale.rundir import METRICS
+from regscale.rundir import METRICS, PROGRESS
 from regscale.track import progress
 
 POLL_S = 1.0
@@ -76,7 +76,7 @@ class EvaluationFollower:
     """Reads the evaluation's progress file (sampling, then the Inception features)."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / progress.FILE_NAME
+        self.path = out_dir / PROGRESS
         self.path.unlink(missing_ok=True)  # an earlier attempt's
 
     def __call__(self) -> Update:

@@ -40,7 +40,7 @@ from regscale.errors import UserError, first_line
 from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.outcome import Outcome
-from regscale.rundir import CHECKPOINTS, step_name
+from regscale.rundir import CHECKPOINTS, EVAL, STOP_REPORT, step_name
 
 if TYPE_CHECKING:
     from regscale.launch.agent import NodeJob
@@ -77,7 +77,7 @@ def write_stop_report(run_dir: Path, reason: str, step: int) -> None:
                   job_id=os.environ.get("SLURM_JOB_ID"),
                   attempts=len(runs.read_attempts(run_dir)),
                   resume=f"fix the cause, then: regscale resume {run_dir}")
-    write_atomic(run_dir / runs.STOP_REPORT, json.dumps(report, indent=1) + "\n")
+    write_atomic(run_dir / STOP_REPORT, json.dumps(report, indent=1) + "\n")
     print(f"regscale: run stopped: {reason}", file=sys.stderr, flush=True)
 
 
@@ -299,7 +299,7 @@ class EvalJob(submitit.helpers.Checkpointable):
         _local_layout_by_host()
         tracker = open_tracker(cfg, run_dir, attach=True) if env.global_rank == 0 else None
         try:
-            return evaluate(cfg, run_dir, run_dir / "eval" / step_name(step), step, tracker)
+            return evaluate(cfg, run_dir, run_dir / EVAL / step_name(step), step, tracker)
         finally:
             if tracker is not None:
                 tracker.finish()

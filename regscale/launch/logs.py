@@ -16,7 +16,7 @@ from typing import Optional, TextIO
 
 from regscale.errors import UserError
 from regscale.launch import runs
-from regscale.rundir import JOB_FOLDER
+from regscale.rundir import JOB_FOLDER, STOP_REPORT
 
 POLL_S = 0.5
 
@@ -89,4 +89,4 @@ def logs(run_dir: Path, attempt: Optional[int] = None, rank: Optional[int] = Non
 
 def _stopped(run_dir: Path, attempt: runs.Attempt) -> bool:
     """The run will write no more to this attempt: it completed, was interrupted, or stopped."""
-    return attempt.end in ("completed", "interrupted") or (run_dir / runs.STOP_REPORT).is_file()
+    return attempt.end in ("completed", "interrupted") or (run_dir / STOP_REPORT).is_file()

@@ -19,11 +19,8 @@ from typing import Any, Iterator, Optional
 from regscale.config import Config, load_saved_config
 from regscale.errors import UserError
 from regscale.fsutil import write_atomic
-from regscale.rundir import CHECKPOINTS, CONFIG, step_of
+from regscale.rundir import ATTEMPTS, CHECKPOINTS, CONFIG, JOBS, JOBS_LOCK, step_of
 
-JOBS = "jobs.json"
-ATTEMPTS = "attempts.jsonl"
-STOP_REPORT = "stop_report.json"
 RESUMED = "resumed"  # the end recorded for `regscale resume`: a fresh streak of attempts
 
 
@@ -64,7 +61,7 @@ class JobRecord:
 
 @contextmanager
 def _locked(run_dir: Path) -> Iterator[None]:
-    with open(run_dir / ".jobs.lock", "w") as lock:
+    with open(run_dir / JOBS_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 

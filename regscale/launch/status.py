@@ -16,7 +16,8 @@ from regscale.errors import UserError, debug, expected_failure
 from regscale.launch import runs
 from regscale.checkpoints import published
 from regscale.metrics import IMAGES_PER_S
-from regscale.rundir import CHECKPOINTS, CONFIG, JOB_FOLDER, METRICS, step_name, step_of
+from regscale.rundir import (CHECKPOINTS, CONFIG, EVAL, EVAL_RECORD, JOB_FOLDER, METRICS, STOP_REPORT, step_name,
+                             step_of)
 
 
 
@@ -68,7 +69,7 @@ class EvalStatus:
 
 def eval_record_path(run_dir: Path, step: int) -> Path:
     """Where the evaluation of checkpoint `step` writes its record (regscale.eval.job)."""
-    return run_dir / "eval" / step_name(step) / "eval_record.json"
+    return run_dir / EVAL / step_name(step) / EVAL_RECORD
 
 
 def read_fid(record: Path) -> tuple[Optional[float], bool]:
@@ -156,7 +157,7 @@ def run_status(run_dir: Path) -> RunStatus:
         state = states.get(last_train.id, "UNKNOWN")
     else:
         state = current.end.upper() if current and current.end else ("RUNNING" if current else "PENDING")
-    report = run_dir / runs.STOP_REPORT
+    report = run_dir / STOP_REPORT
     stop = json.loads(report.read_text()) if report.is_file() else None
     evals = [eval_status(run_dir, j, states, cfg.train.max_steps) for j in jobs if j.kind == "eval"]
     kept = [step_of(p.name) for p in published(run_dir / CHECKPOINTS)]

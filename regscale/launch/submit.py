@@ -24,7 +24,7 @@ from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.launch.profile import Profile, check_value, load_profile, sbatch_parameters, sbatch_test_args
 from regscale.paths import check_run_dir
-from regscale.rundir import CHECKPOINTS, CONFIG, JOB_FOLDER, step_name
+from regscale.rundir import CHECKPOINTS, CONFIG, JOB_FOLDER, STOP_REPORT, step_name
 
 # ---------------------------------------------------------------------------------------------
 # where jobs run
@@ -199,7 +199,7 @@ def _wait_local(job: Any, what: str, run_dir: Path, updates: Callable[[], Any]) 
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
         lines = str(err).strip().splitlines()
         print(f"{what} failed: {lines[-1] if lines else err}", file=sys.stderr)
-        report = run_dir / runs.STOP_REPORT
+        report = run_dir / STOP_REPORT
         if report.is_file():
             print(f"stop report: {report}", file=sys.stderr)
         return False
@@ -408,9 +408,9 @@ def resume(run_dir: Path, overrides: list[str], *, local: bool = False) -> int:
     cluster = choose_cluster(cfg, local)
     launcher = Launcher(cfg, cluster, run_dir / JOB_FOLDER)
     launcher.check()
-    stop = run_dir / runs.STOP_REPORT
+    stop = run_dir / STOP_REPORT
     if stop.is_file():
-        stop.rename(run_dir / f"stop_report.{int(time.time())}.json")
+        stop.rename(stop.with_name(f"{stop.stem}.{int(time.time())}{stop.suffix}"))
     write_atomic(run_dir / CONFIG, to_yaml(cfg))
     runs.record_resume(run_dir, step)
     print(f"resuming {run_dir} from step {step}")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from regscale.errors import UserError
+from regscale.rundir import MLFLOW_DB
 from regscale.track.store import check_store
 
 
@@ -18,7 +19,7 @@ def _store(args: argparse.Namespace) -> str:
     if uri:
         check_store(uri, "--tracking-uri" if args.tracking_uri else "$MLFLOW_TRACKING_URI", reading=True)
         return uri
-    db = Path(args.runs_dir).resolve() / "mlflow.db"
+    db = Path(args.runs_dir).resolve() / MLFLOW_DB
     if not db.is_file():
         raise UserError(f"no MLflow store at {db} (nothing tracked there yet); pass --runs-dir DIR "
                         "(the recipe's run.dir) or --tracking-uri URI")

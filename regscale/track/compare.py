@@ -12,7 +12,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from regscale.errors import UserError, first_line
 from regscale.fsutil import atomic_path
@@ -23,6 +23,9 @@ FID = EVAL_PREFIX + "fid"
 FID_NOT_COMPARABLE = FID + "_not_comparable"  # smoke runs: a random Inception network (marked *)
 IGNORED_PARAMS = ("run.name", "run.dir")  # the row label already says which run it is
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_WORD = re.compile(r" ?[^ ./_-]+[./_-]?| ?[./_-]")  # text breaks before a space, after . / _ -
+ID_CHARS, MIN_ID_CHARS = 8, 4  # of a run id in the table: as many as there is room for
+MIN_FOLDED = 8  # a long recipe value folds to no fewer characters a line
 
 
 @dataclass
@@ -149,26 +152,90 @@ def rows(summaries: list[RunSummary], exact: bool = False) -> tuple[list[str], l
     return header, body
 
 
+def _fold(text: str, width: int) -> str:
+    """`text` in lines of at most `width` characters: broken after a space, '.', '/', '_' or '-'
+    where it can be, inside a word where it must."""
+    lines = [""]
+    for token in _WORD.findall(text):
+        if lines[-1] and len(lines[-1]) + len(token) > width:
+            lines.append("")
+            token = token.lstrip()
+        lines[-1] += token
+    return "\n".join(line[i:i + width] for line in lines for i in range(0, max(len(line), 1), width))
+
+
+def _fit(natural: list[int], floors: list[list[int]], room: int, need: Callable[[int, int], int]) -> list[int]:
+    """Column widths from `natural` down to each floor in turn until they add up to `room`: the
+    column with the most to give first, one character narrower at a time (`need(i, w)`: what
+    column i takes of w)."""
+    widths = list(natural)
+    for floor in floors:
+        while sum(widths) > room:
+            slack = [w - f for w, f in zip(widths, floor)]
+            if max(slack) <= 0:
+                break
+            i = slack.index(max(slack))
+            widths[i] = max(floor[i], need(i, widths[i] - 1))
+    return widths
+
+
+def _layout(header: list[str], cells: list[list[str]], room: int) -> tuple[list[int], int]:
+    """Column widths and the gap between columns for a table `room` characters wide, where the
+    cells allow. Run names, the best FID and its step stay whole; to fit, in turn: headers break
+    between words, the run id shortens (to MIN_ID_CHARS), the gap closes to 1, headers break
+    inside words, long recipe values fold (to MIN_FOLDED)."""
+    run_id, keys = 1, range(2, header.index("status"))
+    whole = {0, header.index("best FID"), header.index("at step")}
+    values = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    natural = [max(len(name), v) for name, v in zip(header, values)]
+    between_words = [max(v, *(len(word.strip()) for word in _WORD.findall(name))) for name, v in zip(header, values)]
+    short_id = [MIN_ID_CHARS if i == run_id else w for i, w in enumerate(between_words)]
+    inside_words = [w if i in whole else values[i] for i, w in enumerate(short_id)]
+    folded = [min(w, MIN_FOLDED) if i in keys else w for i, w in enumerate(inside_words)]
+
+    def need(i: int, w: int) -> int:  # a header folded to w may leave some of it
+        return w if i == run_id else min(w, max(values[i], *map(len, _fold(header[i], w).splitlines())))
+
+    steps = ((2, [between_words]), (2, [between_words, short_id]), (1, [between_words, short_id]),
+             (1, [between_words, short_id, inside_words, folded]))
+    for gap, floors in steps:
+        widths = _fit(natural, floors, room - gap * (len(header) - 1), need)
+        if sum(widths) + gap * (len(header) - 1) <= room:
+            break
+    return widths, gap
+
+
 def render_table(summaries: list[RunSummary]) -> str:
-    """A rich table of `rows`, as text."""
+    """`rows` as a text table that fits the terminal (`_layout`; whole off a terminal); a FID that
+    is not comparable is marked *."""
+    import shutil
+
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     header, body = rows(summaries)
-    comparable = all(s.fid_comparable for s in summaries)
+    fid, comparable = header.index("best FID"), header.index("comparable")
+    del header[comparable]
+    cells = [[row[0], row[1][:ID_CHARS], *row[2:fid], row[fid] + ("*" if row[comparable] == "no" else ""),
+              *row[comparable + 1:]] for row in body]
+    widths, gap = _layout(header, cells, shutil.get_terminal_size((10**6, 24)).columns)
     table = Table(title=f"{len(summaries)} runs (recipe keys that differ; best FID at its step)",
-                  caption=None if comparable else "comparable no: a random Inception network's FID")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="right" if i >= len(header) - 6 else "left", overflow="fold")
-    for row in body:
-        table.add_row(*[row[0], row[1][:8], *row[2:]])
+                  caption=None if all(s.fid_comparable for s in summaries) else
+                  "* a random Inception network's FID: not comparable",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, padding=(0, gap - 1))
+    for i, (name, width) in enumerate(zip(header, widths)):
+        table.add_column(_fold(name, width), justify="right" if i > fid - 2 else "left", width=width, no_wrap=True)
+    for row in cells:
+        table.add_row(row[0], row[1][:widths[1]], *(_fold(value, width) for value, width in zip(row[2:], widths[2:])))
     out = io.StringIO()
-    Console(file=out, width=max(100, sum(len(h) + 4 for h in header)), color_system=None).print(table)
+    Console(file=out, width=sum(widths) + gap * (len(header) - 1), color_system=None).print(table)
     return out.getvalue()
 
 
 def write_csv(summaries: list[RunSummary], path: Path) -> None:
-    """The same rows as the table with full run ids and every digit, written atomically."""
+    """The table's rows with full run ids, every digit and comparability in its own column,
+    written atomically."""
     header, body = rows(summaries, exact=True)
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)

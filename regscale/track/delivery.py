@@ -9,8 +9,11 @@ MLflow's own async logging: that hides the network's round trips (bench/bench_tr
 server on the same host); on a SQLite store (0.90x) they go one by one.
 While the server is away it retries with a growing delay (up to 30 s) and warns once per outage.
 Whatever is still undelivered at close is saved as `<run_dir>/mlflow_pending-*.json`, which the
-next Outbox of that run directory sends first. Metrics are never logged twice for a key and step
-nor behind the newest step the run already has (a resumed run replays steps).
+next Outbox of that run directory sends first; what such a file holds that could never be
+delivered (the whole file when unreadable; an operation of unknown kind or without its fields) is
+moved aside to `<run_dir>/mlflow_outbox/rejected/` with one warning per file, and the rest goes
+on. Metrics are never logged twice for a key and step nor behind the newest step the run already
+has (a resumed run replays steps).
 """
 
 from __future__ import annotations
@@ -27,14 +30,40 @@ from typing import Any, Callable, Optional
 from regscale.errors import UserError, first_line
 from regscale.fsutil import write_atomic
 from regscale.metrics import EVAL_PREFIX
+from regscale.rundir import MLFLOW_OUTBOX, MLFLOW_PENDING, MLFLOW_REJECTED
 from regscale.track.client import BATCH, CONNECT_TIMEOUT_S, is_permanent, log_batch
 from regscale.track.lineage import RunRef, eval_run
 
-PENDING_PREFIX = "mlflow_pending"
+# Each kind of operation and the fields it needs, with their types.
+FIELDS: dict[str, dict[str, Any]] = {
+    "metrics": {"metrics": dict, "step": int, "ts": int},
+    "artifact": {"path": str, "artifact_path": (str, type(None)), "remove": bool},
+    "tags": {"tags": dict},
+    "status": {"status": str, "ts": int},
+    "eval": {"metrics": dict, "step": int, "info": dict, "ts": int},
+}
 IN_FLIGHT = 8  # metric batches (of <= BATCH values) sent at once when a backlog has built up
 _MAX_BACKOFF_S = 30.0
 
 log = logging.getLogger("regscale.track")
+
+
+def undeliverable(op: Any) -> Optional[str]:
+    """Why `op` could never be delivered (a kind not in FIELDS, a field missing or of another
+    type), or None."""
+    kind = op.get("op") if isinstance(op, dict) else None
+    if kind not in FIELDS:
+        return f"unknown operation {kind if kind is not None else op!r}"
+    wrong = [key for key, types in FIELDS[kind].items() if not isinstance(op.get(key), types)]
+    return f"{kind} operation without a valid {', '.join(wrong)}" if wrong else None
+
+
+def _read_pending(path: Path) -> tuple[Optional[str], list[Any]]:
+    """The run id and the operations of a pending file; ValueError if it holds no such thing."""
+    saved = json.loads(path.read_text())
+    if not (isinstance(saved, dict) and "run_id" in saved and isinstance(saved.get("ops"), list)):
+        raise ValueError('expected {"run_id": ..., "ops": [...]}')
+    return saved["run_id"], saved["ops"]
 
 
 class Outbox:
@@ -69,21 +98,39 @@ class Outbox:
     def load_pending(self, run_id: Optional[str]) -> None:
         """Queue what earlier attempts of run `run_id` saved undelivered (their final status is
         superseded by this attempt's)."""
-        for path in sorted(self.run_dir.glob(f"{PENDING_PREFIX}*.json")):
+        for path in sorted(self.run_dir.glob(f"{MLFLOW_PENDING}*.json")):
             try:
-                saved = json.loads(path.read_text())
-                saved_run, ops = saved["run_id"], [op for op in saved["ops"] if op["op"] != "status"]
-            except (OSError, ValueError, TypeError, KeyError):
-                log.warning("MLflow: %s is unreadable; its buffered entries are lost", path)
+                saved_run, ops = _read_pending(path)
+            except (OSError, ValueError) as err:
+                rejected = self._rejected(path.name)
+                path.replace(rejected)
+                log.warning("MLflow: %s is unreadable (%s); moved to %s", path, first_line(err), rejected)
                 continue
             if saved_run and saved_run != run_id:
                 log.warning("MLflow: %s belongs to run %s, not this run directory's %s; ignored",
                             path, saved_run, run_id)
                 continue
-            self._ops.extend(ops)
+            reasons = [undeliverable(op) for op in ops]
+            bad = [op for op, why in zip(ops, reasons) if why]
+            if bad:
+                rejected = self._rejected(path.name)
+                write_atomic(rejected, json.dumps({"run_id": saved_run, "ops": bad}))
+                log.warning("MLflow: %d of the %d entries in %s can never be delivered (%s); moved to %s",
+                            len(bad), len(ops), path, next(filter(None, reasons)), rejected)
+            self._ops.extend(op for op, why in zip(ops, reasons) if not why and op["op"] != "status")
             self._consumed.append(path)
 
+    def _rejected(self, name: str) -> Path:
+        """Where the undeliverable entries of the pending file `name` go."""
+        folder = self.run_dir / MLFLOW_OUTBOX / MLFLOW_REJECTED
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
     def put(self, op: dict[str, Any]) -> None:
+        """Queue `op`; one that could never be delivered is a bug of the caller (ValueError)."""
+        why = undeliverable(op)
+        if why:
+            raise ValueError(f"tracker operation {op!r}: {why}")
         with self._cond:
             self._ops.append(op)
             self._cond.notify_all()
@@ -126,7 +173,7 @@ class Outbox:
         self._retry_at = now + min(_MAX_BACKOFF_S, 2.0 ** doublings)
 
     def _save_pending(self) -> None:
-        path = self.run_dir / f"{PENDING_PREFIX}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
+        path = self.run_dir / f"{MLFLOW_PENDING}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
         write_atomic(path, json.dumps({"run_id": self.run.run_id if self.run else None, "ops": list(self._ops)}))
         self._forget_consumed()
         log.warning("MLflow: %d undelivered entries saved to %s; the next Tracker.open of this run "
@@ -210,10 +257,8 @@ class Outbox:
             log_batch(client, run_id, tags=op["tags"])
         elif op["op"] == "status":
             client.set_terminated(run_id, op["status"], end_time=op["ts"])
-        elif op["op"] == "eval":
+        else:  # eval: put and load_pending let no other kind in
             self._deliver_eval(op)
-        else:
-            raise ValueError(f"unknown tracker operation {op['op']!r}")
 
     def _deliver_metrics(self, batch: list[dict[str, Any]]) -> None:
         """The batch's points, each key only past the newest step the run has, in log_batch calls

@@ -26,9 +26,9 @@ from regscale.config import Config, config_hash, flatten, resume_changes
 from regscale.dist import launcher_layout
 from regscale.errors import UserError, first_line
 from regscale.fsutil import write_atomic
+from regscale.rundir import MLARTIFACTS, MLFLOW_DB, MLFLOW_RUN_ID
 from regscale.track.client import is_permanent, log_batch
 
-RUN_ID_FILE = "mlflow_run_id"
 # MLflow 3 files an experiment without a kind under GenAI (traces, evaluations); this is model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 CHANGED = "changed."  # tag prefix of a resumable key whose value differs from the run's param
@@ -38,13 +38,13 @@ def tracking_uri(cfg: Config, run_dir: Path) -> str:
     """cfg.mlflow.tracking_uri, or a SQLite store in the run directory's parent."""
     if cfg.mlflow.tracking_uri:
         return cfg.mlflow.tracking_uri
-    return f"sqlite:///{(Path(run_dir).resolve().parent / 'mlflow.db')}"
+    return f"sqlite:///{(Path(run_dir).resolve().parent / MLFLOW_DB)}"
 
 
 def artifact_location(uri: str) -> Optional[str]:
     """Artifacts beside a SQLite store (`mlartifacts/` next to the .db); a server decides its own."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / MLARTIFACTS).as_uri()
     return None
 
 
@@ -55,7 +55,7 @@ def config_params(cfg: Config) -> dict[str, str]:
 
 def stored_run_id(run_dir: Path) -> Optional[str]:
     """The id in run_dir/mlflow_run_id, or None before the lineage's run exists."""
-    stored = Path(run_dir) / RUN_ID_FILE
+    stored = Path(run_dir) / MLFLOW_RUN_ID
     return stored.read_text().strip() if stored.is_file() else None
 
 
@@ -143,7 +143,7 @@ class Lineage:
     def attached(cls, cfg: Config, run_dir: Path) -> "Lineage":
         """An evaluation job's view: the run must exist; its status and params stay as they are."""
         if stored_run_id(run_dir) is None:
-            raise UserError(f"{Path(run_dir) / RUN_ID_FILE}: no MLflow run recorded for this run "
+            raise UserError(f"{Path(run_dir) / MLFLOW_RUN_ID}: no MLflow run recorded for this run "
                             "directory (was its training tracked?)")
         return cls(tracking_uri(cfg, run_dir), Path(run_dir), cfg.mlflow.experiment, str(cfg.run.name), owner=False)
 
@@ -163,7 +163,7 @@ class Lineage:
     def _reach(self, client: Any) -> RunRef:
         from mlflow.exceptions import MlflowException
 
-        stored = self.run_dir / RUN_ID_FILE
+        stored = self.run_dir / MLFLOW_RUN_ID
         if not stored.is_file():
             self._create(client, stored)
         run_id = stored.read_text().strip()

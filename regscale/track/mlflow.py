@@ -21,13 +21,11 @@ from regscale.errors import UserError, first_line
 from regscale.fsutil import write_atomic
 from regscale.metrics import GPU_HOURS
 from regscale.outcome import Outcome
-from regscale.rundir import CONFIG, step_name
+from regscale.rundir import CONFIG, MLFLOW_GPU_HOURS, MLFLOW_OUTBOX, RECIPE, step_name
 from regscale.track.client import make_client, now_ms
 from regscale.track.delivery import Outbox
 from regscale.track.lineage import Lineage, stored_run_id, world_size
 
-OUTBOX = "mlflow_outbox"  # copies of images and config files waiting to be uploaded
-GPU_HOURS_FILE = "mlflow_gpu_hours"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 _METRIC_NAME = re.compile(r"^[/\w.\- :]+$")
@@ -53,11 +51,11 @@ def _training_lineage(cfg: Config, run_dir: Path, recipe: Optional[Path], *, sch
     run_dir/recipe.yaml) as the files its run gets."""
     _check_rank0()
     run_dir = Path(run_dir)
-    config_file = run_dir / OUTBOX / CONFIG
+    config_file = run_dir / MLFLOW_OUTBOX / CONFIG
     config_file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(config_file, to_yaml(cfg))
     files = {"config": config_file}
-    recipe = Path(recipe) if recipe else run_dir / "recipe.yaml"
+    recipe = Path(recipe) if recipe else run_dir / RECIPE
     if recipe.is_file():
         files["recipe"] = recipe
     return Lineage.owned(cfg, run_dir, files, scheduled=scheduled)
@@ -80,7 +78,7 @@ class Tracker:
         self._finished = False
         self._t0 = self._gpu_saved = time.monotonic()
         self._started_ms = now_ms()  # an evaluation's child run starts when its job attached
-        gpu_file = self.run_dir / GPU_HOURS_FILE
+        gpu_file = self.run_dir / MLFLOW_GPU_HOURS
         self._gpu_hours0 = float(gpu_file.read_text()) if self._owner and gpu_file.is_file() else 0.0
 
     @classmethod
@@ -128,7 +126,7 @@ class Tracker:
     def log_image(self, path: Path, step: int) -> None:
         """Log a sample grid as samples/step_XXXXXXXX.<its suffix> (copied now: the caller may reuse
         the file)."""
-        dest = self.run_dir / OUTBOX / f"{step_name(step)}{Path(path).suffix or '.png'}"
+        dest = self.run_dir / MLFLOW_OUTBOX / f"{step_name(step)}{Path(path).suffix or '.png'}"
         try:
             dest.parent.mkdir(exist_ok=True)
             shutil.copyfile(path, dest)
@@ -193,7 +191,7 @@ class Tracker:
         now = time.monotonic()
         hours = self._gpu_hours0 + (now - self._t0) * self._world / 3600.0
         if save or now - self._gpu_saved >= 60.0:
-            write_atomic(self.run_dir / GPU_HOURS_FILE, f"{hours:.6f}\n")
+            write_atomic(self.run_dir / MLFLOW_GPU_HOURS, f"{hours:.6f}\n")
             self._gpu_saved = now
         return hours
 

@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 from regscale.fsutil import write_atomic
 
-FILE_NAME = "progress.json"
 MIN_INTERVAL_S = 1.0
 
 _sink: Optional[Path] = None

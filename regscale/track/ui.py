@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regscale.errors import UserError
+from regscale.rundir import MLARTIFACTS, MLFLOW_UI_LOG
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 180.0  # ~15 s on 2 idle cores; more when the machine is busy
 STOP_TIMEOUT_S = 10.0
-LOG_NAME = "mlflow-ui.log"
 # MLflow 3 opens an experiment on its GenAI pages unless the address asks for the training view
 # (the UI decides by this query parameter, or a toggle remembered in the browser).
 TRAINING_VIEW = "runs?workflowType=machine_learning"
@@ -123,13 +123,13 @@ def serve(uri: str, port: int, workers: int) -> int:
     check_workers(workers)
     check_port(port)
     store_dir = Path(uri[len("sqlite:///"):]).parent
-    log_path = store_dir / LOG_NAME
+    log_path = store_dir / MLFLOW_UI_LOG
     url = f"http://{HOST}:{port}"
     stops = (signal.SIGINT, signal.SIGTERM)  # SIGINT too: a shell's background job starts with it ignored
     previous = [signal.signal(sig, _interrupt) for sig in stops]
     try:
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(server_command(uri, store_dir / "mlartifacts", port, workers),
+            proc = subprocess.Popen(server_command(uri, store_dir / MLARTIFACTS, port, workers),
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=server_env(), start_new_session=True)
         try:

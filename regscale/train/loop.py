@@ -35,7 +35,7 @@ from regscale.config import (Config, ConfigError, batch_plan, changes_numbers, c
 from regscale.engine.base import BF16_NUMERICS, precision_autocast
 from regscale.fsutil import write_atomic
 from regscale.outcome import Outcome
-from regscale.rundir import CONFIG, METRICS
+from regscale.rundir import CONFIG, DRAWS, METRICS
 from regscale.train.checkpoint import Checkpointer, Published
 from regscale.train.health import MetricsLog, NonFiniteGuard, device_peak_flops, memory_gb, train_flops_per_image
 from regscale.train.heartbeat import Heartbeat
@@ -72,8 +72,8 @@ def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop:
 
     _setup_logging()
     stop = (stop or StopFlag()).install()
-    pin_threads(cfg)  # before the smoke data's VAE pass too: its latents depend on the thread count
-    ensure_synthetic_dataset(cfg)  # smoke runs: rank 0 generates, the others wait (bounded)
+    pin_threads(cfg.slurm)  # before the smoke data's VAE pass too: its latents depend on the thread count
+    ensure_synthetic_dataset(cfg.data, cfg.model.num_classes)  # smoke runs: rank 0 generates, the others wait (bounded)
     owns_group = not torch.distributed.is_initialized()
     env = dist.setup()
     trainer = None
@@ -128,7 +128,7 @@ class Trainer:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = t.tf32
             torch.backends.cudnn.allow_tf32 = t.tf32
-        self.threads = pin_threads(cfg)
+        self.threads = pin_threads(cfg.slurm)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model_from_config(cfg.model)
         self.encoder = load_dinov2(cfg.encoder, embed_dim=cfg.model.cls_token_dim,
@@ -140,7 +140,7 @@ class Trainer:
         self.checkpointer.prepare()
         self.stream = TrainStream(cfg.data, t, env.rank, env.world_size, self.plan.micro)
         self.noise = SampleNoise(t.seed, cfg.model.cls_token_dim, cfg.loss.time_sampling, self.device,
-                                 trace=run_dir / "draws" / f"rank{env.rank:05d}.jsonl")
+                                 trace=run_dir / DRAWS / f"rank{env.rank:05d}.jsonl")
         self._batches = None
         self.progress = Progress()
         self.metrics = MetricsLog(run_dir / METRICS, tracker, enabled=env.is_main)

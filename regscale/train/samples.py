@@ -16,7 +16,7 @@ import torch
 
 from regscale.config import Config
 from regscale.fsutil import atomic_path
-from regscale.rundir import step_name
+from regscale.rundir import SAMPLES, step_name
 
 GRID = 16
 MAX_STEPS = 50  # a preview, not an evaluation: fewer sampler steps than eval.steps
@@ -47,7 +47,7 @@ def sample_grid(cfg: Config, run_dir: Path, step: int, device: torch.device) -> 
     side = int(math.sqrt(GRID))
     b, c, h, w = images.shape
     grid = images.reshape(side, side, c, h, w).transpose(0, 3, 1, 4, 2).reshape(side * h, side * w, c)
-    out = run_dir / "samples" / f"{step_name(step)}.jpg"
+    out = run_dir / SAMPLES / f"{step_name(step)}.jpg"
     with atomic_path(out) as tmp:
         Image.fromarray(np.ascontiguousarray(grid)).save(tmp, format="JPEG", quality=JPEG_QUALITY)
     return out

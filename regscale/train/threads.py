@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from regscale.config import Config
+from regscale.config import SlurmConfig
 
 
-def pin_threads(cfg: Config) -> int:
+def pin_threads(slurm: SlurmConfig) -> int:
     """Set torch's intra-op threads to slurm.cpus_per_task; returns the count."""
-    threads = cfg.slurm.cpus_per_task
+    threads = slurm.cpus_per_task
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
