@@ -98,7 +98,8 @@ def test_sweep_grid() -> None:
 
 
 def attempt(start: int, end: str | None, end_step: int | None = None, error: str | None = None) -> runs.Attempt:
-    return runs.Attempt("7", 0, start, time.time(), end, end_step, time.time() if end else None, error)
+    ends = [runs.End(end, end_step, time.time(), error)] if end else []
+    return runs.Attempt("7", 0, start, time.time(), ends=ends)
 
 
 def test_stop_reason_bounds_requeues_and_repeated_failures(tmp_path: Path) -> None:
@@ -113,7 +114,7 @@ def test_stop_reason_bounds_requeues_and_repeated_failures(tmp_path: Path) -> No
     reason = stop_reason(history, 20, 2, cfg)
     assert "2 attempts in a row failed from the checkpoint at step 20" in reason and "boom" in reason
     # `regscale resume` starts a fresh streak
-    history.append(runs.Attempt("resume", 0, 20, time.time(), "resumed", 20, time.time()))
+    history.append(runs.Attempt("resume", 0, 20, time.time(), ends=[runs.End("resumed", 20, time.time())]))
     assert stop_reason(history, 20, 0, cfg) is None
     # a preemption that saved at the same step is not a failure
     assert stop_reason([attempt(20, "failed", 20, "x"), attempt(20, "preempted", 20)], 20, 1, cfg) is None
@@ -215,7 +216,7 @@ def test_status_shows_evaluations_checkpoints_attempts_and_the_stop_report(tmp_p
     assert "step 20 COMPLETED 31.25*, final PENDING -" in out  # the summary line: each evaluation
     assert "checkpoints      20, 40 (newest: step 40)" in out
     assert "job 4242 restart 0, from step 0 -> failed at step 20" in out and "RuntimeError: boom" in out
-    assert "job 4242 restart 1, from step 20 -> running (or killed)" in out
+    assert "job 4242 restart 1, from step 20 -> running (or killed without a record)" in out
     assert "eval job 4243     step 20      COMPLETED  FID 31.25*" in out
     assert str(eval_record_path(run_dir, 20)) in out
     assert "eval job 4244     final        PENDING    FID -" in out

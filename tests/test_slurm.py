@@ -17,6 +17,11 @@ and one driver loop acts on them while they run:
            loaded machine starts training (attempts killed before their first step just requeue)
   broken   training fails (shards changed in place) twice from the same step: the run stops with a
            report, the job fails and SLURM cancels its evaluation job (kill-on-invalid-dependency)
+  faults   (with the four) rank 0's process SIGKILLed, then rank 1's, then rank 1 stopped (SIGSTOP), then
+           rank 0's DataLoader worker stopped (a dead-locked loader): each time the node agents restart
+           the group inside the job; it completes with base's weights
+  lost     (beside elastic, on 1-2 nodes) node n2 set DOWN mid-training: the job goes on with n1 alone,
+           completes (COMPLETED in SLURM), same samples and noise as torchrun's run
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import psutil
 import pytest
 import torch
 
 from regscale.config import load_config
 from regscale.launch import runs
+from regscale.launch.worker import worker_pid
 from regscale.engine.export import load_consolidated
-from regscale.rundir import CONFIG, EVAL, EVAL_RECORD, JOB_FOLDER, METRICS, STOP_REPORT
+from regscale.rundir import CONFIG, EVAL, EVAL_RECORD, JOB_FOLDER, METRICS, STACKS, STOP_REPORT
 from tests.fixtures.slurm import (HANG_GUARD_S, TERMINAL, job_state, regscale, sacct, set_node,
                                   wait_until)
 from tests.fixtures.train import (ELASTIC_RTOL, launch_train, losses, max_relative_difference, ok,
@@ -126,7 +133,8 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     # SLURM tasks inherit the submitter's environment: without OMP_NUM_THREADS they see every core
     every_core = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     traced = {**every_core, "REGSCALE_TRACE_DRAWS": "1"}
-    seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False,
+    seen: dict = {"limit_extended": False, "resumed": None, "n2_drained": False, "n2_back": False, "n2_down": False,
+                  "faults_done": [],
                   "elastic_cancelled": False, "elastic_resumed": None}
 
     def usr2_mid_training(run: Run) -> None:
@@ -146,16 +154,26 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     torchrun.start()
     # first, alone on the idle cluster (it drains n2 for a while, which would refuse 2-node
     # submissions, and its 1-2 node range must get both nodes); it creates the runs' MLflow store
+    slowed = {**traced, "REGSCALE_FAULT_SLOW_STEP_S": "0.3"}  # time for the driver to act between steps
     elastic = submit(common, "elastic", "train.log_every=1", "train.max_steps=40", "train.ckpt_every=4",
-                     "slurm.min_nodes=1", env=traced)
+                     "slurm.min_nodes=1", env=slowed)
+    # beside it, a run that loses node n2 (set DOWN) once elastic has been requeued onto n1 alone
+    lost = submit(common, "lost", "train.log_every=1", "train.max_steps=40", "train.ckpt_every=4",
+                  "slurm.min_nodes=1", env=slowed)
     signallers = [threading.Thread(target=usr2_mid_training, args=(elastic,), daemon=True)]
     signallers[0].start()
     subprocess.run(["scancel", elastic.eval], check=True, timeout=30)
 
     def drive_elastic() -> bool:
-        """Requeued onto n1 alone: n2 comes back; a few steps on, cancel it and resume on 2 nodes."""
+        """Requeued onto n1 alone: `lost` loses n2 (DOWN), then n2 comes back; a few steps on, cancel
+        elastic and resume it on 2 nodes."""
         attempts = runs.read_attempts(elastic.run_dir)
-        if seen["n2_drained"] and not seen["n2_back"] and len(attempts) >= 2:
+        if seen["n2_drained"] and not seen["n2_down"] and len(attempts) >= 2 and last_step(lost.run_dir) >= 8 \
+                and runs.latest_step(lost.run_dir) >= 4:
+            seen["lost_at"] = last_step(lost.run_dir)
+            set_node("n2", "DOWN")
+            seen["n2_down"] = True
+        if seen["n2_down"] and not seen["n2_back"] and len(runs.read_attempts(lost.run_dir)) >= 2:
             set_node("n2", "RESUME")
             seen["n2_back"] = True
         if seen["n2_back"] and not seen["elastic_cancelled"] and \
@@ -166,9 +184,10 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             out = regscale("resume", str(elastic.run_dir), "slurm.min_nodes=2", env=traced).stdout
             seen["elastic_resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
             subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
+        lost_done = all(job_state(j) in TERMINAL for j in (lost.train, lost.eval))
         if job_state(elastic.train) in TERMINAL and not seen["elastic_cancelled"]:
-            return True  # it ended by itself (the test says how)
-        return seen["elastic_resumed"] is not None and job_state(seen["elastic_resumed"]) in TERMINAL
+            return lost_done  # it ended by itself (the test says how)
+        return lost_done and seen["elastic_resumed"] is not None and job_state(seen["elastic_resumed"]) in TERMINAL
 
     try:
         wait_until(drive_elastic, "the elastic run to finish")
@@ -181,6 +200,28 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
     signallers.append(threading.Thread(target=usr2_mid_training, args=(preempt,), daemon=True))
     signallers[1].start()
+    faults = submit(common, "faults", "train.log_every=1", "train.ckpt_every=4", "train.hang_timeout_s=20",
+                    env={**every_core, "REGSCALE_FAULT_SLOW_STEP_S": "0.3"})
+    subprocess.run(["scancel", faults.eval], check=True, timeout=30)
+    # (rank, process, signal, from the attempt that reached this step with a checkpoint 4 steps before)
+    fault_plan = [(0, "train", signal.SIGKILL, 6), (1, "train", signal.SIGKILL, 14), (1, "train", signal.SIGSTOP, 22),
+                  (0, "loader", signal.SIGSTOP, 30)]
+
+    def drive_faults() -> None:
+        """The next planned fault, once the newest attempt is past its step."""
+        done = seen["faults_done"]
+        if len(done) == len(fault_plan) or job_state(faults.train) in TERMINAL:
+            return
+        rank, process, sig, at = fault_plan[len(done)]
+        attempts = runs.read_attempts(faults.run_dir)
+        if len(attempts) == len(done) + 1 and last_step(faults.run_dir) >= at \
+                and runs.latest_step(faults.run_dir) >= at - 4:
+            pid = worker_pid(faults.run_dir, rank)
+            if pid is not None and process == "loader":  # its DataLoader worker: a dead-locked loader
+                pid = loader_pid(pid)
+            if pid is not None:
+                os.kill(pid, sig)
+                done.append((rank, process, sig.name, last_step(faults.run_dir), time.time()))
     # long enough (200 steps) that the limit falls inside training, whatever the load
     # steps of at least 0.5 s (REGSCALE_FAULT_SLOW_STEP_S): 200 steps always outlast the 2-minute limit
     others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45",
@@ -209,7 +250,9 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             seen["resume_out"] = out
             seen["resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
             subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
-        jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"])
+        drive_faults()
+        jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"],
+                faults.train)
         return all(j is not None and job_state(j) in TERMINAL for j in jobs)
 
     try:
@@ -222,9 +265,20 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
         if local.poll() is None:  # the CLI cancels its local job on SIGINT
             local.send_signal(signal.SIGINT)
             local.wait(timeout=60)
-    return dict(base=base, preempt=preempt, limit=limit, broken=failing, elastic=elastic,
+    return dict(base=base, preempt=preempt, limit=limit, broken=failing, elastic=elastic, faults=faults, lost=lost,
                 local=(local.returncode, local_out), local_dir=root / "runs" / "local",
                 torchrun=reference.get("launch"), **seen)
+
+
+def loader_pid(rank_pid: int) -> Optional[int]:
+    """The DataLoader worker of a training process: a child spawned by multiprocessing or forked
+    (the same command line), not its resource tracker."""
+    parent = psutil.Process(rank_pid)
+    for child in parent.children():
+        cmd = child.cmdline()
+        if any("spawn_main" in part for part in cmd) or cmd == parent.cmdline():
+            return child.pid
+    return None
 
 
 def saved_at_limit(run_dir: Path) -> list[runs.Attempt]:
@@ -361,6 +415,55 @@ def test_resume_after_the_fix_finishes_the_stopped_run(scenarios: dict) -> None:
     assert_same_weights(run.run_dir, scenarios["base"].run_dir)
     again = regscale("resume", str(run.run_dir), check=False)
     assert again.returncode == 2 and "finished training (step 40)" in again.stderr
+
+
+def test_a_killed_or_stopped_rank_restarts_the_group_in_the_job_and_ends_with_the_same_weights(scenarios: dict) -> None:
+    run = scenarios["faults"]
+    done = scenarios["faults_done"]
+    assert [(rank, process, sig) for rank, process, sig, _, _ in done] == [
+        (0, "train", "SIGKILL"), (1, "train", "SIGKILL"), (1, "train", "SIGSTOP"), (0, "loader", "SIGSTOP")], done
+    assert job_state(run.train) == "COMPLETED"
+    attempts = runs.read_attempts(run.run_dir)
+    # restarted inside the job each time: one job start, no trip through the queue
+    assert [(a.job_id, a.restart, a.round) for a in attempts] == [(run.train, 0, r) for r in range(5)]
+    assert [a.end for a in attempts] == ["failed", "failed", "hung", "hung", "completed"], attempts
+    killed0, killed1, stopped, loader = (a.cause for a in attempts[:4])
+    assert (killed0.rank, killed0.signal, killed1.rank, killed1.signal) == (0, "SIGKILL", 1, "SIGKILL")
+    assert stopped.rank == 1 and stopped.error.startswith("stopped (SIGSTOP), no heartbeat for"), stopped
+    assert loader.rank == 0 and loader.error.startswith("no heartbeat for") and "collective" not in loader.error
+    for before, after in zip(attempts, attempts[1:]):  # each restart resumed from the newest checkpoint
+        assert after.start_step == before.end_step > 0 and after.world_size == 2, attempts
+    # each hang noticed within its bound: max(train.hang_timeout_s=20, 10 x the p99 step), as the error
+    # says, plus the stack dumps (the loader's prefetched batches come first: 2 steps)
+    for hung, (_, _, _, _, at) in zip((stopped, loader), done[2:]):
+        bound = float(re.search(r"\(bound (\d+) s\)", hung.error).group(1))
+        assert 20 <= bound and hung.ended_at - at < bound * 1.3 + 15, (hung.ended_at - at, hung.error)
+    stacks = (run.run_dir / STACKS / "rank00000.txt").read_text().rsplit("\n=== ", 1)[-1]
+    assert "the group hung" in stacks and "_next_batch" in stacks, stacks  # waiting for its loader
+    stacks = (run.run_dir / STACKS / "rank00001.txt").read_text()
+    assert "process state T" in stacks and 'File "' in stacks, stacks[-2000:]
+    assert_same_weights(run.run_dir, scenarios["base"].run_dir)
+    status = regscale("status", str(run.run_dir)).stdout
+    assert "rank 0 on" in status and "killed by SIGKILL" in status and "stopped (SIGSTOP)" in status
+    shown = regscale("logs", str(run.run_dir), "--attempt", "3")
+    assert f"attempt 3 (job {run.train} round 2), rank 1" in shown.stderr
+    assert shown.stdout == (run.run_dir / stopped.log).read_text()
+
+
+def test_a_lost_node_leaves_the_job_running_on_the_nodes_left(scenarios: dict) -> None:
+    run, torchrun = scenarios["lost"], scenarios["torchrun"]
+    assert job_state(run.train) == "COMPLETED" and job_state(run.eval) == "COMPLETED"
+    attempts = runs.read_attempts(run.run_dir)
+    assert [(a.restart, a.round, a.world_size, a.end) for a in attempts] == [
+        (0, 0, 2, "lost"), (0, 1, 1, "completed")], attempts  # restarted inside the job, on n1
+    assert attempts[0].cause.host == "n2" and "left the job" in attempts[0].cause.error
+    assert attempts[1].start_step == attempts[0].end_step >= 4
+    draws, ref_draws = traced_draws(run.run_dir), traced_draws(torchrun.run_dir)
+    assert {step for step, _ in draws} == set(range(40))
+    assert draws == {key: digest for key, digest in ref_draws.items() if key[0] < 40}
+    for weights in ("model", "ema"):
+        ref_state = load_consolidated(torchrun.run_dir, step=40, weights=weights)[0]
+        assert max_relative_difference(ref_state, load_consolidated(run.run_dir, weights=weights)[0]) <= ELASTIC_RTOL
 
 
 def test_partition_slurm_refuses_shows_slurms_message(slurm_cluster: str, tmp_path: Path) -> None:

@@ -9,6 +9,12 @@ mtime when taking it. Before creating a dataset, the node's first rank removes a
 its lock exists, nobody holds it, and its `locals` segment is not newer than the lock (a newer
 one belongs to a run that is registering the reused prefix right now); or it has no lock file
 and claims our own local directory (only a dead run can). Other programs' prefixes are left alone.
+
+A run registers its prefix and takes its lock under a shared lock of the host's registry, and the
+cleaner takes that registry lock exclusively, without waiting: it never mistakes a run that has
+registered but not yet locked its prefix for a dead one (another job on the host starting at the
+same time), and when a registration is under way it leaves the cleaning to the next start (a
+blocking wait could deadlock two jobs that share two hosts).
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import fcntl
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 SHM_DIR = Path("/dev/shm")
 PREFIX_RE = re.compile(r"^(\d{6})_")
@@ -87,14 +94,38 @@ def _is_dead(prefix: int, our_locals: list[str]) -> bool:
         return True
 
 
+def _registry() -> int:
+    return os.open(_lock_dir() / "regscale-stream-registry.lock", os.O_RDWR | os.O_CREAT, 0o666)
+
+
+@contextmanager
+def registering() -> Iterator[None]:
+    """While a dataset registers its prefix and `hold_prefix` takes it: no cleaner runs."""
+    fd = _registry()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
 def clean_stale(our_locals: list[str]) -> list[str]:
-    """Remove the shared memory and filelocks of dead runs; returns the paths removed."""
-    removed = []
-    for prefix in sorted(_prefixes()):
-        if _is_dead(prefix, our_locals):
-            removed += _remove_prefix(prefix)
-            _lock_path(prefix).unlink(missing_ok=True)
-    return removed
+    """Remove the shared memory and filelocks of dead runs; returns the paths removed (none when
+    another run is registering a dataset on this host right now)."""
+    fd = _registry()
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []
+        removed = []
+        for prefix in sorted(_prefixes()):
+            if _is_dead(prefix, our_locals):
+                removed += _remove_prefix(prefix)
+                _lock_path(prefix).unlink(missing_ok=True)
+        return removed
+    finally:
+        os.close(fd)
 
 
 def hold_prefix(prefix: int) -> int:

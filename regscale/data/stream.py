@@ -229,16 +229,17 @@ class TrainStream:
             shm.clean_stale([options["local"]])
         if self.world_size > 1:
             dist.barrier()
-        try:
-            self.dataset = _Samples(**options)
-        except (FileNotFoundError, RuntimeError, ValueError) as err:
-            raise ShardError(f"cannot open the dataset at {self.path} ({type(err).__name__}: {err}); "
-                             f"{verify_hint(self.path)}") from None
-        except Exception as err:  # a remote store's client: no credentials, no network, no permission
-            if options["remote"] is None:
-                raise
-            raise remote_failure(self.path, err) from None
-        self._lock_fd = shm.hold_prefix(self.dataset._shm_prefix_int)
+        with shm.registering():  # no other job's cleaner on this host takes the prefix for a dead one's
+            try:
+                self.dataset = _Samples(**options)
+            except (FileNotFoundError, RuntimeError, ValueError) as err:
+                raise ShardError(f"cannot open the dataset at {self.path} ({type(err).__name__}: {err}); "
+                                 f"{verify_hint(self.path)}") from None
+            except Exception as err:  # a remote store's client: no credentials, no network, no permission
+                if options["remote"] is None:
+                    raise
+                raise remote_failure(self.path, err) from None
+            self._lock_fd = shm.hold_prefix(self.dataset._shm_prefix_int)
 
     @property
     def num_samples(self) -> int:

@@ -28,12 +28,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -58,6 +60,7 @@ MONITOR_S = 0.5  # how often the agent looks at its processes and their beats
 STACK_WAIT_S = 3.0  # time given to the processes to write their stacks before they are killed
 JOIN_TIMEOUT_S = 600  # a rendezvous round waits this long for slurm.min_nodes agents
 LAST_CALL_S = 10  # once min_nodes are in, this long for the others
+BEATS_PREFIX = "regscale-beats-"  # + the agent's pid: the node-local folder of its processes' beats
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 # the error of a process that only waited for a failed peer (regscale.dist.waiting, gloo, NCCL)
 _PEER_FAILURE = re.compile(r"waited for every rank|Connection closed by peer|Connection reset by peer|"
@@ -79,13 +82,6 @@ class NodeJob:
     def round_logs(self, round_: int) -> str:
         """The per-rank log folder of one round, relative to the run directory."""
         return f"{LOGS}/{self.job_id}.{self.restart}.{round_}"
-
-
-def rendezvous_port(job_id: str) -> int:
-    """A port for the rendezvous of one SLURM job (all its nodes compute the same), away from
-    the ports submitit derives for evaluation jobs' process groups."""
-    digits = re.sub(r"\D", "", job_id) or "0"
-    return 47000 + int(digits) % 15000
 
 
 def free_port() -> int:
@@ -119,18 +115,6 @@ class RunLogs(LogsSpecs):
                         tee_stderrs=dict(stderrs), error_files=dict.fromkeys(envs, os.devnull))
 
 
-@dataclass
-class AgentResult:
-    """How this node's part of the job ended: rank 0's outcome when the group ended in order (node
-    0 only), or failed (restarts used up, no rendezvous) with the reason."""
-
-    outcome: Optional[Outcome] = None
-    failed: bool = False
-    reason: str = ""
-    round: int = 0
-    rank0_beat: dict[str, Any] = field(default_factory=dict)
-
-
 class NodeAgent(LocalElasticAgent):
     """torch's LocalElasticAgent with hang detection, attempt records and signal forwarding."""
 
@@ -143,7 +127,7 @@ class NodeAgent(LocalElasticAgent):
         self.logs = RunLogs(run_dir, node, lambda: self.round)
         self._reported: set[int] = set()  # ranks whose end this round is recorded
         self._pending: list[int] = []  # stop signals that came before the processes existed
-        self.result = AgentResult()
+        self._nodes = node.nodes  # in the last round
         super().__init__(spec, self.logs, start_method="spawn", exit_barrier_timeout=300,
                          log_line_prefix_template="[rank${rank}]:")
 
@@ -177,6 +161,9 @@ class NodeAgent(LocalElasticAgent):
             old.unlink()
         step = runs.latest_step(self.run_dir)
         if worker_group.group_rank == 0:
+            if 0 < worker_group.group_world_size < self._nodes:
+                self._record_lost_nodes(self._nodes, worker_group.group_world_size)
+            self._nodes = worker_group.group_world_size
             self.check_start(step)  # raises when the run must stop (repeated failures at one step)
             runs.record_start(self.run_dir, self.node.job_id, self.node.restart, step, round=self.round,
                               world_size=worker_group.spec.local_world_size * worker_group.group_world_size,
@@ -225,8 +212,28 @@ class NodeAgent(LocalElasticAgent):
         return hung
 
     def _kill_hung(self, worker_group: WorkerGroup, hung: list[tuple[Any, str]]) -> RunResult:
-        """Dump every local process's stack, record the hung ones, kill the group."""
-        why = {w.global_rank: reason for w, reason in hung}
+        """Dump every local process's stack, record why each was silent, kill the group."""
+        self._dump_and_record(worker_group, {w.global_rank: reason for w, reason in hung},
+                              "the group hung")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            result = super()._monitor_workers(worker_group)
+            if result.state != WorkerState.HEALTHY:
+                break
+            time.sleep(0.1)
+        log.warning("rank(s) %s hung: stacks in %s; restarting the group", ", ".join(str(w.global_rank) for w, _ in hung),
+                    stack_file(self.run_dir, 0).parent)
+        return RunResult(state=WorkerState.FAILED, failures=result.failures)
+
+    def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        if worker_group.state == WorkerState.HEALTHY:  # another node restarts the group: ours still run
+            self._dump_and_record(worker_group, {}, "another node restarted the group")
+        super()._restart_workers(worker_group)
+
+    def _dump_and_record(self, worker_group: WorkerGroup, expired: dict[int, str], what: str) -> None:
+        """Every local process writes its stack (a stopped one is continued to), then all are
+        killed; each gets an end line saying where it was. Primary: a stopped process, or one past
+        its bound (`expired`) that was not waiting in a collective for another rank."""
         beats = {w.global_rank: read_beat(beat_path(self.beats, w.local_rank)) for w in worker_group.workers}
         stopped, sizes = {}, {}
         for worker in worker_group.workers:
@@ -236,7 +243,7 @@ class NodeAgent(LocalElasticAgent):
             stopped[worker.global_rank] = state == "T"
             with open(path, "a") as f:
                 f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} job {self.node.job_id} round {self.round} "
-                        f"rank {worker.global_rank} on {self.host}: the group hung; process state {state}\n")
+                        f"rank {worker.global_rank} on {self.host}: {what}; process state {state}\n")
             sizes[path] = path.stat().st_size
             _signal(worker.id, STACK_SIGNAL)
             if state == "T":
@@ -244,27 +251,21 @@ class NodeAgent(LocalElasticAgent):
         _wait_for_dumps(sizes)
         for worker in worker_group.workers:
             _killpg(worker.id)
+        now = time.time()
         for worker in worker_group.workers:
-            rank = worker.global_rank
-            self._reported.add(rank)  # the ones killed with their group need no line: the hung ones say why
-            if rank not in why:
+            rank, beat = worker.global_rank, beats[worker.global_rank]
+            if not (rank in expired or stopped[rank] or expired):
+                self._reported.add(rank)  # stopped with a group restarted elsewhere: that node says why
                 continue
             waited = _waited_in_collective(stack_file(self.run_dir, rank))
-            reason = ("stopped (SIGSTOP), " if stopped[rank] else "") + why[rank]
-            if waited:
+            reason = expired.get(rank) or (f"no heartbeat for {now - beat.time:.0f} s after step {beat.step}" if beat
+                                           else "no heartbeat since its start")
+            if stopped[rank]:
+                reason = f"stopped (SIGSTOP), {reason}"
+            elif waited:
                 reason += "; it waited in a collective for another rank"
-            beat = beats[rank]
             self._record(rank, "hung", reason, reached=beat.step if beat else None,
-                         secondary=waited and not stopped[rank])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            result = super()._monitor_workers(worker_group)
-            if result.state != WorkerState.HEALTHY:
-                break
-            time.sleep(0.1)
-        log.warning("rank(s) %s hung: stacks in %s; restarting the group", ", ".join(map(str, why)),
-                    stack_file(self.run_dir, 0).parent)
-        return RunResult(state=WorkerState.FAILED, failures=result.failures)
+                         secondary=not stopped[rank] and (waited or rank not in expired))
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -296,16 +297,45 @@ class NodeAgent(LocalElasticAgent):
                         signal=signal, log=str(log_path.relative_to(self.run_dir)), reached_step=reached,
                         secondary=secondary)
 
+    def _record_lost_nodes(self, before: int, now: int) -> None:
+        """Node 0, at a restart with fewer nodes: the previous round ended because nodes left (their
+        agents could record nothing); SLURM says which."""
+        gone = sorted(set(_slurm_hostnames(os.environ.get("SLURM_JOB_NODELIST", "")))
+                      - set(_slurm_hostnames(_job_nodes(self.node.job_id))))
+        which = ", ".join(gone) or f"{before - now} node(s)"
+        runs.record_end(self.run_dir, "lost", runs.latest_step(self.run_dir),
+                        f"{which} left the job ({before} -> {now} nodes); it goes on with the nodes left",
+                        host=", ".join(gone) or None)
+
     def _record_outcome(self, worker_group: WorkerGroup) -> None:
-        """Node 0: the group ended in order; rank 0's beat says how."""
+        """The agent with rank 0's process: the group ended in order; rank 0's beat says how."""
         rank0 = next(w for w in worker_group.workers if w.global_rank == 0)
         beat = read_beat(beat_path(self.beats, rank0.local_rank))
         outcome = Outcome(beat.outcome) if beat and beat.outcome else Outcome.COMPLETED
         end_step = beat.end_step if beat and beat.end_step is not None else runs.latest_step(self.run_dir)
-        self.result.outcome = outcome
         runs.record_end(self.run_dir, outcome.value, end_step, rank=0, host=self.host,
                         log=str(self.logs.path(0, self.round).relative_to(self.run_dir)),
                         reached_step=beat.step if beat else None)
+
+
+def _job_nodes(job_id: str) -> str:
+    """The nodes SLURM holds for the job now (a failed node leaves a --no-kill job), '' when unknown."""
+    try:
+        return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _slurm_hostnames(nodelist: str) -> list[str]:
+    """'n[1-2]' -> ['n1', 'n2'] (scontrol's expansion), [] when empty or unknown."""
+    if not nodelist:
+        return []
+    try:
+        return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                              timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return []
 
 
 def _process_state(pid: int) -> str:
@@ -357,10 +387,13 @@ def _waited_in_collective(path: Path) -> bool:
     return False
 
 
-def run_agent(cfg: Config, run_dir: Path, node: NodeJob, check_start: Callable[[int], None]) -> AgentResult:
-    """Start this node's processes and watch them until the group ends in order or fails for good."""
+def run_agent(cfg: Config, run_dir: Path, node: NodeJob, check_start: Callable[[int], None]) -> Optional[str]:
+    """Start this node's processes and watch them until the group ends in order (None: how is in
+    attempts.jsonl, written by the agent that holds rank 0, whichever node the rendezvous made it)
+    or fails for good (why)."""
     nproc = cfg.slurm.gpus_per_node
-    beats = Path(tempfile.mkdtemp(prefix=f"regscale-beats-{node.job_id}-", dir=_node_memory()))
+    _remove_dead_beats(Path(_node_memory() or tempfile.gettempdir()))
+    beats = Path(tempfile.mkdtemp(prefix=f"{BEATS_PREFIX}{os.getpid()}-", dir=_node_memory()))
     os.environ[HEARTBEAT_ENV] = str(beats)
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGHUP,SIGQUIT")  # ours: regscale's forwarding
     # each round's rank 0 hosts a fresh store for its process group: the agent's shared one would keep
@@ -390,12 +423,18 @@ def run_agent(cfg: Config, run_dir: Path, node: NodeJob, check_start: Callable[[
         for beat in beats.glob("*"):
             beat.unlink()
         beats.rmdir()
-    agent.result.round = agent.round
     if result.is_failed():
-        agent.result.failed = True
-        agent.result.reason = (f"the processes failed {cfg.slurm.max_restarts + 1} times in this job start "
-                               f"(slurm.max_restarts={cfg.slurm.max_restarts})")
-    return agent.result
+        return (f"the processes failed {cfg.slurm.max_restarts + 1} times in this job start "
+                f"(slurm.max_restarts={cfg.slurm.max_restarts})")
+    return None
+
+
+def _remove_dead_beats(folder: Path) -> None:
+    """The beat folders of agents that died without removing theirs (SIGKILL, a node reboot)."""
+    for beats in folder.glob(f"{BEATS_PREFIX}*"):
+        pid = beats.name[len(BEATS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(beats, ignore_errors=True)
 
 
 def _node_memory() -> Optional[str]:

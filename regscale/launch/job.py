@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -40,12 +41,13 @@ from regscale.errors import UserError, first_line
 from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.outcome import Outcome
-from regscale.rundir import CHECKPOINTS, EVAL, STOP_REPORT, step_name
+from regscale.rundir import CHECKPOINTS, EVAL, JOB_FOLDER, STOP_REPORT, step_name
 
 if TYPE_CHECKING:
     from regscale.launch.agent import NodeJob
     from regscale.track.mlflow import Tracker
 
+RENDEZVOUS_FILE_S = 600.0  # how long the other nodes wait for node 0 to say where the rendezvous is
 NOT_FAILED = (*(o.value for o in Outcome if o is not Outcome.FAILED), runs.RESUMED)  # attempts.jsonl ends
 DISTRIBUTED_NAMES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
@@ -178,17 +180,16 @@ class TrainJob:
         export_deadline()
         run_dir = Path(self.run_dir)
         cfg = runs.load_run_config(run_dir)
-        node = node_job(env)
+        node = node_job(env, run_dir)
         rank0 = node.node_rank == 0
+        restarts = node.restart  # job starts before this one: the requeue bound
         if rank0:
             attempts = runs.read_attempts(run_dir)
-            node.restart = max(node.restart, sum(a.job_id == node.job_id and a.round == 0 for a in attempts))
+            restarts = max(restarts, sum(a.job_id == node.job_id and a.round == 0 for a in attempts))
             close_unrecorded(run_dir, attempts)
-        else:
-            node.restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
         def check_start(step: int) -> None:
-            reason = stop_reason(runs.read_attempts(run_dir), step, node.restart, cfg)
+            reason = stop_reason(runs.read_attempts(run_dir), step, restarts, cfg)
             if reason:
                 write_stop_report(run_dir, reason, step)
                 raise RunStopped(reason)
@@ -197,29 +198,33 @@ class TrainJob:
         if watcher:
             watcher.start()
         try:
-            result = run_agent(cfg, run_dir, node, check_start)
+            failure = run_agent(cfg, run_dir, node, check_start)
         except RunStopped:
             raise
         except Exception as err:  # no rendezvous (too few nodes), the agent itself failed
+            traceback.print_exc()
             if rank0:
-                self._after_failure(env, run_dir, cfg, f"{type(err).__name__}: {first_line(err)}", node.restart)
+                cause = f" ({first_line(err.__cause__)})" if err.__cause__ else ""
+                self._after_failure(env, run_dir, cfg, f"{type(err).__name__}: {first_line(err)}{cause}", restarts)
             raise
         finally:
             if watcher:
                 watcher.stop()
         if not rank0:
             return "node done"
-        if result.failed:
-            self._after_failure(env, run_dir, cfg, result.reason, node.restart)
-            raise RunStopped(result.reason)
-        outcome = result.outcome or Outcome.COMPLETED
+        if failure:
+            self._after_failure(env, run_dir, cfg, failure, restarts)
+            raise RunStopped(failure)
+        attempts = runs.read_attempts(run_dir)
+        outcome = Outcome(attempts[-1].end) if attempts and attempts[-1].end in Outcome._value2member_map_ \
+            else Outcome.COMPLETED
         step = runs.latest_step(run_dir)
         if outcome.requeue:
-            reason = stop_reason([], step, node.restart + 1, cfg)
+            reason = stop_reason([], step, restarts + 1, cfg)
             if reason:
                 write_stop_report(run_dir, reason, step)
                 raise RunStopped(reason)
-            print(f"regscale: {outcome.value} at step {step}: requeueing (requeue {node.restart + 1} of "
+            print(f"regscale: {outcome.value} at step {step}: requeueing (requeue {restarts + 1} of "
                   f"at most {cfg.slurm.max_requeues})", flush=True)
             requeue(env, outcome)
         elif outcome is Outcome.INTERRUPTED:  # the job fails: its evaluation must not start
@@ -245,15 +250,48 @@ class TrainJob:
         requeue(env, Outcome.FAILED)
 
 
-def node_job(env: submitit.JobEnvironment) -> NodeJob:
-    """This task's node in the training job (one task per node), and where the rendezvous is."""
-    from regscale.launch.agent import NodeJob, free_port, rendezvous_port
+def node_job(env: submitit.JobEnvironment, run_dir: Path) -> NodeJob:
+    """This task's node in the training job (one task per node), and where the rendezvous is: on
+    SLURM node 0 takes a free port and tells the other nodes through the run directory (a port
+    derived from the job id could be any process's on a shared node)."""
+    from regscale.launch.agent import NodeJob, free_port
 
     if env.cluster != "slurm":
         return NodeJob(env.job_id, 0, 0, 1, "127.0.0.1", free_port())
     job = os.environ.get("SLURM_JOB_ID", env.job_id)
-    return NodeJob(job, int(os.environ.get("SLURM_RESTART_COUNT", "0")), env.global_rank, env.num_nodes,
-                   env.hostnames[0], rendezvous_port(job))
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    where = run_dir / JOB_FOLDER / f"{job}.{restart}.rendezvous"
+    if env.global_rank == 0:
+        write_atomic(where, f"{env.hostnames[0]}:{free_port()}\n")
+    host, port = wait_for_file(where, RENDEZVOUS_FILE_S).strip().rsplit(":", 1)
+    return NodeJob(job, restart, env.global_rank, env.num_nodes, host, int(port))
+
+
+def wait_for_file(path: Path, timeout_s: float) -> str:
+    """The text of `path` once it exists (another node writes it), or a UserError after timeout_s."""
+    end = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > end:
+            raise UserError(f"{path} did not appear within {timeout_s:.0f} s: node 0 of the job did not start "
+                            "(its log in the same folder says why)")
+        time.sleep(0.5)
+    return path.read_text()
+
+
+def exit_status(job_folder: Path, srun_status: int) -> int:
+    """The exit status of a training job's batch script (the lines after srun): 0 when the run's
+    newest attempt completed training, else srun's. A job that went on after losing a node has a
+    killed task, so srun fails although training completed."""
+    if srun_status == 0:
+        return 0
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    name = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
+    try:
+        job = submitit.helpers.DelayedSubmission.load(job_folder / f"{name}_submitted.pkl").function
+        attempts = runs.read_attempts(Path(job.run_dir))
+    except (OSError, AttributeError, ValueError, EOFError):
+        return srun_status
+    return 0 if attempts and attempts[-1].end == Outcome.COMPLETED.value else srun_status
 
 
 def close_unrecorded(run_dir: Path, attempts: list[runs.Attempt]) -> None:
@@ -338,3 +376,9 @@ class EvalWatcher(threading.Thread):
             cmd = [sys.executable, "-m", "regscale.launch.submit", "eval-at", str(self.run_dir), str(step)]
             result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
             print(result.stdout + result.stderr, end="", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # the batch script's last line: python -m regscale.launch.job exit-status FOLDER RC
+    if len(sys.argv) != 4 or sys.argv[1] != "exit-status":
+        sys.exit("usage: python -m regscale.launch.job exit-status JOB_FOLDER SRUN_EXIT_STATUS")
+    sys.exit(exit_status(Path(sys.argv[2]), int(sys.argv[3])))

@@ -115,8 +115,9 @@ def check_value(what: str, value: str, pattern: re.Pattern = _NAME) -> None:
 def sbatch_parameters(cfg: Config, profile: Profile, job_name: str, *, per_node: bool = False) -> dict[str, Any]:
     """submitit AutoExecutor parameters, recipe values over profile values: one task per GPU
     (evaluation), or with `per_node` one task per node holding the node's GPUs and their CPUs
-    (training: the node's agent starts a process per GPU). A training job is not ended by SLURM
-    when one of its nodes fails (--no-kill): its agents go on with the nodes left."""
+    (training: the node's agent starts a process per GPU). A training job is requeueable; when it
+    may run on fewer nodes (slurm.min_nodes), SLURM does not end it when one of its nodes fails
+    (--no-kill): its agents go on with the nodes left."""
     s = cfg.slurm
     check_value("run.name", job_name)
     tasks = 1 if per_node else s.gpus_per_node
@@ -126,8 +127,11 @@ def sbatch_parameters(cfg: Config, profile: Profile, job_name: str, *, per_node:
         cpus_per_task=s.cpus_per_task * (s.gpus_per_node if per_node else 1),
         timeout_min=s.time_limit_min,
         slurm_signal_delay_s=s.signal_lead_s,
-        slurm_srun_args=["--no-kill"] if per_node else ["--kill-on-bad-exit=1"],
+        slurm_srun_args=[] if per_node else ["--kill-on-bad-exit=1"],
     )
+    elastic = per_node and s.node_counts.start < s.nodes
+    if elastic:
+        params["slurm_srun_args"].append("--no-kill")
     if profile.gpus_as_gres:
         params["gpus_per_node"] = s.gpus_per_node
     if s.mem_gb is not None:
@@ -142,7 +146,7 @@ def sbatch_parameters(cfg: Config, profile: Profile, job_name: str, *, per_node:
     for key in ("mail_user", "mail_type"):
         if getattr(profile, key):
             params[f"slurm_{key}"] = getattr(profile, key)
-    extra: dict[str, Any] = {"no-kill": True} if per_node else {}
+    extra: dict[str, Any] = {"requeue": True, **({"no-kill": True} if elastic else {})} if per_node else {}
     for line in profile.extra_sbatch:
         option, _, value = line[2:].partition("=")
         extra[option] = value if value else True

@@ -8,6 +8,7 @@ submit an intermediate evaluation (see job.EvalWatcher).
 from __future__ import annotations
 
 import itertools
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,11 @@ class Launcher:
         s = cfg.slurm
         check_value("job folder", str(folder))
         self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)  # requeues: launch.job
+        # a training job's last lines: its exit status (SLURM's COMPLETED or FAILED, the afterok of its
+        # evaluation) is the training's, not srun's (a job that went on after losing a node completes,
+        # although the lost node's task was killed)
+        self.exit_status = ["rc=$?", f"exec {shlex.quote(sys.executable)} -m regscale.launch.job exit-status "
+                                     f"{shlex.quote(str(folder))} $rc"]
         if cluster == "slurm":
             profile = profile or load_profile(s.profile)
             self.params = sbatch_parameters(cfg, profile, str(cfg.run.name), per_node=True)
@@ -107,6 +113,8 @@ class Launcher:
         from regscale.launch.job import TrainJob
 
         params = dict(self.params if isinstance(fn, TrainJob) else self.eval_params, name=name)
+        if isinstance(fn, TrainJob) and self.cluster == "slurm":
+            params["slurm_teardown"] = self.exit_status
         if after is not None and self.cluster == "slurm":
             extra = dict(params.get("slurm_additional_parameters", {}), **{"kill-on-invalid-dep": "yes"})
             params.update(slurm_dependency=f"afterok:{after}", slurm_additional_parameters=extra)
@@ -118,7 +126,7 @@ class Launcher:
 
     def submit_array(self, fns: list[Any], name: str) -> list[Any]:
         """Submit training jobs as one SLURM job array (or, locally, one job per function)."""
-        self.executor.update_parameters(**dict(self.params, name=name))
+        self.executor.update_parameters(**dict(self.params, name=name, slurm_teardown=self.exit_status))
         with self.executor.batch():
             jobs = [self.executor.submit(fn) for fn in fns]
         return jobs

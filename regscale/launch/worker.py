@@ -20,7 +20,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import IO
+from typing import IO, Optional
 
 from regscale.errors import expected_failure, first_line
 from regscale.rundir import STACKS
@@ -43,6 +43,22 @@ def dump_stacks_on_request(run_dir: Path, rank: int) -> IO[str]:
     return f
 
 
+def worker_pid(run_dir: Path, rank: int) -> Optional[int]:
+    """The pid of the training process of global rank `rank` that a node agent on this host runs for
+    run_dir (not its DataLoader workers, which share its command line), or None (tests, benches)."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
+        try:
+            cmd = proc.info["cmdline"] or []
+            if "regscale.launch.worker" in cmd and str(run_dir) in cmd and proc.environ().get("RANK") == str(rank):
+                found[proc.pid] = proc.info["ppid"]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return next((pid for pid, ppid in found.items() if ppid not in found), None)
+
+
 def main(run_dir: Path) -> int:
     from regscale.launch import runs
     from regscale.launch.job import open_tracker
@@ -62,7 +78,7 @@ def main(run_dir: Path) -> int:
                         heartbeat=heartbeat)
     except BaseException as err:
         message = expected_failure(err)
-        heartbeat.failed(message or f"{type(err).__name__}: {first_line(err)}")
+        heartbeat.failed(f"{type(err).__name__}: {message or first_line(err)}")
         if message is None:
             traceback.print_exc()
         else:

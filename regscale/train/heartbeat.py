@@ -14,6 +14,7 @@ Outside an agent (`regscale train` under torchrun) no beat is written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import deque
@@ -74,16 +75,12 @@ class Heartbeat:
         folder = os.environ.get(ENV)
         return cls(Path(folder) if folder else None, int(os.environ.get("LOCAL_RANK", "0")), floor_s, first_step_s)
 
-    @property
-    def enabled(self) -> bool:
-        return self.path is not None and self.floor_s > 0
-
     def bound_s(self) -> float:
         """How long the next silence may last: the floor, or 10 x the p99 step interval."""
         if not self.intervals:
             return self.floor_s
         ordered = sorted(self.intervals)
-        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        p99 = ordered[math.ceil(0.99 * len(ordered)) - 1]  # nearest rank
         return max(self.floor_s, P99_FACTOR * p99)
 
     def starting(self) -> None:
