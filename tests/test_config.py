@@ -81,6 +81,10 @@ BAD_OVERRIDES = [
     (["slurm.nodes=4", "slurm.min_nodes=3"], "slurm.min_nodes", "(24 = "),  # 256 on 3 x 8 GPUs
     (["train.lr"], "train.lr", "key=value"),
     (["engine.offload_optimizer=true"], "engine.offload_optimizer", "deepspeed"),
+    (["train.ckpt_every=often"], "train.ckpt_every", "positive number of steps or auto"),
+    (["train.ckpt_every=2.5"], "train.ckpt_every", "int or str"),
+    (["slurm.node_mtbf_h=0"], "slurm.node_mtbf_h", "> 0"),
+    (["train.straggler_factor=0.9"], "train.straggler_factor", "> 1"),
 ]
 
 
