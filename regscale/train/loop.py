@@ -327,7 +327,8 @@ class Trainer:
         return outcome
 
     def _agree(self, stop: StopFlag, deadline: Deadline) -> Optional[Outcome]:
-        """The per-step all-reduce: stop signals, deadline, and the background save's state."""
+        """The per-step all-reduce: stop signals, deadline, whether to checkpoint now, and the
+        background save's state."""
         flags = dist.all_max([float(stop.interrupted), float(stop.raised), float(deadline.reached()),
                               float(self.schedule.due(self.progress.step)), *self.checkpointer.flags()])
         self._save_due = bool(flags[3])

@@ -8,8 +8,9 @@ collectives: its data (before them) or its work after the last one (the optimize
 Hence a rank's lag in a window is the larger of its step time over the other ranks' median and
 1 + its data wait beyond theirs, in units of their step time (the others absorb a slow loader in
 their compute: never blame compute alone). A rank lags when its lag exceeds train.straggler_factor
-in each of the last train.straggler_windows log windows; it is named in the log, in MLflow (a
-`straggler` tag and per-rank metrics) and in `regscale status`, and training goes on.
+in each of the last train.straggler_windows log windows (a start's first window, which holds its
+first step and compiles, does not count); it is named in the log, in MLflow (a `straggler` tag and
+per-rank metrics) and in `regscale status`, and training goes on.
 
 Rank 0 appends every window to ranks.jsonl (the host names in a start's first row).
 """
@@ -115,7 +116,7 @@ def stragglers(windows: list[RankWindow], hosts: list[str], factor: float, count
 
 def read_windows(run_dir: Path) -> tuple[list[str], list[RankWindow]]:
     """The host names and windows of the newest start in run_dir/ranks.jsonl (a start's first
-    row carries its hosts)."""
+    row carries its hosts; that window, which holds the first step, is left out)."""
     path = run_dir / RANKS
     hosts: list[str] = []
     windows: list[RankWindow] = []
@@ -126,6 +127,7 @@ def read_windows(run_dir: Path) -> tuple[list[str], list[RankWindow]]:
             row = json.loads(line)
             if "hosts" in row:
                 hosts, windows = list(row["hosts"]), []
+                continue
             windows.append(RankWindow(int(row["step"]), tuple(row["step_s"]), tuple(row["data_wait_s"])))
         except (ValueError, KeyError, TypeError):
             continue  # a torn line
@@ -148,10 +150,12 @@ class StragglerWatch:
         w = RankWindow(step, tuple(t / steps for t in time_s), tuple(d / steps for d in wait_s))
         row: dict[str, Any] = {"step": step, "step_s": list(w.step_s), "data_wait_s": list(w.data_wait_s)}
         if self._first:
-            row["hosts"], self._first = self.hosts, False
+            row["hosts"] = self.hosts
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        self.windows.append(w)
+        if not self._first:  # the first window holds the first step
+            self.windows.append(w)
+        self._first = False
         found = stragglers(list(self.windows), self.hosts, self.factor, self.count)
         for s in found:
             if s.rank not in self.named:
