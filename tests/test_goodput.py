@@ -31,8 +31,9 @@ def clock(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(T0 + t))
 
 
-def sacct_line(job: str, state: str, submit: float, start: float, end: float) -> str:
-    return f"{job}|{state}|{clock(submit)}|{clock(start)}|{clock(end)}|billing={GPUS},cpu=64,gres/gpu={GPUS},mem=512G,node=1"
+def sacct_line(job: str, submit: float, start: float, end: float) -> str:
+    """A row of `sacct -n -P -X -D -o JobID,Submit,Start,End,AllocTRES`."""
+    return f"{job}|{clock(submit)}|{clock(start)}|{clock(end)}|billing={GPUS},cpu=64,gres/gpu={GPUS},mem=512G,node=1"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -91,8 +92,8 @@ def constructed_run(run_dir: Path, *, reached_step: bool = True) -> str:
     rows += [first(121, 730, 10.0), window(130, 748, 2.8)]
     rows += [window(s, 748 + (s - 130) * 2, 2.0) for s in range(140, 201, 10)] + [stall(200, 893, 5.0)]
     write_jsonl(run_dir / "metrics.jsonl", rows)
-    return "\n".join([sacct_line("101", "REQUEUED", 0, 100, 380), sacct_line("101", "COMPLETED", 380, 500, 900),
-                      sacct_line("102", "COMPLETED", 0, 950, 1250), "103|PENDING|" + clock(0) + "|Unknown|Unknown|"])
+    return "\n".join([sacct_line("101", 0, 100, 380), sacct_line("101", 380, 500, 900), sacct_line("102", 0, 950, 1250),
+                      f"103|{clock(0)}|Unknown|Unknown|"])  # a job that never started
 
 
 # the parts of constructed_run, in seconds (x 8 GPUs), worked out by hand from its docstring
@@ -209,7 +210,7 @@ class Sim:
                                     "start_step": durable, "started_at": T0 + started, "world_size": GPUS})
                 durable, ended = self._start(durable, begin, started, limit_end, fail_at)
                 end = ended + self.release_s
-            self.sacct.append(sacct_line("7001", "REQUEUED", submit, begin, end))
+            self.sacct.append(sacct_line("7001", submit, begin, end))
             submit, restart = end, restart + 1
         return self
 

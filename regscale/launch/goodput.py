@@ -58,7 +58,7 @@ LABELS = {"productive": "steps that count", "startup": "start until the first st
           "evaluation": "chained evaluation", "other": "other (agreement, logging)",
           "queue": "queue wait (not allocated)"}
 FAULT_ENDS = ("failed", "hung", "lost")  # an end after which steps since the checkpoint are lost
-SACCT_FIELDS = "JobID,State,Submit,Start,End,AllocTRES"
+SACCT_FIELDS = "JobID,Submit,Start,End,AllocTRES"
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,6 @@ class Allocation:
     """One allocation of a job (a `sacct -D` row: requeued instances are rows of their own)."""
 
     job_id: str
-    state: str
     submit: Optional[float]
     start: Optional[float]  # None: never started
     end: Optional[float]  # None: still running
@@ -88,15 +87,13 @@ def _gpus(tres: str) -> Optional[int]:
 
 
 def parse_sacct(text: str) -> list[Allocation]:
-    """`sacct -n -P -X -D -o JobID,State,Submit,Start,End,AllocTRES` output, one row per line."""
+    """`sacct -n -P -X -D -o JobID,Submit,Start,End,AllocTRES` output, one row per line."""
     rows = []
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 6:
-            continue
-        job_id, state, submit, start, end, tres = parts
-        rows.append(Allocation(job_id, state.split()[0] if state else "?", _unix(submit), _unix(start),
-                               _unix(end), _gpus(tres)))
+        if len(parts) == 5:
+            job_id, submit, start, end, tres = parts
+            rows.append(Allocation(job_id, _unix(submit), _unix(start), _unix(end), _gpus(tres)))
     return rows
 
 

@@ -11,8 +11,8 @@ from typing import Optional
 from regscale.config import CKPT_AUTO, Config, batch_plan, is_remote
 from regscale.data.shards import INDEX, read_index
 from regscale.errors import UserError
-from regscale.reliability import (RunCosts, SaveCost, checkpoint_interval_s, expected_ratio, job_mtbf_s,
-                                  predicted_save_cost)
+from regscale.reliability import (STATE_BYTES_PER_PARAM, RunCosts, SaveCost, checkpoint_interval_s, expected_ratio,
+                                  job_mtbf_s, predicted_save_cost)
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # What a dry run cannot measure, assumed (stated in the plan); `regscale status RUN` measures them
@@ -56,8 +56,7 @@ def reliability(cfg: Config) -> Reliability:
     save = predicted_save_cost(params, s.nodes, world, cfg.engine.kind, cfg.engine.async_checkpoint)
     mtbf = job_mtbf_s(s.node_mtbf_h, s.nodes)
     limit_end = predicted_save_cost(params, s.nodes, world, cfg.engine.kind, False).stall_s
-    costs = RunCosts(save, limit_end, ASSUMED_STARTUP_S,
-                     ASSUMED_DETECT_S, s.time_limit_min * 60.0, mtbf)
+    costs = RunCosts(save, limit_end, ASSUMED_STARTUP_S, ASSUMED_DETECT_S, s.time_limit_min * 60.0, mtbf)
     step_s = train_flops_per_image(cfg) * t.batch_size / (world * PEAK_FLOPS["H100"] * ASSUMED_MFU)
     auto_steps = max(1, round(checkpoint_interval_s(save, mtbf) / step_s))
     fixed = None if t.ckpt_every == CKPT_AUTO else int(t.ckpt_every)
@@ -189,7 +188,7 @@ def _expected(cfg: Config, r: Reliability) -> list[str]:
     return [
         f"failures       node MTBF {cfg.slurm.node_mtbf_h:g} h (slurm.node_mtbf_h) / {r.nodes} node(s): one every "
         + (f"{hours:,.0f} h" if hours >= 100 else f"{hours:.3g} h")
-        + f"; {r.save.describe()} at {r.params / 1e6:.3g}M parameters, {16 * r.params / r.nodes / 1e9:.3g} GB per node",
+        + f"; {r.save.describe()} at {r.params / 1e6:.3g}M parameters, {STATE_BYTES_PER_PARAM * r.params / r.nodes / 1e9:.3g} GB per node",
         f"expected ratio {' | '.join(ratios)} of allocated GPU time in steps that count (assumed: "
         f"{r.step_s:.3g} s/step at {ASSUMED_MFU:.0%} MFU of an H100, {ASSUMED_STARTUP_S / 60:.0f} min to the first "
         f"step, {ASSUMED_DETECT_S / 60:.0f} min to detect a failure)",
