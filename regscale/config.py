@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +37,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 
 ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+
+CKPT_AUTO = "auto"  # train.ckpt_every: the interval regscale.reliability chooses
 
 REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "az://", "hf://", "sftp://", "dbfs:/")
 
@@ -135,7 +137,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    ckpt_every: int = 10_000
+    ckpt_every: Union[int, str] = 10_000  # steps, or "auto": Young/Daly from the measured save cost
     keep_last: int = 2  # newest checkpoints kept
     keep_every: int = 100_000  # and every Nth step kept for evaluation (0: none)
     log_every: int = 100
@@ -148,6 +150,8 @@ class TrainConfig:
     # rank's stack into the run directory and restarts the group (0: no hang detection)
     hang_timeout_s: float = 60.0
     first_step_timeout_s: float = 1800.0  # the same bound before a process's first step (build, data, compile)
+    straggler_factor: float = 1.2  # a rank whose step is this much slower than the others' lags...
+    straggler_windows: int = 3  # ...in this many log windows in a row: named in the log, MLflow, status
 
     def check(self) -> None:
         """Refuse values this section cannot run with (the batch against the world: `batch_plan`)."""
@@ -164,7 +168,9 @@ class TrainConfig:
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"'train.ema_decay' must be in [0, 1); got {self.ema_decay}")
-        _positive("train.ckpt_every", self.ckpt_every)
+        if self.ckpt_every != CKPT_AUTO and (isinstance(self.ckpt_every, str) or self.ckpt_every <= 0):
+            raise ConfigError(f"'train.ckpt_every' must be a positive number of steps or {CKPT_AUTO}; "
+                              f"got {self.ckpt_every!r}")
         _positive("train.keep_last", self.keep_last)
         _positive("train.keep_every", self.keep_every, allow_zero=True)
         _positive("train.log_every", self.log_every)
@@ -173,6 +179,9 @@ class TrainConfig:
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
         _positive("train.hang_timeout_s", self.hang_timeout_s, allow_zero=True)
         _positive("train.first_step_timeout_s", self.first_step_timeout_s)
+        if not self.straggler_factor > 1.0:
+            raise ConfigError(f"'train.straggler_factor' must be > 1 (a step time ratio); got {self.straggler_factor}")
+        _positive("train.straggler_windows", self.straggler_windows)
 
 
 @dataclass
@@ -248,6 +257,9 @@ class SlurmConfig:
     max_requeues: int = 50
     max_restarts: int = 3  # in-job restarts of a failed or hung group, per job start (no trip through the queue)
     max_failures_at_step: int = 3  # attempts in a row failing from one checkpoint before the run stops
+    # mean time between failures of one node, for train.ckpt_every=auto and the plan's expected
+    # ratio: 6.50 failures per 1000 node-days, Meta's RSC-1 (arXiv 2410.21680) -> 24000/6.5 h
+    node_mtbf_h: float = 3692.0
 
     def check(self) -> None:
         _choice("slurm.cluster", self.cluster, ("auto", "slurm", "local"))
@@ -257,6 +269,7 @@ class SlurmConfig:
         _positive("slurm.max_requeues", self.max_requeues, allow_zero=True)
         _positive("slurm.max_restarts", self.max_restarts, allow_zero=True)
         _positive("slurm.max_failures_at_step", self.max_failures_at_step)
+        _positive("slurm.node_mtbf_h", self.node_mtbf_h)
         if self.mem_gb is not None:
             _positive("slurm.mem_gb", self.mem_gb)
         if self.signal_lead_s >= self.time_limit_min * 60:
@@ -401,7 +414,7 @@ def _expected_type(key: str) -> str:
             return "?"
         last_type = hints[part]
         node = getattr(node, part)
-    return str(last_type).replace("typing.", "")
+    return str(last_type).replace("typing.", "").replace("Union[int, str]", "int or str")
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -720,7 +733,8 @@ RESUMABLE_KEYS = (
     "encoder.weights", "vae.encoder", "vae.decoder",
     "train.max_steps", "train.micro_batch_size", "train.ckpt_every", "train.keep_last",
     "train.keep_every", "train.log_every", "train.sample_every", "train.max_nonfinite_steps",
-    "train.tf32", "train.hang_timeout_s", "train.first_step_timeout_s",
+    "train.tf32", "train.hang_timeout_s", "train.first_step_timeout_s", "train.straggler_factor",
+    "train.straggler_windows",
 )
 
 # Keys of earlier versions: dropped from saved configurations (old run directories still load),

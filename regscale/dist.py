@@ -218,16 +218,18 @@ def all_max(values: list[float], what: str = "agree on stopping and saving") -> 
     return t.tolist()
 
 
-def all_sum(values: list[float], what: str = "sum the logged metrics") -> list[float]:
-    """Element-wise sum over ranks of host numbers (on the CPU, like all_max)."""
+def all_gather(values: list[float], what: str = "gather the logged metrics") -> list[list[float]]:
+    """Every rank's host numbers, in rank order (on the CPU, like all_max)."""
     import torch
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64)
-    if _joined():
-        with waiting(what):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    if not _joined():
+        return [t.tolist()]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    with waiting(what):
+        dist.all_gather(out, t)
+    return [o.tolist() for o in out]
 
 
 def barrier(what: str) -> None:

@@ -4,8 +4,9 @@
 per process. Points: NAN (that step's loss is NaN), KILL_IN_SAVE (rank 0 SIGKILLs itself while
 that step's checkpoint is being written), NO_SPACE (that step's checkpoint write fails as on a
 full disk). `REGSCALE_FAULT_SLOW_STEP_S=x` makes every training step x seconds longer (a slow
-device: a test whose timing must not depend on the machine's speed). Unset in production;
-reading them costs one dictionary lookup.
+device: a test whose timing must not depend on the machine's speed), on every rank or, with
+`REGSCALE_FAULT_SLOW_RANK=r`, on rank r alone (a straggler). Unset in production; reading them
+costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def due(point: str, step: int) -> bool:
     return True
 
 
-def slow_step_s() -> float:
-    """Seconds REGSCALE_FAULT_SLOW_STEP_S adds to every training step; 0 when unset."""
+def slow_step_s(rank: int) -> float:
+    """Seconds REGSCALE_FAULT_SLOW_STEP_S adds to every training step of this rank (all ranks, or
+    the one REGSCALE_FAULT_SLOW_RANK names); 0 when unset."""
     value = os.environ.get(_PREFIX + "SLOW_STEP_S")
-    return float(value) if value else 0.0
+    only = os.environ.get(_PREFIX + "SLOW_RANK")
+    return float(value) if value and (not only or int(only) == rank) else 0.0

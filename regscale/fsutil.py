@@ -2,12 +2,14 @@
 
 A file is written under a temporary name beside its target, fsynced, renamed over the target and
 the directory fsynced: a reader sees the old content or the new one, never a mix, and an error
-leaves the old file as it was. A full disk is reported as one line naming the directory.
+leaves the old file as it was. A full disk is reported as one line naming the directory. Logs that
+are appended to instead (metrics.jsonl, attempts.jsonl) are read skipping a line torn by a crash.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 from contextlib import contextmanager
@@ -84,3 +86,18 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> None
     """Replace `path` with `data` (text is written as UTF-8) atomically and durably."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of an appended .jsonl log, skipping torn or foreign lines ([] without it)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

@@ -1,5 +1,6 @@
 """Typed configuration: merging, published recipes, and the catalogue of wrong input."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,10 @@ BAD_OVERRIDES = [
     (["slurm.nodes=4", "slurm.min_nodes=3"], "slurm.min_nodes", "(24 = "),  # 256 on 3 x 8 GPUs
     (["train.lr"], "train.lr", "key=value"),
     (["engine.offload_optimizer=true"], "engine.offload_optimizer", "deepspeed"),
+    (["train.ckpt_every=often"], "train.ckpt_every", "positive number of steps or auto"),
+    (["train.ckpt_every=2.5"], "train.ckpt_every", "int or str"),
+    (["slurm.node_mtbf_h=0"], "slurm.node_mtbf_h", "> 0"),
+    (["train.straggler_factor=0.9"], "train.straggler_factor", "> 1"),
 ]
 
 
@@ -163,6 +168,9 @@ def test_dry_run_plan():
     assert "32 = 4 node(s) x 8 GPU(s)" in out and "global 256 = 32 x 8 per GPU" in out
     assert "4,000,000 steps = 1,024,000,000 images = 799.3 epochs" in out
     assert "afterok" in out and "nothing submitted" in out
+    # the expected ratio at this scale, for the recipe's interval and for auto (regscale.reliability)
+    assert "failures       node MTBF 3692 h (slurm.node_mtbf_h) / 4 node(s): one every 923 h" in out
+    assert re.search(r"^expected ratio every 10,000 steps \([\d.]+ min\) 9\d\.\d\d% \| auto every [\d,]+ steps", out, re.M)
     # the only warning: this machine cannot read the bucket's index (a real submit refuses that)
     assert [line for line in out.splitlines() if line.startswith("WARNING")] in (
         [], [line for line in out.splitlines() if line.startswith("WARNING") and "s3://bucket/imagenet" in line])

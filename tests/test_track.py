@@ -25,7 +25,7 @@ from PIL import Image
 from regscale.cli import main
 from regscale.config import load_config
 from regscale.errors import UserError
-from regscale.rundir import (METRICS, MLARTIFACTS, MLFLOW_DB, MLFLOW_OUTBOX, MLFLOW_PENDING, MLFLOW_REJECTED,
+from regscale.rundir import (ATTEMPTS, METRICS, MLARTIFACTS, MLFLOW_DB, MLFLOW_OUTBOX, MLFLOW_PENDING, MLFLOW_REJECTED,
                              MLFLOW_RUN_ID, MLFLOW_UI_LOG)
 from regscale.track.lineage import config_params
 from regscale.track.mlflow import Tracker, register_run
@@ -193,6 +193,21 @@ def test_eval_child_runs_and_mirrored_metrics(mlflow_server, tmp_path, experimen
     assert children[1].data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
 
 
+def log_goodput_of_records(tracker: Tracker, run_dir: Path) -> None:
+    """Write a finished local job's records into run_dir and log its goodput (0.6) as the job does."""
+    from regscale.launch import runs
+    from regscale.launch.goodput import log_goodput
+
+    runs.add_jobs(run_dir, [runs.JobRecord("77", "train", "local", submitted_at=1000.0)])
+    lines = [{"event": "start", "job_id": "77", "restart": 0, "start_step": 0, "started_at": 1000.0, "world_size": 2},
+             {"event": "end", "end": "completed", "end_step": 10, "ended_at": 1030.0}]
+    (run_dir / ATTEMPTS).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    rows = [{"step": 1, "time": 1010.0, "time/first_step_s": 10.0, "time/first_step_duration_s": 2.0},
+            {"step": 10, "time": 1028.0, "step_s": 2.0}]
+    (run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log_goodput(tracker, run_dir, default_gpus=1, step=300)
+
+
 def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")  # the table whole, whatever terminal runs the tests
     for name, lr, fids, base in (("reg-a", "1e-4", {100: 40.0, 200: 20.0, 300: 22.0}, 1.0),
@@ -204,6 +219,8 @@ def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, ca
                                      "gpu_hours": step * base / 100}, step)
             for step, fid in fids.items():
                 tracker.log_eval({"fid": fid}, step, {"num_samples": 64})
+            if name == "reg-a":  # its records: a local job, 10 s to its first step, 18 s of steps, 2 s to stop
+                log_goodput_of_records(tracker, tmp_path / "runs" / name)
     out_png, out_csv = tmp_path / "cmp.png", tmp_path / "cmp.csv"
     code = main(["compare", "--tracking-uri", mlflow_server.url, "--experiment", experiment,
                  "--plot", str(out_png), "--csv", str(out_csv)])
@@ -218,8 +235,10 @@ def test_compare_two_runs_table_plot_csv(mlflow_server, tmp_path, experiment, ca
         ("0.0001", 20.0, "yes", "200"), ("0.0002", 28.0, "yes", "200")]
     assert [(int(r["step"]), float(r["images/s"]), float(r["GPU hours"])) for r in rows] == [
         (300, 500.0, 3.0), (300, 400.0, pytest.approx(2.4))]
+    assert [r["goodput"] for r in rows] == [repr(18 / 30), ""]  # steps that count / allocated
+    assert "60.0%" in text
     assert set(rows[0]) == {"run", "run id", "train.lr", "status", "step", "best FID", "comparable",
-                            "at step", "images/s", "GPU hours"}
+                            "at step", "images/s", "GPU hours", "goodput"}
     with Image.open(out_png) as image:
         assert image.format == "PNG" and image.size == (1200, 480)
     # one run by name, and a filter on a param

@@ -340,6 +340,10 @@ class EvalJob(submitit.helpers.Checkpointable):
             return evaluate(cfg, run_dir, run_dir / EVAL / step_name(step), step, tracker)
         finally:
             if tracker is not None:
+                if self.step is None:  # the chained evaluation: the lineage's last goodput
+                    from regscale.launch.goodput import log_goodput
+
+                    log_goodput(tracker, run_dir, cfg.world_size, step)
                 tracker.finish()
             _leave_process_group()
 

@@ -235,7 +235,20 @@ def _detail(st: RunStatus) -> list[str]:
         lines.append(f"  STOPPED at step {r.get('step')} ({_when(r.get('stopped_at'))}, job {r.get('job_id')}, "
                      f"{r.get('attempts')} attempts): {r.get('reason')}")
         lines.append(f"  to continue      {r.get('resume')}")
-    return lines
+    return lines + _efficiency(st.run_dir)
+
+
+def _efficiency(run_dir: Path) -> list[str]:
+    """The goodput breakdown (SLURM's accounting included) and the lagging ranks, if any."""
+    from regscale.launch.goodput import format_breakdown, run_goodput
+    from regscale.train.stragglers import straggler_lines
+
+    cfg = runs.load_run_config(run_dir)
+    try:
+        lines = format_breakdown(run_goodput(run_dir, cfg.world_size))
+    except (OSError, ValueError, subprocess.SubprocessError) as err:  # sacct away or answering nonsense
+        lines = [f"  goodput          unavailable: {type(err).__name__}: {err}"]
+    return lines + straggler_lines(run_dir, cfg.train.straggler_factor, cfg.train.straggler_windows)
 
 
 HEADER = (f"{'run':<28} {'train job':<12} {'state':<12} {'requeues':>8} {'step':>15} {'img/s':>8} "

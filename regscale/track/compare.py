@@ -1,7 +1,8 @@
 """`regscale compare`: training runs side by side, from the same MLflow data the UI shows.
 
 One row per training run: the recipe keys on which the runs differ, the best FID and the training
-step it was measured at, the latest images/s and the lineage's GPU hours. `plot` draws FID and
+step it was measured at, the latest images/s, the lineage's GPU hours and its goodput (the share
+of its allocated GPU time in steps that count, regscale.launch.goodput). `plot` draws FID and
 the loss against training iterations, one line per run.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from regscale.errors import UserError, first_line
 from regscale.fsutil import atomic_path
-from regscale.metrics import EVAL_PREFIX, GPU_HOURS, IMAGES_PER_S, LOSS
+from regscale.metrics import EVAL_PREFIX, GOODPUT, GPU_HOURS, IMAGES_PER_S, LOSS
 from regscale.track.lineage import stored_run_id
 
 FID = EVAL_PREFIX + "fid"
@@ -41,6 +42,7 @@ class RunSummary:
     best_fid_step: Optional[int] = None
     images_per_s: Optional[float] = None
     gpu_hours: Optional[float] = None
+    goodput: Optional[float] = None
     fid_curve: list[tuple[int, float]] = field(default_factory=list)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     loss_key: Optional[str] = None
@@ -71,6 +73,7 @@ def summarize(client: Any, run: Any) -> RunSummary:
         summary.best_fid_step, summary.best_fid = min(fid, key=lambda p: (p[1], p[0]))
     summary.images_per_s = metrics.get(IMAGES_PER_S)
     summary.gpu_hours = metrics.get(GPU_HOURS)
+    summary.goodput = metrics.get(GOODPUT)
     progress = loss or _history(client, run.info.run_id, GPU_HOURS if GPU_HOURS in metrics else None)
     summary.last_step = max(s for s, _ in progress) if progress else None
     return summary
@@ -138,7 +141,7 @@ def rows(summaries: list[RunSummary], exact: bool = False) -> tuple[list[str], l
     the CSV (every digit, empty cells where there is no value, so spreadsheets read numbers)."""
     keys = differing_params(summaries)
     header = ["run", "run id", *keys, "status", "step", "best FID", "comparable", "at step", "images/s",
-              "GPU hours"]
+              "GPU hours", "goodput"]
     missing = "" if exact else "-"
     body = []
     for label, s in zip(_labels(summaries), summaries):
@@ -148,7 +151,8 @@ def rows(summaries: list[RunSummary], exact: bool = False) -> tuple[list[str], l
                      missing if s.best_fid is None else ("yes" if s.fid_comparable else "no"),
                      missing if s.best_fid_step is None else str(s.best_fid_step),
                      _fmt(s.images_per_s, None if exact else 1, missing),
-                     _fmt(s.gpu_hours, None if exact else 2, missing)])
+                     _fmt(s.gpu_hours, None if exact else 2, missing),
+                     _fmt(s.goodput, None, missing) if exact or s.goodput is None else f"{s.goodput:.1%}"])
     return header, body
 
 

@@ -56,6 +56,7 @@ class _Pending:
     asynchronous: bool
     started: float
     stall_s: float  # the loop's waits for this save so far
+    copy_wait_s: float = 0.0  # of which inside a step (wait_staged)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Published:
     save_s: float  # from the save's start to its publication
     stall_s: float  # of which the loop waited
     asynchronous: bool
+    copy_wait_s: float = 0.0  # of the stall, the wait inside a step for the copy (wait_staged)
 
 
 class Checkpointer:
@@ -156,7 +158,9 @@ class Checkpointer:
             return
         t0 = time.perf_counter()
         _wait(p.handle.staged, f"copy the state of step {p.step} aside for its checkpoint")
-        p.stall_s += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        p.stall_s += waited
+        p.copy_wait_s += waited
 
     def flags(self) -> list[float]:
         """[writing, failed] of this rank's save in flight, for the per-step agreement."""
@@ -213,7 +217,7 @@ class Checkpointer:
         save_s = time.perf_counter() - p.started
         log.info("checkpoint %s published (%.2f s after the save began, the loop waited %.2f s)",
                  detail, save_s, p.stall_s)
-        return Published(p.step, Path(detail), save_s, p.stall_s, p.asynchronous)
+        return Published(p.step, Path(detail), save_s, p.stall_s, p.asynchronous, p.copy_wait_s)
 
     def _drop(self, p: _Pending) -> None:
         """A write failed on some rank: remove the partial checkpoint. A full disk stops the run

@@ -11,14 +11,17 @@ checkpoint, so a resumed run replays exactly what the uninterrupted one would ha
 bit on the same number of processes, up to the order of reductions on another.
 A step reads one number from the device (the gradient norm, to skip non-finite steps); the loss
 parts stay on the device until a log step. At each step boundary the ranks agree in one tiny
-all-reduce whether to stop (signal, Ctrl-C, deadline) and whether a background save has
-finished (the Checkpointer publishes it then).
+all-reduce whether to stop (signal, Ctrl-C, deadline), whether to checkpoint (rank 0's
+train.ckpt_every=auto decides for all) and whether a background save has finished (the
+Checkpointer publishes it then). A log step gathers every rank's step time and data wait
+(regscale.train.stragglers names a rank that lags).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -33,14 +36,16 @@ from regscale import metrics as M
 from regscale.config import (Config, ConfigError, batch_plan, changes_numbers, config_hash, flatten,
                              load_saved_config, resume_changes, to_yaml)
 from regscale.engine.base import BF16_NUMERICS, precision_autocast
-from regscale.fsutil import write_atomic
+from regscale.fsutil import read_jsonl, write_atomic
 from regscale.outcome import Outcome
+from regscale.reliability import CheckpointSchedule, measured_costs, predicted_save_cost
 from regscale.rundir import CONFIG, DRAWS, METRICS
 from regscale.train.checkpoint import Checkpointer, Published
 from regscale.train.health import MetricsLog, NonFiniteGuard, device_peak_flops, memory_gb, train_flops_per_image
 from regscale.train.heartbeat import Heartbeat
 from regscale.train.noise import DERIVATION, SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
+from regscale.train.stragglers import StragglerWatch
 from regscale.train.threads import pin_threads
 
 if TYPE_CHECKING:
@@ -131,6 +136,7 @@ class Trainer:
         self.threads = pin_threads(cfg.slurm)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model_from_config(cfg.model)
+        params = sum(p.numel() for p in model.parameters())
         self.encoder = load_dinov2(cfg.encoder, embed_dim=cfg.model.cls_token_dim,
                                    seed=t.seed).to(self.device)
         self.engine = build_engine(cfg.engine, t, model, env, self.plan)
@@ -152,6 +158,15 @@ class Trainer:
         self.resumed_from = str(found[0]) if found else None
         if found:
             self._restore(*found)
+        self.hosts = list(dist.host_layout().hosts)
+        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or len(set(self.hosts)))
+        self.schedule = CheckpointSchedule(
+            cfg, is_main=env.is_main, nodes=nodes, start_step=self.progress.step,
+            predicted=predicted_save_cost(params, nodes, env.world_size, cfg.engine.kind, cfg.engine.async_checkpoint),
+            history=measured_costs(read_jsonl(run_dir / METRICS), cfg.engine.async_checkpoint) if env.is_main else ())
+        self.stragglers = (StragglerWatch(run_dir, self.hosts, t.straggler_factor, t.straggler_windows, self.tracker)
+                           if env.is_main else None)
+        self._save_due = False
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -262,11 +277,15 @@ class Trainer:
                      "accumulation = %d images/step, engine %s", self.run_dir, self.progress.step,
                      t.max_steps, env.world_size, self.plan.micro, self.plan.accumulation,
                      self.plan.global_batch, self.engine.kind)
-        first = True
-        slow_s = faults.slow_step_s()
+        first, cycle = True, None
+        slow_s = faults.slow_step_s(env.rank)
+        self._log_goodput()
         while self.progress.step < t.max_steps:
             p = self.progress
             t0 = time.perf_counter()
+            if cycle is not None:  # the previous step, boundary to boundary (not the first: it compiles)
+                self.schedule.observe_step(t0 - cycle)
+            cycle = None if first else t0
             result, sums, wait = self._train_step(p.step, faults.due("NAN", p.step))
             if slow_s:
                 time.sleep(slow_s)
@@ -282,7 +301,8 @@ class Trainer:
             self.heartbeat.beat(p.step)
             if first:
                 first = False
-                self.metrics.log({M.FIRST_STEP_S: time.time() - _process_start()}, p.step)
+                self.metrics.log({M.FIRST_STEP_S: time.time() - _process_start(),
+                                  M.FIRST_STEP_DURATION_S: step_s}, p.step)
             if not result.applied:
                 log.warning("step %d: non-finite gradient norm, step skipped (%d in a row, %d "
                             "in total)", p.step, guard.in_a_row, guard.total)
@@ -295,7 +315,7 @@ class Trainer:
                 self._save(blocking=True)
                 self._say_stopped(outcome)
                 break
-            if p.step % t.ckpt_every == 0 or p.step == t.max_steps:
+            if self._save_due or p.step == t.max_steps:
                 self._save(blocking=p.step == t.max_steps)
             if p.step % t.log_every == 0:
                 self._log(window, guard)
@@ -306,10 +326,12 @@ class Trainer:
         return outcome
 
     def _agree(self, stop: StopFlag, deadline: Deadline) -> Optional[Outcome]:
-        """The per-step all-reduce: stop signals, deadline, and the background save's state."""
+        """The per-step all-reduce: stop signals, deadline, whether to checkpoint now, and the
+        background save's state."""
         flags = dist.all_max([float(stop.interrupted), float(stop.raised), float(deadline.reached()),
-                              *self.checkpointer.flags()])
-        self._published(self.checkpointer.agreed(*flags[3:]))
+                              float(self.schedule.due(self.progress.step)), *self.checkpointer.flags()])
+        self._save_due = bool(flags[3])
+        self._published(self.checkpointer.agreed(*flags[4:]))
         if flags[0]:
             return Outcome.INTERRUPTED
         if flags[1]:
@@ -354,6 +376,7 @@ class Trainer:
         if blocking:
             self.heartbeat.waiting(self.cfg.train.first_step_timeout_s)
         self._published(self.checkpointer.finish())
+        self.schedule.saved(self.progress.step)
         self._published(self.checkpointer.save(self.progress.step, self._manifest, blocking=blocking))
 
     def _published(self, done: Optional[Published]) -> None:
@@ -361,8 +384,11 @@ class Trainer:
         if done is None:
             return
         self.deadline.observe(save_s=done.save_s)
+        self.schedule.observe_save(done.stall_s, done.save_s, done.asynchronous)
         self.metrics.log({M.CKPT_STALL_S: done.stall_s, M.CKPT_SAVE_S: done.save_s,
-                          M.CKPT_ASYNC: float(done.asynchronous)}, done.step)
+                          M.CKPT_ASYNC: float(done.asynchronous), M.CKPT_COPY_WAIT_S: done.copy_wait_s,
+                          **({M.CKPT_EVERY_STEPS: float(self.schedule.every_steps)}
+                             if self.schedule.every_steps else {})}, done.step)
         self._start_grid(done.step)
 
     def _start_grid(self, step: int) -> None:
@@ -407,8 +433,9 @@ class Trainer:
 
     def _log(self, window: "_Window", guard: NonFiniteGuard) -> None:
         """One log line: the window's device sums are read here, once."""
-        local = window.loss_sums.tolist() + [window.micro_count, window.wait_s]
-        sums = dist.all_sum(local)
+        local = window.loss_sums.tolist() + [window.micro_count, window.wait_s, window.time_s]
+        ranks = dist.all_gather(local)  # the one collective of a log step: every rank's numbers
+        sums = [sum(column) for column in zip(*ranks)]
         n = sums[4] if sums[4] > 0 else math.nan  # no applied step in the window: NaN losses
         images_s = window.steps * self.plan.global_batch / max(window.time_s, 1e-9)
         m = {M.LOSS: sums[0] / n, M.LOSS_IMG: sums[1] / n, M.LOSS_PROJ: sums[2] / n,
@@ -419,11 +446,23 @@ class Trainer:
              **memory_gb(self.device)}
         if self.peak:
             m[M.MFU] = images_s * self.flops_per_image / (self.peak * self.env.world_size)
+        if self.stragglers is not None:
+            m.update(self.stragglers.add(self.progress.step, [r[6] for r in ranks], [r[5] for r in ranks],
+                                         max(window.steps, 1)))
         self.metrics.log(m, self.progress.step)
         self.metrics.say(f"step {self.progress.step}: loss {m[M.LOSS]:.4f} grad_norm "
                          f"{m[M.GRAD_NORM]:.3f} {images_s:.1f} img/s")
 
+    def _log_goodput(self, outcome: Optional[Outcome] = None) -> None:
+        """Rank 0 with a tracker: the lineage's goodput so far, at the start and the end of each start."""
+        if self.tracker is not None:
+            from regscale.launch.goodput import log_goodput
+
+            log_goodput(self.tracker, self.run_dir, self.env.world_size, self.progress.step,
+                        completed=outcome is Outcome.COMPLETED)
+
     def close(self, outcome: Outcome) -> None:
+        self._log_goodput(outcome)
         if self._grid is not None and self._grid.is_alive():
             log.info("waiting (at most %.0f s) for the sample grid still being made", GRID_WAIT_S)
             self._grid.join(GRID_WAIT_S)
