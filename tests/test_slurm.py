@@ -26,6 +26,7 @@ and one driver loop acts on them while they run:
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -46,6 +47,7 @@ import torch
 
 from regscale.config import load_config
 from regscale.launch import runs
+from regscale.launch.goodput import PARTS, run_goodput, sacct_allocations
 from regscale.launch.worker import worker_pid
 from regscale.engine.export import load_consolidated
 from regscale.rundir import CONFIG, EVAL, EVAL_RECORD, JOB_FOLDER, METRICS, STACKS, STOP_REPORT
@@ -200,12 +202,12 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
     preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
     signallers.append(threading.Thread(target=usr2_mid_training, args=(preempt,), daemon=True))
     signallers[1].start()
+    # rank 1 slowed (a straggler), four faults, then a preemption; its evaluation runs (goodput's last part)
     faults = submit(common, "faults", "train.log_every=1", "train.ckpt_every=4", "train.hang_timeout_s=20",
-                    env={**every_core, "REGSCALE_FAULT_SLOW_STEP_S": "0.3"})
-    subprocess.run(["scancel", faults.eval], check=True, timeout=30)
+                    env={**every_core, "REGSCALE_FAULT_SLOW_STEP_S": "0.3", "REGSCALE_FAULT_SLOW_RANK": "1"})
     # (rank, process, signal, from the attempt that reached this step with a checkpoint 4 steps before)
     fault_plan = [(0, "train", signal.SIGKILL, 6), (1, "train", signal.SIGKILL, 14), (1, "train", signal.SIGSTOP, 22),
-                  (0, "loader", signal.SIGSTOP, 30)]
+                  (0, "loader", signal.SIGSTOP, 30), (None, "job", signal.SIGUSR2, 34)]
 
     def drive_faults() -> None:
         """The next planned fault, once the newest attempt is past its step."""
@@ -216,12 +218,17 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
         attempts = runs.read_attempts(faults.run_dir)
         if len(attempts) == len(done) + 1 and last_step(faults.run_dir) >= at \
                 and runs.latest_step(faults.run_dir) >= at - 4:
+            if process == "job":  # a preemption: every process of the job gets the signal
+                subprocess.run(["scancel", f"--signal={sig.name[3:]}", faults.train], check=True, timeout=30)
+                done.append((rank, process, sig.name, last_step(faults.run_dir), time.time()))
+                return
             pid = worker_pid(faults.run_dir, rank)
             if pid is not None and process == "loader":  # its DataLoader worker: a dead-locked loader
                 pid = loader_pid(pid)
             if pid is not None:
                 os.kill(pid, sig)
-                done.append((rank, process, sig.name, last_step(faults.run_dir), time.time()))
+                done.append((rank, process, sig.name, last_step(faults.run_dir), time.time(),
+                             runs.latest_step(faults.run_dir)))
     # long enough (200 steps) that the limit falls inside training, whatever the load
     # steps of at least 0.5 s (REGSCALE_FAULT_SLOW_STEP_S): 200 steps always outlast the 2-minute limit
     others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45",
@@ -252,7 +259,7 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
         drive_faults()
         jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"],
-                faults.train)
+                faults.train, faults.eval)
         return all(j is not None and job_state(j) in TERMINAL for j in jobs)
 
     try:
@@ -420,13 +427,16 @@ def test_resume_after_the_fix_finishes_the_stopped_run(scenarios: dict) -> None:
 def test_a_killed_or_stopped_rank_restarts_the_group_in_the_job_and_ends_with_the_same_weights(scenarios: dict) -> None:
     run = scenarios["faults"]
     done = scenarios["faults_done"]
-    assert [(rank, process, sig) for rank, process, sig, _, _ in done] == [
-        (0, "train", "SIGKILL"), (1, "train", "SIGKILL"), (1, "train", "SIGSTOP"), (0, "loader", "SIGSTOP")], done
+    assert [(rank, process, sig) for rank, process, sig, *_ in done] == [
+        (0, "train", "SIGKILL"), (1, "train", "SIGKILL"), (1, "train", "SIGSTOP"), (0, "loader", "SIGSTOP"),
+        (None, "job", "SIGUSR2")], done
     assert job_state(run.train) == "COMPLETED"
     attempts = runs.read_attempts(run.run_dir)
-    # restarted inside the job each time: one job start, no trip through the queue
-    assert [(a.job_id, a.restart, a.round) for a in attempts] == [(run.train, 0, r) for r in range(5)]
-    assert [a.end for a in attempts] == ["failed", "failed", "hung", "hung", "completed"], attempts
+    # restarted inside the job each time (one job start, no trip through the queue); then the
+    # preemption requeued it once
+    assert [(a.job_id, a.restart, a.round) for a in attempts] == [(run.train, 0, r) for r in range(5)] + [
+        (run.train, 1, 0)]
+    assert [a.end for a in attempts] == ["failed", "failed", "hung", "hung", "preempted", "completed"], attempts
     killed0, killed1, stopped, loader = (a.cause for a in attempts[:4])
     assert (killed0.rank, killed0.signal, killed1.rank, killed1.signal) == (0, "SIGKILL", 1, "SIGKILL")
     assert stopped.rank == 1 and stopped.error.startswith("stopped (SIGSTOP), no heartbeat for"), stopped
@@ -435,7 +445,7 @@ def test_a_killed_or_stopped_rank_restarts_the_group_in_the_job_and_ends_with_th
         assert after.start_step == before.end_step > 0 and after.world_size == 2, attempts
     # each hang noticed within its bound: max(train.hang_timeout_s=20, 10 x the p99 step), as the error
     # says, plus the stack dumps (the loader's prefetched batches come first: 2 steps)
-    for hung, (_, _, _, _, at) in zip((stopped, loader), done[2:]):
+    for hung, (_, _, _, _, at, _) in zip((stopped, loader), done[2:4]):
         bound = float(re.search(r"\(bound (\d+) s\)", hung.error).group(1))
         assert 20 <= bound and hung.ended_at - at < bound * 1.3 + 15, (hung.ended_at - at, hung.error)
     stacks = (run.run_dir / STACKS / "rank00000.txt").read_text().rsplit("\n=== ", 1)[-1]
@@ -448,6 +458,59 @@ def test_a_killed_or_stopped_rank_restarts_the_group_in_the_job_and_ends_with_th
     shown = regscale("logs", str(run.run_dir), "--attempt", "3")
     assert f"attempt 3 (job {run.train} round 2), rank 1" in shown.stderr
     assert shown.stdout == (run.run_dir / stopped.log).read_text()
+
+
+OTHER_SHARE = 0.05  # of the allocated GPU time: the per-step agreement, logging, estimates of unlogged steps
+
+
+def test_goodput_breakdown_adds_up_to_the_allocations_wall_time(scenarios: dict) -> None:
+    """The faults run (a slowed rank, kills, hangs, a preemption, its evaluation): the breakdown from
+    its records and SLURM's accounting equals the wall time of its allocations (sacct alone), and
+    what no part explains stays within OTHER_SHARE of it."""
+    run = scenarios["faults"]
+    assert job_state(run.eval) == "COMPLETED"
+    cfg = load_config(run.run_dir / CONFIG)
+    b = run_goodput(run.run_dir, cfg.world_size)
+    allocations = sacct_allocations([run.train, run.eval])
+    assert sum(a.job_id == run.train for a in allocations) >= 2  # the preemption's requeue (sacct -D)
+    wall = sum((a.end - a.start) * (a.gpus or cfg.world_size) for a in allocations if a.start and a.end)
+    assert b.allocated == pytest.approx(wall, rel=1e-6)
+    assert abs(b.parts["other"]) <= OTHER_SHARE * b.allocated, b.parts
+    for part in ("productive", "startup", "checkpoint", "recomputed", "restart", "stop", "evaluation"):
+        assert b.parts[part] > 0, (part, b.parts)
+    assert all(b.parts[p] >= 0 for p in PARTS if p != "other") and b.queue >= 0
+    # the kills lost the steps between their checkpoint and where they were: about that many were recomputed
+    lost = sum(step - checkpoint for _, process, sig, step, _, checkpoint in scenarios["faults_done"][:2])
+    step_s = b.parts["productive"] / cfg.world_size / cfg.train.max_steps
+    assert b.parts["recomputed"] / cfg.world_size >= 0.5 * lost * step_s, (b.parts, scenarios["faults_done"])
+
+
+def test_status_shows_goodput_and_names_the_slowed_rank(scenarios: dict) -> None:
+    out = regscale("status", str(scenarios["faults"].run_dir)).stdout
+    assert re.search(r"goodput          [\d.]+% of [\d.e+-]+ GPU-h allocated went into steps that count", out), out
+    for label in ("steps recomputed after a fault", "fault detection and restart", "chained evaluation",
+                  "queue wait (not allocated)"):
+        assert label in out, out
+    assert re.search(r"STRAGGLER        rank 1 on \S+ lags: [\d.]+x the other ranks", out), out
+
+
+def test_lineage_and_compare_carry_the_goodput(scenarios: dict, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from regscale.track.lineage import stored_run_id, tracking_uri
+
+    run = scenarios["faults"]
+    cfg = load_config(run.run_dir / CONFIG)
+    metrics = MlflowClient(tracking_uri(cfg, run.run_dir)).get_run(stored_run_id(run.run_dir)).data.metrics
+    b = run_goodput(run.run_dir, cfg.world_size)
+    # logged by the evaluation job at its end, before SLURM closed its allocation
+    assert metrics["goodput/ratio"] == pytest.approx(b.ratio, abs=0.05), metrics
+    assert metrics["goodput/recomputed_gpu_h"] > 0 and "ranks/lag" in metrics
+    out = tmp_path / "cmp.csv"
+    regscale("compare", str(run.run_dir), "--runs-dir", str(run.run_dir.parent), "--csv", str(out))
+    with out.open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["goodput"]) == pytest.approx(metrics["goodput/ratio"])
 
 
 def test_a_lost_node_leaves_the_job_running_on_the_nodes_left(scenarios: dict) -> None:
