@@ -59,6 +59,7 @@ from tests.fixtures.train import (ELASTIC_RTOL, launch_train, losses, max_relati
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
 REQUEUE_ENDS = ("preempted", "deadline")
+pytestmark = pytest.mark.timeout(2400)  # the scenarios' first test waits for all of them (a loaded 2-core machine)
 
 
 @dataclass

@@ -5,7 +5,8 @@ StreamingDataset registers a numeric prefix per dataset on a node: /dev/shm/000N
 does not remove them); the next run then skips the prefix, or refuses a reused local cache
 directory. So each run holds a shared flock on /dev/shm/regscale-stream-000NNN.lock while it
 uses prefix NNN (the kernel drops it when the process dies, however it dies) and stamps the lock's
-mtime when taking it. Before creating a dataset, the node's first rank removes a prefix when:
+mtime when taking it. Before creating a dataset, the node's first rank removes a prefix's shared
+memory (its filelocks stay: `_remove_prefix`) when:
 its lock exists, nobody holds it, and its `locals` segment is not newer than the lock (a newer
 one belongs to a run that is registering the reused prefix right now); or it has no lock file
 and claims our own local directory (only a dead run can). Other programs' prefixes are left alone.
@@ -59,17 +60,19 @@ def _locals_of(prefix: int) -> Optional[list[str]]:
 
 
 def _remove_prefix(prefix: int) -> list[str]:
+    """A dead run's shared memory segments. Its filelocks stay, as a tombstone: streaming skips a
+    prefix that has them, so the number is never reused, and the dead run's resource tracker, which
+    unlinks the run's segment names once its last process is gone (seconds later), can never
+    unlink a new run's segment of the same name (a spawned DataLoader worker attaching it would
+    find it gone)."""
     removed = []
-    for folder in (SHM_DIR, Path(tempfile.gettempdir())):
-        if not folder.is_dir():
-            continue
-        for name in os.listdir(folder):
-            if name.startswith(f"{prefix:06d}_"):
-                try:
-                    os.unlink(folder / name)
-                    removed.append(str(folder / name))
-                except OSError:
-                    pass
+    for name in os.listdir(SHM_DIR) if SHM_DIR.is_dir() else []:
+        if name.startswith(f"{prefix:06d}_"):
+            try:
+                os.unlink(SHM_DIR / name)
+                removed.append(str(SHM_DIR / name))
+            except OSError:
+                pass
     return removed
 
 
@@ -110,8 +113,8 @@ def registering() -> Iterator[None]:
 
 
 def clean_stale(our_locals: list[str]) -> list[str]:
-    """Remove the shared memory and filelocks of dead runs; returns the paths removed (none when
-    another run is registering a dataset on this host right now)."""
+    """Remove the shared memory of dead runs; returns the paths removed (none when another run is
+    registering a dataset on this host right now)."""
     fd = _registry()
     try:
         try:

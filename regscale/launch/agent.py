@@ -13,8 +13,9 @@ On top of torch's agent, this one
 - detects a hung process: each one beats after every step (regscale.train.heartbeat); silence
   past its bound dumps every local process's stack into <run>/stacks/ (faulthandler on SIGUSR1;
   a stopped process is continued first so that it can), then kills the group: a restart;
-- records every attempt: node 0's agent appends a start line to attempts.jsonl before each round
-  and the end of a round that ended in order (rank 0's outcome); every agent appends an end line
+- records every attempt: the agent that holds rank 0 (the rendezvous picks it, on any node) appends
+  a start line to attempts.jsonl before each round and the end of a round that ended in order (rank
+  0's outcome), or the nodes that left it; every agent appends an end line
   for each of its processes that failed or hung (rank, host, signal or first error line, log),
   marking as secondary the ones that only waited for a failed peer;
 - writes one log per rank and round, <run>/logs/<job>.<requeue>.<round>/rank<R>.log (also copied,
@@ -50,7 +51,7 @@ from regscale.config import Config
 from regscale.launch import runs
 from regscale.launch.worker import STACK_SIGNAL, stack_file
 from regscale.outcome import Outcome
-from regscale.rundir import LOGS
+from regscale.rundir import LOGS, STOP_REPORT
 from regscale.train.heartbeat import ENV as HEARTBEAT_ENV
 from regscale.train.heartbeat import beat_path, read_beat
 
@@ -271,7 +272,11 @@ class NodeAgent(LocalElasticAgent):
 
     def _record_failures(self, worker_group: WorkerGroup, failures: dict[int, ProcessFailure], dead: set[int]) -> None:
         """One end line per failed local process; `dead`: the ranks that ended by themselves (the
-        others were stopped with their group: a consequence)."""
+        others were stopped with their group: a consequence). None once the run was stopped in this
+        round (the agent with rank 0 refused to start it: these processes waited for it in vain)."""
+        stop = self.run_dir / STOP_REPORT
+        if stop.is_file() and stop.stat().st_mtime >= self._started_at:
+            return
         for worker in worker_group.workers:
             rank, failure = worker.global_rank, failures.get(worker.global_rank)
             if failure is None or rank in self._reported:
