@@ -143,7 +143,12 @@ class TrainConfig:
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp16 | fp32
     tf32: bool = True
-    max_nonfinite_steps: int = 10  # consecutive skipped steps before rolling back
+    max_nonfinite_steps: int = 10  # consecutive skipped steps before rolling back (bf16, fp32)
+    # fp16: a loss scale below min_loss_scale for max_low_scale_steps steps in a row has collapsed:
+    # the run checkpoints and stops (below 1 the scale shrinks gradients instead of guarding them
+    # from underflow; 0 never stops)
+    min_loss_scale: float = 1.0
+    max_low_scale_steps: int = 100
     watchdog_s: int = 900  # a step slower than this dumps every thread's stack (0: off)
 
     def check(self) -> None:
@@ -168,6 +173,8 @@ class TrainConfig:
         _positive("train.sample_every", self.sample_every, allow_zero=True)
         _choice("train.precision", self.precision, ("bf16", "fp16", "fp32"))
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        _positive("train.min_loss_scale", self.min_loss_scale, allow_zero=True)
+        _positive("train.max_low_scale_steps", self.max_low_scale_steps)
         _positive("train.watchdog_s", self.watchdog_s, allow_zero=True)
 
 
@@ -704,7 +711,7 @@ RESUMABLE_KEYS = (
     "encoder.weights", "vae.encoder", "vae.decoder",
     "train.max_steps", "train.micro_batch_size", "train.ckpt_every", "train.keep_last",
     "train.keep_every", "train.log_every", "train.sample_every", "train.max_nonfinite_steps",
-    "train.tf32", "train.watchdog_s",
+    "train.min_loss_scale", "train.max_low_scale_steps", "train.tf32", "train.watchdog_s",
 )
 
 

@@ -9,7 +9,9 @@ a job restarted by anyone resumes too) and acts on its Outcome:
 - preempted / deadline: a checkpoint was saved; rank 0 requeues the job (`scontrol requeue`; under
   the local executor, submitit's restart code) and the next attempt resumes from it;
 - interrupted (SIGINT): a checkpoint was saved; the job fails without a requeue (stop_report.json);
-- an exception: rank 0 requeues as well, unless the run keeps failing at the same checkpoint step.
+- an exception: rank 0 requeues as well, unless the run keeps failing at the same checkpoint step;
+  a RunHalted (the loop saved a checkpoint and stopped itself: fp16's loss scale collapsed) is
+  never requeued: stop_report.json says why.
 
 The one requeue bound is slurm.max_requeues, counted in attempts.jsonl; a run that hits it or fails
 slurm.max_failures_at_step times in a row from the same step stops: stop_report.json says why (the
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Optional
 import submitit
 
 from regscale.config import Config
-from regscale.errors import UserError
+from regscale.errors import RunHalted, UserError
 from regscale.fsutil import write_atomic
 from regscale.launch import runs
 from regscale.outcome import Outcome
@@ -68,10 +70,12 @@ def stop_reason(attempts: list[runs.Attempt], start_step: int, restarts: int, cf
 
 
 def write_stop_report(run_dir: Path, reason: str, step: int) -> None:
-    """stop_report.json: why the launcher stopped the run, for `regscale status` and humans."""
+    """stop_report.json: why the launcher stopped the run, for `regscale status` and humans, with
+    the newest checkpoint's count of skipped steps (inf/nan gradients, fp16 overflows included)."""
     report = dict(reason=reason, step=step, stopped_at=time.time(),
                   job_id=os.environ.get("SLURM_JOB_ID"),
                   attempts=len(runs.read_attempts(run_dir)),
+                  skipped_steps=runs.skipped_steps(run_dir),
                   resume=f"fix the cause, then: regscale resume {run_dir}")
     write_atomic(run_dir / runs.STOP_REPORT, json.dumps(report, indent=1) + "\n")
     print(f"regscale: run stopped: {reason}", file=sys.stderr, flush=True)
@@ -224,6 +228,9 @@ class TrainJob:
         runs.record_end(run_dir, Outcome.FAILED.value, step, error=f"{type(err).__name__}: {err}")
         if not isinstance(err, UserError):  # a UserError's message says it all
             traceback.print_exc()
+        if isinstance(err, RunHalted):  # a retry would stop again
+            write_stop_report(run_dir, str(err), step)
+            return
         reason = stop_reason(runs.read_attempts(run_dir), step, restarts + 1, cfg)
         if reason:
             write_stop_report(run_dir, reason, step)
