@@ -284,7 +284,7 @@ def _legacy_worker(rank: int, world: int, port: int, precision: str, out: str) -
         half = next(p for p in _model_of(old).parameters()).dtype
         assert half == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision], "not DeepSpeed's half mode"
         new = build_engine(cfg.engine, cfg.train, _model(), env, plan)
-        new.load(path, {"world_size": world, "engine": {"precision": precision}})  # an old manifest
+        new.load(path, {"world_size": world, "engine": {"kind": "deepspeed", "precision": precision}})  # an old one
         states = {"old": state(old), "new": state(new), "old_ema": dict(old.ema), "new_ema": dict(new.ema)}
         if rank == 0:
             torch.save(states, Path(out) / "states.pt")

@@ -72,3 +72,13 @@ def test_a_collapsed_fp16_loss_scale_checkpoints_and_stops_the_run(smoke_data: P
     report = json.loads((run / "stop_report.json").read_text())
     assert report["reason"].startswith(message) and report["step"] == 4 and report["skipped_steps"] == 1
     assert "skipped steps: 1): step 4: the fp16 loss scale collapsed" in "\n".join(format_run(run_status(run), True))
+
+    # going on regardless, from a checkpoint as old ones are (no loss scale in it): a fresh one
+    path = run / "checkpoints" / "step_00000004" / "manifest.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "loss_scaler"}))
+    going_on = launch_train(run, smoke_data, FP16_COLLAPSE + ["train.min_loss_scale=0"], nproc=0)
+    assert going_on.returncode == 0, ok(going_on)
+    assert ("written without the fp16 loss scale: continued with fp32 weights under autocast and a fresh loss "
+            "scale (65536): NOT bit-exact") in going_on.stderr, ok(going_on)
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert rows[5]["loss_scale"] == 65536 and rows[8]["nonfinite_total"] == 1

@@ -87,8 +87,10 @@ def loss_scaler(precision: str, device: torch.device) -> Optional[LossScaler]:
 
 def deepspeed_fp16_mode(manifest: dict[str, Any]) -> bool:
     """A checkpoint of DeepSpeed's own fp16 mode, regscale's fp16 before it was the official mixed
-    precision (fp16 weights, DeepSpeed's loss scaler): an fp16 manifest without LossScaler state."""
-    return manifest.get("engine", {}).get("precision") == "fp16" and LOSS_SCALER not in manifest
+    precision (fp16 weights, DeepSpeed's loss scaler): a DeepSpeed fp16 manifest without LossScaler
+    state (FSDP refused fp16 then)."""
+    engine = manifest.get("engine", {})
+    return (engine.get("kind"), engine.get("precision")) == ("deepspeed", "fp16") and LOSS_SCALER not in manifest
 
 
 @dataclass(frozen=True)
