@@ -495,8 +495,9 @@ def main() -> None:
         report.parts["skipped"]["official"] = "no --official checkout given"
     eager = part("fsdp_eager", 100, lambda: train_variant(sizes, device, work, peak_flops, official=official),
                  into=train)
-    fp16 = part("fsdp_eager_fp16", 70, lambda: train_variant(sizes, device, work, peak.get("fp16_tflops", 0) * 1e12
-                                                             or None, precision="fp16"), into=train)
+    fp16_peak = peak.get("fp16_tflops", 0) * 1e12 or None
+    fp16 = part("fsdp_eager_fp16", 70, lambda: train_variant(sizes, device, work, fp16_peak, precision="fp16"),
+                into=train)
     if eager and fp16 and "step_s" in eager and "step_s" in fp16:  # > 1: fp16 is faster
         fp16[f"speed_vs_{sizes.precision}"] = eager["step_s"] / fp16["step_s"]
         report.write()

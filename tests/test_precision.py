@@ -132,7 +132,7 @@ def test_bf16_is_the_official_mixed_precision_bit_for_bit(engine: str, world: in
 
 # fp16 steps: the fourth only on 2 FSDP processes, where rank 1 alone finds an inf in its shard
 STEPS, OVERFLOW_AT, ONE_RANK_INF_AT = 4, 1, 3
-INF_PARAM, INF_ROW = "blocks.0.attn.qkv.weight", 192  # a gradient row of rank 1's shard ([384, 128] over 2)
+INF_PARAM, INF_ROW = "blocks.0.attn.qkv.weight", 192  # [384, 128]: rank 1's shard of 2 starts at row 192
 LR, CLIP = 1e-3, 1e9  # clipping inactive: the weights after each step can be compared bit for bit
 FP16 = ["train.precision=fp16", "engine.adamw=for-loop", f"train.lr={LR}", f"train.grad_clip={CLIP}"]
 
@@ -195,17 +195,16 @@ def _fp16_worker(rank: int, world: int, port: int, overrides: list[str], inf_at:
             loss = _loss(output) * (OVERFLOW_FACTOR if step == OVERFLOW_AT else 1.0)
             engine.backward(loss, last_micro=True, accumulation=1)
             if step == inf_at and rank == 1:  # FSDP: one element of rank 1's local shard only
-                dict(named)[INF_PARAM].grad.to_local()[INF_ROW - 192, 0] = math.inf
+                dict(named)[INF_PARAM].grad.to_local()[0, 0] = math.inf
             scale = engine.scaler.get_scale()
             grads = {f"grad.{n}": _full_grad(p).float() * (1.0 / scale) for n, p in named}
             result = engine.step(LR)
             assert result.loss_scale == scale
-            weights = {}
-            for n, p in named:
-                full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-                weights[f"weight.{n}"] = safe_get_full_fp32_param(p) if engine.kind == "deepspeed" else full
+            weights = {f"weight.{n}": (safe_get_full_fp32_param(p) if engine.kind == "deepspeed" else
+                                       p.full_tensor() if isinstance(p, DTensor) else p.detach()).clone()
+                       for n, p in named}
             steps.append({"output": output[0].detach().float(), "loss": loss.detach(), "scale": scale,
-                          "applied": result.applied, "grad_norm": result.grad_norm, **grads, **{k: v.clone() for k, v in weights.items()}})
+                          "applied": result.applied, "grad_norm": result.grad_norm, **grads, **weights})
         if rank == 0:
             torch.save(steps, out)
     finally:

@@ -61,7 +61,8 @@ def test_a_collapsed_fp16_loss_scale_checkpoints_and_stops_the_run(smoke_data: P
     assert manifest["loss_scaler"]["scale"] == 32768.0
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line][-1]
     assert last["step"] == 4 and last["loss_scale"] == 32768 and last["nonfinite_total"] == 1
-    model, ema = ({step: load_consolidated(run, step, weights)[0] for step in (1, 2, 3)} for weights in ("model", "ema"))
+    model, ema = ({step: load_consolidated(run, step, weights)[0] for step in (1, 2, 3)}
+                  for weights in ("model", "ema"))
     assert not [k for k in model[1] if not torch.equal(model[2][k], model[1][k])], "the skipped step changed weights"
     assert any(not torch.equal(ema[2][k], ema[1][k]) for k in ema[1]), "the EMA skipped the step (upstream does not)"
     assert any(not torch.equal(model[3][k], model[2][k]) for k in model[1]), "the run did not recover"
