@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_model.py --size B/2 --batch 4 --threads 2 --official /path/to/REG
     .venv/bin/python bench/bench_model.py --parts model --size XL/2 --batch 32 --precision bf16 fp32 --compile off on
+    .venv/bin/python bench/bench_model.py --parts model --size B/2 --batch 4 --threads 2 --precision fp16 bf16
 
 1. step: the real training step, `regscale.train.loop.train` on one process (FSDP engine, MDS data
    stream, random DINOv2-B stand-in, EMA, the per-step agreement), and with --official PATH (a
@@ -12,6 +13,7 @@
 2. model: the model alone: REG loss forward + backward + AdamW step (+ the frozen DINOv2 forward with
    --encoder), per precision and compile setting, timed after warm-up; images/s and the achieved
    FLOP/s (FLOPs counted once with torch's FlopCounterMode, forward + backward, encoder excluded).
+   fp16 is the paper's: autocast(fp16) and a GradScaler (scale, unscale, clip, step, update).
 3. sampler: images/s per model call of the SDE sampler, without guidance and with guidance
    everywhere (2x batch in one forward).
 Figures are for comparing within one run: say which CPU or GPU and precision they came from.
@@ -37,10 +39,13 @@ from regscale.objective import draw, reg_loss
 from regscale.sampling import sample
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def timed(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
@@ -64,6 +69,7 @@ def train_step_fn(model: nn.Module, batch: int, device: torch.device, precision:
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
                             fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op when disabled
     cfg = LossConfig()
     draws = draw(batch, x.shape[1:], dim, cfg.time_sampling, torch.Generator(device=device).manual_seed(0))
 
@@ -71,9 +77,11 @@ def train_step_fn(model: nn.Module, batch: int, device: torch.device, precision:
         feats = encoder(images) if encoder is not None else tokens
         with autocast(device, precision):
             parts = reg_loss(model, x, y, feats, draws=draws, loss_cfg=cfg, class_dropout_prob=0.1)
-        parts.total.backward()
+        scaler.scale(parts.total).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     def count_flops() -> int:
@@ -101,7 +109,7 @@ def bench_step(args, device: torch.device) -> None:
     clock = sbs.StepClock(device, args.warmup, args.steps, between=official)
     sbs.run_train(cfg, work / "run", clock)
     flops = sbs.step_flops(cfg)
-    peak = sbs.matmul_flops(2048, torch.float32 if precision == "fp32" else torch.bfloat16, device)
+    peak = sbs.matmul_flops(2048, DTYPES[precision], device)
     print(f"\n## training step, the real thing: size {args.size} batch {args.batch} {precision} on "
           f"{device_name(device)}, {torch.get_num_threads()} threads, {args.workers} data worker(s), random "
           f"DINOv2-B stand-in; median of {len(clock.step_s)} steps after {args.warmup} warm-up, interleaved")
@@ -197,7 +205,7 @@ def main() -> None:
     p.add_argument("--num-heads", type=int)
     p.add_argument("--encoder-depth", type=int)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)

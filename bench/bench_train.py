@@ -83,8 +83,6 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
                     f"train.precision={precision}", f"train.max_steps={args.steps}",
                     f"train.log_every={args.steps // 2}", f"train.ckpt_every={10 * args.steps}",
                     f"train.batch_size={args.batch}", f"data.num_workers={args.workers}"]
-                if engine == "fsdp" and precision == "fp16":
-                    continue
                 name = f"tp-{size.replace('/', '')}-{engine}-{precision}"
                 shutil.rmtree(work / name, ignore_errors=True)
                 run(work / name, args.data, over, args.nproc, args.peak)
@@ -133,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["smoke", "tiny", "S/2"], choices=list(SIZES))
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--nproc", type=int, default=2)

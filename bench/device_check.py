@@ -8,13 +8,15 @@ Writes device_check.json (every figure, the machine, what was skipped and why) a
 device_check.md (the table) to --out, after each part, so a run stopped by its time limit still
 leaves what it measured. Parts, in order of importance:
   parity     a small SiT on the device (fp32, TF32 off) against the CPU forward, max |diff| <= 1e-4;
-             bf16 autocast against fp32, relative L2 error <= 3e-2 (bf16 keeps 8 mantissa bits)
-  peak       the measured dense bf16 (and fp32) matmul FLOP/s: the MFU denominator
+             bf16 autocast against fp32, relative L2 error <= 3e-2 (bf16 keeps 8 mantissa bits),
+             fp16 autocast <= 1e-2 (11 bits)
+  peak       the measured dense bf16, fp16 and fp32 matmul FLOP/s: the MFU denominators
   train      `regscale.train.loop.train` at SiT-XL/2, batch 32, bf16, random DINOv2-B and VAE
              stand-ins, one process (where the fsdp engine runs the model unwrapped): FSDP
-             compile off (beside the official step when --official is given, interleaved), FSDP
-             compile on, DeepSpeed ZeRO-2, FSDP compile on + foreach AdamW; images/s, MFU, peak
-             memory, time to first step, data wait
+             compile off (beside the official step when --official is given, interleaved), the
+             same in fp16 (the paper's precision, with its loss scale) against it, FSDP compile
+             on, DeepSpeed ZeRO-2, FSDP compile on + foreach AdamW; images/s, MFU, peak memory,
+             time to first step, data wait
   optimizer  one AdamW step over XL/2's parameters, per implementation (fused, foreach, for-loop)
   sampler    XL/2 model calls/s without and with guidance, fp32 and bf16, and the hours 50K
              samples x 250 steps would take at that rate with the published guidance interval
@@ -124,6 +126,7 @@ SMOKE = Sizes(size="S/2", arch=dict(depth=2, hidden_size=64, num_heads=2, encode
 
 PARITY_FP32_MAX_ABS = 1e-4
 PARITY_BF16_REL_L2 = 3e-2
+PARITY_FP16_REL_L2 = 1e-2
 PUBLISHED_GUIDANCE_HIGH = 0.85  # XL/2 4M: CFG on t <= 0.85 (eval.guidance_high in sit_xl_4m.yaml)
 
 
@@ -194,7 +197,8 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def part_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """A small SiT: device fp32 (TF32 off) against CPU fp32, and device bf16 autocast against fp32."""
+    """A small SiT: device fp32 (TF32 off) against CPU fp32, and device bf16 and fp16 autocast
+    against fp32."""
     from regscale.eval.metrics import exact_float32
     from regscale.models import build_model
 
@@ -218,33 +222,38 @@ def part_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         on_device = model.to(device)
         fp32 = outputs(on_device, device, None)
         bf16 = outputs(on_device, device, torch.bfloat16)
+        fp16 = outputs(on_device, device, torch.float16)
     fp32_abs = (fp32 - ref).abs().max().item()
     bf16_rel = ((bf16 - fp32).norm() / fp32.norm()).item()
+    fp16_rel = ((fp16 - fp32).norm() / fp32.norm()).item()
     return {"model": f"S/2 {sizes.parity_arch}", "batch": n, "outputs_max_abs": ref.abs().max().item(),
             "fp32_max_abs_diff": fp32_abs, "fp32_bound": PARITY_FP32_MAX_ABS, "fp32_ok": fp32_abs <= PARITY_FP32_MAX_ABS,
-            "bf16_rel_l2": bf16_rel, "bf16_bound": PARITY_BF16_REL_L2, "bf16_ok": bf16_rel <= PARITY_BF16_REL_L2}
+            "bf16_rel_l2": bf16_rel, "bf16_bound": PARITY_BF16_REL_L2, "bf16_ok": bf16_rel <= PARITY_BF16_REL_L2,
+            "fp16_rel_l2": fp16_rel, "fp16_bound": PARITY_FP16_REL_L2, "fp16_ok": fp16_rel <= PARITY_FP16_REL_L2}
 
 
 def part_peak(sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """Dense matmul FLOP/s on random data, bf16 and fp32 (TF32 as the training default allows)."""
+    """Dense matmul FLOP/s on random data, bf16, fp16 and fp32 (TF32 as the training default allows)."""
+    dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
     return {"n": sizes.matmul, **{f"{name}_tflops": sbs.matmul_flops(sizes.matmul, dtype, device) / 1e12
-                                  for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}}
+                                  for name, dtype in dtypes}}
 
 
-def train_overrides(sizes: Sizes, data: Path, engine: str, compile_: bool, adamw: str) -> list[str]:
+def train_overrides(sizes: Sizes, data: Path, engine: str, compile_: bool, adamw: str, precision: str) -> list[str]:
     kind = ["engine.kind=fsdp"] if engine == "fsdp" else ["engine.kind=deepspeed", "engine.zero_stage=2"]
     return [f"model.size={sizes.size}", *(f"model.{k}={v}" for k, v in sizes.arch.items()),
             f"encoder.random_depth={sizes.encoder_depth}", f"train.batch_size={sizes.batch}",
-            f"train.precision={sizes.precision}", f"data.path={data}", f"data.num_workers={sizes.workers}",
+            f"train.precision={precision}", f"data.path={data}", f"data.num_workers={sizes.workers}",
             f"engine.compile={compile_}", f"engine.adamw={adamw}", *kind]
 
 
 def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional[float], *, engine: str = "fsdp",
                   compile_: bool = False, adamw: str = "fused", official: Optional[Path] = None,
-                  checkpoint: bool = False) -> dict[str, Any]:
-    """One `regscale.train.loop.train` run: warm-up, timed steps (beside the official step when
-    `official` is a checkout); with `checkpoint`, one warm-up and one timed step, then an async save,
-    one more step and the final blocking save of the whole training state."""
+                  checkpoint: bool = False, precision: Optional[str] = None) -> dict[str, Any]:
+    """One `regscale.train.loop.train` run (in `precision`, default the sizes'): warm-up, timed
+    steps (beside the official step when `official` is a checkout); with `checkpoint`, one warm-up
+    and one timed step, then an async save, one more step and the final blocking save of the whole
+    training state."""
     from regscale.metrics import CKPT_ASYNC, CKPT_STALL_S, DATA_WAIT_S
     from regscale.train.health import device_peak_flops, train_flops_per_image
 
@@ -252,17 +261,18 @@ def train_variant(sizes: Sizes, device: torch.device, work: Path, peak: Optional
     warmup, steps = (1, 1) if checkpoint else (sizes.warmup, sizes.steps)
     extra = [f"train.ckpt_every={warmup + steps + 1}", f"train.max_steps={warmup + steps + 2}", "train.keep_last=1",
              "engine.async_checkpoint=true"] if checkpoint else []
-    cfg = sbs.bench_config(train_overrides(sizes, work / "data" / "mds", engine, compile_, adamw) + extra)
+    precision = precision or sizes.precision
+    cfg = sbs.bench_config(train_overrides(sizes, work / "data" / "mds", engine, compile_, adamw, precision) + extra)
     theirs = sbs.OfficialStep(official, cfg, device, work / "data") if official else None
     clock = sbs.StepClock(device, warmup, steps, between=theirs, finish_run=checkpoint)
-    run_dir = work / f"run-{engine}-{'compiled' if compile_ else 'eager'}-{adamw}"
+    run_dir = work / f"run-{engine}-{'compiled' if compile_ else 'eager'}-{adamw}-{precision}"
     shutil.rmtree(run_dir, ignore_errors=True)
     status = sbs.run_train(cfg, run_dir, clock)
     step_s = sbs.median(clock.step_s)
     flops = sbs.step_flops(cfg) / sizes.batch
     images_s = sizes.batch / step_s
     out: dict[str, Any] = {
-        "engine": engine, "compile": compile_, "adamw": adamw, "batch": sizes.batch, "precision": sizes.precision,
+        "engine": engine, "compile": compile_, "adamw": adamw, "batch": sizes.batch, "precision": precision,
         "status": status, "step_s": step_s, "steps_s": clock.step_s, "images_s": images_s,
         "tflops": images_s * flops / 1e12, "gflop_per_image": flops / 1e9,
         "gflop_per_image_loop_formula": train_flops_per_image(cfg) / 1e9,
@@ -479,14 +489,21 @@ def main() -> None:
 
     part("parity", 20, lambda: part_parity(sizes, device))
     peak = part("peak", 10, lambda: part_peak(sizes, device)) or {}
-    peak_flops = peak.get(f"{'bf16' if sizes.precision == 'bf16' else 'fp32'}_tflops", 0) * 1e12 or None
+    peak_flops = peak.get(f"{sizes.precision}_tflops", 0) * 1e12 or None
     part("data", 30, lambda: {"mds": str(sbs.write_dataset(work / "data", sizes.samples, num_classes=10))})
     train: dict[str, Any] = {}
     report.parts["train"] = train
     official = args.official.resolve() if args.official else None
     if official is None:
         report.parts["skipped"]["official"] = "no --official checkout given"
-    part("fsdp_eager", 100, lambda: train_variant(sizes, device, work, peak_flops, official=official), into=train)
+    eager = part("fsdp_eager", 100, lambda: train_variant(sizes, device, work, peak_flops, official=official),
+                 into=train)
+    fp16_peak = peak.get("fp16_tflops", 0) * 1e12 or None
+    fp16 = part("fsdp_eager_fp16", 70, lambda: train_variant(sizes, device, work, fp16_peak, precision="fp16"),
+                into=train)
+    if eager and fp16 and "step_s" in eager and "step_s" in fp16:  # > 1: fp16 is faster
+        fp16[f"speed_vs_{sizes.precision}"] = eager["step_s"] / fp16["step_s"]
+        report.write()
     if sizes.compile:
         part("fsdp_compiled", 150, lambda: train_variant(sizes, device, work, peak_flops, compile_=True), into=train)
     else:

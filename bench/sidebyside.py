@@ -13,7 +13,7 @@ The official side runs the body of the official `train.py` loop from a checkout 
 copied into this repository): its `SiT`, `SILoss`, `sample_posterior`, `preprocess_raw_image` and
 `update_ema`, its `CustomDataset` in a DataLoader, AdamW, gradient clipping and the five `.item()`
 reads it logs every step. On one process accelerate adds nothing but autocast around the model
-(outputs cast back to fp32), which is reproduced here; its DINOv2 comes from torch.hub, which needs
+(outputs cast back to fp32) and, in fp16, its GradScaler (torch's defaults), both reproduced here; its DINOv2 comes from torch.hub, which needs
 the internet, so a random timm DINOv2 of the same shape stands in, as on regscale's side.
 Both sides read the same images and VAE moments: `write_dataset` writes the official layout and
 `regscale prepare` turns it into MDS shards.
@@ -250,7 +250,7 @@ class OfficialStep:
     """One step of the official training loop, from a checkout at `checkout`.
 
     arch: regscale's resolved model architecture (so both sides train the same shape);
-    precision: "fp32" or "bf16" (accelerate's mixed precision); data_root: `write_dataset`'s root.
+    precision: "fp32", "bf16" or "fp16" (accelerate's mixed precision); data_root: `write_dataset`'s root.
     """
 
     def __init__(self, checkout: Path, cfg: Any, device: torch.device, data_root: Path) -> None:
@@ -268,7 +268,9 @@ class OfficialStep:
             fns["sample_posterior"], fns["preprocess_raw_image"], fns["update_ema"])
         m, arch = cfg.model, cfg.model.resolved()
         self.device = device
-        self.dtype = None if cfg.train.precision == "fp32" else torch.bfloat16
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+        # accelerate's fp16: torch.amp.GradScaler with no arguments
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
         torch.manual_seed(cfg.train.seed)
         model = SiT(input_size=m.input_size, patch_size=arch["patch_size"], in_channels=m.in_channels,
                     hidden_size=arch["hidden_size"], decoder_hidden_size=arch["hidden_size"], depth=arch["depth"],
@@ -315,9 +317,16 @@ class OfficialStep:
         proj_coeff, cls_coeff, clip = self.coeffs
         loss_mean, proj_mean, cls_mean = loss1.mean(), proj1.mean() * proj_coeff, loss2.mean() * cls_coeff
         loss = loss_mean + proj_mean + cls_mean
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.update_ema(self.ema, self.model)
         for value in (loss, loss_mean, proj_mean, cls_mean, grad_norm):  # the loop's per-step log

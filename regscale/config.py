@@ -145,7 +145,12 @@ class TrainConfig:
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp16 | fp32
     tf32: bool = True
-    max_nonfinite_steps: int = 10  # consecutive skipped steps before rolling back
+    max_nonfinite_steps: int = 10  # consecutive skipped steps before rolling back (bf16, fp32)
+    # fp16: a loss scale below min_loss_scale for max_low_scale_steps steps in a row has collapsed:
+    # the run checkpoints and stops (below 1 the scale shrinks gradients instead of guarding them
+    # from underflow; 0 never stops)
+    min_loss_scale: float = 1.0
+    max_low_scale_steps: int = 100
     # a rank silent for max(hang_timeout_s, 10 x p99 step time) is hung: its node's agent dumps every
     # rank's stack into the run directory and restarts the group (0: no hang detection)
     hang_timeout_s: float = 60.0
@@ -182,6 +187,8 @@ class TrainConfig:
         if not self.straggler_factor > 1.0:
             raise ConfigError(f"'train.straggler_factor' must be > 1 (a step time ratio); got {self.straggler_factor}")
         _positive("train.straggler_windows", self.straggler_windows)
+        _positive("train.min_loss_scale", self.min_loss_scale, allow_zero=True)
+        _positive("train.max_low_scale_steps", self.max_low_scale_steps)
 
 
 @dataclass
@@ -733,8 +740,8 @@ RESUMABLE_KEYS = (
     "encoder.weights", "vae.encoder", "vae.decoder",
     "train.max_steps", "train.micro_batch_size", "train.ckpt_every", "train.keep_last",
     "train.keep_every", "train.log_every", "train.sample_every", "train.max_nonfinite_steps",
-    "train.tf32", "train.hang_timeout_s", "train.first_step_timeout_s", "train.straggler_factor",
-    "train.straggler_windows",
+    "train.min_loss_scale", "train.max_low_scale_steps", "train.tf32", "train.hang_timeout_s",
+    "train.first_step_timeout_s", "train.straggler_factor", "train.straggler_windows",
 )
 
 # Keys of earlier versions: dropped from saved configurations (old run directories still load),

@@ -12,6 +12,11 @@ class UserError(RuntimeError):
     """Bad input (a path, a shard, a checkpoint, a cluster answer) with a message naming it."""
 
 
+class RunHalted(UserError):
+    """Training stopped itself after saving a checkpoint, for a reason a retry would meet again
+    (fp16's loss scale collapsed): the job stops instead of being requeued; the message says why."""
+
+
 def debug() -> bool:
     """REGSCALE_DEBUG=1: show the traceback behind an expected failure too."""
     return os.environ.get("REGSCALE_DEBUG", "") not in ("", "0")

@@ -23,7 +23,7 @@ def test_published_xl_recipe_values(recipes):
     assert cfg.model.resolved() == dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=8)
     assert (cfg.train.batch_size, cfg.train.lr, cfg.train.max_steps) == (256, 1e-4, 4_000_000)
     assert cfg.train.betas == [0.9, 0.999] and cfg.train.weight_decay == 0.0 and cfg.train.grad_clip == 1.0
-    assert cfg.train.ema_decay == 0.9999
+    assert cfg.train.ema_decay == 0.9999 and cfg.train.precision == "fp16"  # the official --mixed-precision
     assert (cfg.loss.proj_coeff, cfg.loss.cls_coeff, cfg.loss.time_sampling) == (0.5, 0.03, "uniform")
     e = cfg.eval
     assert (e.num_samples, e.sampler, e.steps, e.cfg_scale, e.cls_cfg_scale) == (50_000, "sde", 250, 2.3, 2.3)
@@ -37,7 +37,7 @@ def test_every_recipe_loads(recipes, name, size, steps):
     cfg = load_config(recipes / f"{name}.yaml")
     assert cfg.model.size == size
     if steps:
-        assert cfg.train.max_steps == steps and cfg.eval.cfg_scale == 1.0
+        assert cfg.train.max_steps == steps and cfg.eval.cfg_scale == 1.0 and cfg.train.precision == "fp16"
 
 
 def test_overrides_win_and_hash_changes(recipes):
@@ -77,6 +77,8 @@ BAD_OVERRIDES = [
     (["model.num_heads=7"], "model.hidden_size", "divisible"),
     (["model.encoder_depth=40"], "model.encoder_depth", "model.depth"),
     (["train.lr=0"], "train.lr", "> 0"),
+    (["train.min_loss_scale=-1"], "train.min_loss_scale", ">= 0"),
+    (["train.max_low_scale_steps=0"], "train.max_low_scale_steps", "> 0"),
     (["slurm.signal_lead_s=999999"], "slurm.signal_lead_s", "time limit"),
     (["slurm.min_nodes=3"], "slurm.min_nodes", "[1, slurm.nodes=2]"),
     (["slurm.nodes=4", "slurm.min_nodes=3"], "slurm.min_nodes", "(24 = "),  # 256 on 3 x 8 GPUs

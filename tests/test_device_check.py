@@ -34,9 +34,10 @@ def test_device_check_smoke(tmp_path: Path) -> None:
     assert body["machine"]["device"].startswith("CPU") and body["sizes"]["smoke"] is True
 
     parity = parts["parity"]
-    assert parity["fp32_ok"] and parity["bf16_ok"], parity
+    assert parity["fp32_ok"] and parity["bf16_ok"] and parity["fp16_ok"], parity
     assert positive(parity["outputs_max_abs"]) and 0 < parity["bf16_rel_l2"] <= parity["bf16_bound"]
-    assert positive(parts["peak"]["bf16_tflops"]) and positive(parts["peak"]["fp32_tflops"])
+    assert 0 < parity["fp16_rel_l2"] < parity["bf16_rel_l2"]  # 11 significant bits against 8
+    assert all(positive(parts["peak"][f"{p}_tflops"]) for p in ("bf16", "fp16", "fp32"))
 
     batch, steps = body["sizes"]["batch"], body["sizes"]["steps"]
     eager = parts["train"]["fsdp_eager"]
@@ -48,6 +49,9 @@ def test_device_check_smoke(tmp_path: Path) -> None:
     assert ckpt["status"] == "completed"  # ran on through its async and its final blocking save
     assert positive(ckpt["async_stall_s"]) and positive(ckpt["blocking_stall_s"]) and positive(ckpt["checkpoint_bytes"])
     assert positive(ckpt["step_with_async_save_s"]) and positive(ckpt["step_with_final_save_s"])
+    fp16 = parts["train"]["fsdp_eager_fp16"]  # the paper's precision, beside the sizes' (fp32 in smoke)
+    assert fp16["status"] == "measured" and fp16["precision"] == "fp16" and eager["precision"] == "fp32"
+    assert len(fp16["steps_s"]) == steps and positive(fp16["speed_vs_fp32"]) and positive(fp16["mfu_measured_peak"])
     zero2 = parts["train"]["zero2_eager"]
     assert zero2["status"] == "measured" and len(zero2["steps_s"]) == steps and positive(zero2["step_s"])
 

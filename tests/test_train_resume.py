@@ -5,7 +5,10 @@ with bit-identical weights. A NaN loss injected at step 3 is skipped and counted
 
 Elastic (FSDP, ZeRO-2): the run killed on 2 processes, resumed on 1, preempted and resumed on 2
 draws the same samples with the same noise at every step as the uninterrupted run; its losses,
-weights and Adam moments stay within ELASTIC_RTOL of it (only the reduction order differs)."""
+weights and Adam moments stay within ELASTIC_RTOL of it (only the reduction order differs).
+
+fp16 (FSDP, ZeRO-2): a forced overflow is skipped, counted and recovered from, and a run resumed
+after it is bit-identical, loss scale included; on another number of processes it keeps the scale."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -168,3 +172,42 @@ def test_resume_on_another_world_size_keeps_samples_noise_and_adam(engine: str, 
     print(f"{engine}: relative difference to the uninterrupted run: losses {loss_diff:.2e}, "
           f"weights {weights['model']:.2e}, EMA {weights['ema']:.2e}, Adam moments {adam:.2e}")
     assert max(loss_diff, *weights.values(), adam) <= ELASTIC_RTOL
+
+
+FP16 = ["train.precision=fp16", "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=2"]
+OVERFLOW = {"REGSCALE_FAULT_OVERFLOW": "2"}  # the third step's gradients overflow fp16
+
+
+def _from_step_4(run: Path, where: Path) -> Path:
+    """A copy of a finished 6-step run as a kill after step 5 leaves it: checkpoints 2 and 4."""
+    copy = shutil.copytree(run, where / run.name)
+    shutil.rmtree(copy / "checkpoints" / "step_00000006")
+    (copy / "checkpoints" / "latest").write_text("step_00000004\n")
+    return copy
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero2"])
+def test_fp16_overflow_is_skipped_and_a_resumed_run_is_bit_identical(engine: str, smoke_data: Path,
+                                                                      tmp_path: Path) -> None:
+    """The kill itself is the fp32 tests' (above); here what a checkpoint must carry in fp16."""
+    overrides = FP16 + ENGINES[engine]
+    ref = launch_train(tmp_path / "ref" / "run", smoke_data, overrides, env=OVERFLOW)
+    assert ref.returncode == 0, ok(ref)
+    assert "step 3: gradients overflowed at loss scale 65536: step skipped, scale halved" in ref.stderr
+    rows = {r["step"]: r for r in map(json.loads, (ref.run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+    assert [rows[s]["loss_scale"] for s in range(1, 7)] == [65536, 65536, 65536, 32768, 32768, 32768]
+    assert rows[6]["nonfinite_total"] == 1 and all(rows[s]["loss"] == rows[s]["loss"] for s in (4, 5, 6))
+    final = _manifest(ref.run_dir)
+    assert final["health"]["nonfinite_total"] == 1
+    assert final["loss_scaler"] == {"scale": 32768.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                    "growth_interval": 2000, "_growth_tracker": 3}
+
+    resumed = launch_train(_from_step_4(ref.run_dir, tmp_path / "resumed"), smoke_data, overrides, env=OVERFLOW)
+    assert resumed.returncode == 0 and "(step 4, 32 images; bit-exact)" in resumed.stderr, ok(resumed)
+    manifest = assert_same_weights(ref.run_dir, resumed.run_dir)
+    assert manifest["loss_scaler"] == final["loss_scaler"] and manifest["health"] == final["health"]
+    if engine == "fsdp":  # on one process: the scale goes on
+        one = launch_train(_from_step_4(ref.run_dir, tmp_path / "elastic"), smoke_data, overrides, nproc=1)
+        assert one.returncode == 0 and "resharded from 2 to 1 processes" in one.stderr, ok(one)
+        assert _manifest(one.run_dir)["loss_scaler"] == final["loss_scaler"]

@@ -1,4 +1,5 @@
-"""A training step reads one number from the device (the gradient norm, to skip non-finite steps):
+"""A training step reads one number from the device (the gradient norm, to skip non-finite steps; in
+fp16 one transfer of three: the norm, the loss scaler's inf check and its scale):
 counted on the real Trainer (one process, FSDP, CPU, 4 micro-batches per step) by a
 TorchFunctionMode that sees every host read of a tensor: .item(), float(), int(), bool(),
 .tolist(), .numpy(). On a GPU each of those waits for the device, except where the tensor lives on
@@ -57,7 +58,8 @@ def _run_to(trainer: Trainer, step: int) -> int:
     return reads.count
 
 
-def test_a_step_reads_one_number_from_the_device(smoke_data: Path, tmp_path: Path,
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: the norm, the inf check and the scale at once
+def test_a_step_reads_one_number_from_the_device(precision: str, smoke_data: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID"):
         monkeypatch.delenv(var, raising=False)
@@ -66,7 +68,7 @@ def test_a_step_reads_one_number_from_the_device(smoke_data: Path, tmp_path: Pat
     cfg = load_config(SMOKE, [f"run.dir={tmp_path}", "run.name=syncs", f"data.path={smoke_data}",
                               "train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=10",
                               "train.ckpt_every=1000", "train.log_every=1000", "slurm.gpus_per_node=1",
-                              "data.num_workers=0"])
+                              "data.num_workers=0", f"train.precision={precision}"])
     env = dist.setup()
     try:
         trainer = Trainer(cfg, tmp_path / "syncs", env, tracker=None)

@@ -1,12 +1,18 @@
 """DeepSpeed ZeRO stage 1, 2 or 3 with DeepSpeed's own sharded checkpoints.
 
 The client optimizer is torch AdamW (no JIT-built op), DeepSpeedCPUAdam with optimizer offload.
-bf16 is the official code's mixed precision: DeepSpeed keeps fp32 weights and the forward runs
-under torch.autocast(bf16), which gives the official forward and gradients bit for bit, reduced
-in fp32 as the official DDP does. (DeepSpeed's own bf16 mode would hold bf16 weights, rounding
-the embeddings and the affine norm, and communicate gradients in bf16; ZeRO-3's memory-efficient
-Linear adds the bias after the matmul, another bf16 rounding, so it is off.)
-Gradient clipping, accumulation and the non-finite check (a skipped step) are DeepSpeed's.
+bf16 and fp16 are the official code's mixed precision: DeepSpeed keeps fp32 weights and the
+forward runs under torch.autocast, which gives the official forward and gradients bit for bit,
+reduced in fp32 as the official DDP does. (DeepSpeed's own bf16 and fp16 modes would hold half
+weights, rounding the embeddings and the affine norm, and communicate gradients in half; ZeRO-3's
+memory-efficient Linear adds the bias after the matmul, another rounding, so it is off.)
+Gradient clipping, accumulation and the non-finite check (a skipped step, over all ranks) are
+DeepSpeed's. fp16's loss scale is accelerate's GradScaler (base.LossScaler): its scale is handed
+to the ZeRO optimizer as an external loss scale, with which it scales the loss and unscales the
+gradients (one multiplication by 1/scale, fused with clipping: with train.grad_clip=1 the same
+result as unscaling and then clipping); after each step the scaler updates on whether the step
+was skipped. (DeepSpeed's own torch_autocast mode clips the gradients while they are still
+scaled, and its scaler never learns of the overflows the ZeRO optimizer skips.)
 The EMA shadows this rank's fp32 master fragments: a piece of every parameter's flattened fp32
 copy, at an offset, so it is partitioned like the optimizer (ZeRO-1/2) or the weights (ZeRO-3).
 Each rank writes its fragments to ema/rank*.pt; they are assembled by offset on load or export.
@@ -40,8 +46,8 @@ from torch.distributed.checkpoint.staging import DefaultStager  # noqa: E402
 from regscale.checkpoints import file_entry
 from regscale.config import BatchPlan, EngineConfig, TrainConfig
 from regscale.dist import DistEnv
-from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options, host_stager,
-                                  trainable)
+from regscale.engine.base import (Engine, SaveHandle, StepResult, adamw, apply_block_options,
+                                  deepspeed_fp16_mode, host_stager, loss_scaler, trainable)
 
 
 BF16_MODE_PREFIX = "bf16_zero_pp_rank_"  # optimizer files of DeepSpeed's own bf16 mode
@@ -60,7 +66,6 @@ def ds_config(engine: EngineConfig, train: TrainConfig, plan: BatchPlan) -> dict
         "gradient_accumulation_steps": plan.accumulation,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -95,6 +100,7 @@ class DeepSpeedEngine(Engine):
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.precision, self.device = train.precision, env.device
+        self.scaler = loss_scaler(train.precision, torch.device("cpu"))  # host-side: no device reads
         self.env = env
         model.to(env.device)
         apply_block_options(model, engine)
@@ -129,7 +135,9 @@ class DeepSpeedEngine(Engine):
                 self.fragments[name] = frag
 
     def backward(self, loss: torch.Tensor, *, last_micro: bool, accumulation: int) -> None:
-        self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        if self.scaler:
+            self.ds.optimizer.override_loss_scale(self.scaler.get_scale())
+        self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps itself, then scales
         if not last_micro:
             self.ds.step()  # counts the micro-step; the update happens on the boundary
 
@@ -140,7 +148,11 @@ class DeepSpeedEngine(Engine):
         applied = bool(self.ds.was_step_applied())
         norm = self.ds.get_global_grad_norm()
         value = float(norm) if applied and norm is not None else math.nan
-        return StepResult(applied=applied, grad_norm=value)
+        if self.scaler is None:
+            return StepResult(applied=applied, grad_norm=value)
+        scale = self.scaler.get_scale()
+        self.scaler.settle(skipped=not applied)
+        return StepResult(applied=applied, grad_norm=value, loss_scale=scale)
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
@@ -158,11 +170,11 @@ class DeepSpeedEngine(Engine):
         return self.writer.end()
 
     def load(self, path: Path, manifest: dict[str, Any]) -> None:
-        # DeepSpeed's bf16 mode (what regscale used for bf16 before its fp32 weights + autocast)
-        # names its optimizer files bf16_zero_*: the universal format carries their fp32 master
-        # weights and Adam moments over to this mode
-        bf16_mode = any(path.glob(f"{BF16_MODE_PREFIX}*"))
-        if manifest.get("world_size") == self.env.world_size and not bf16_mode:
+        # DeepSpeed's bf16 and fp16 modes (what regscale used before its fp32 weights + autocast):
+        # the universal format carries their fp32 master weights and Adam moments over to this
+        # mode (and leaves their own loss scaler behind). bf16's optimizer files are bf16_zero_*.
+        half_mode = any(path.glob(f"{BF16_MODE_PREFIX}*")) or deepspeed_fp16_mode(manifest)
+        if manifest.get("world_size") == self.env.world_size and not half_mode:
             self.ds.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         else:
             self._load_resharded(path)
@@ -176,9 +188,9 @@ class DeepSpeedEngine(Engine):
 
     def _load_resharded(self, path: Path) -> None:
         """Weights, fp32 master copy, Adam moments and step from a checkpoint that another number
-        of ranks (or DeepSpeed's bf16 mode) wrote: rank 0 converts it to a universal checkpoint in
-        a scratch directory (the `.trash_` prefix makes the next start remove it, should this one
-        die), all ranks load it."""
+        of ranks (or DeepSpeed's bf16 or fp16 mode) wrote: rank 0 converts it to a universal
+        checkpoint in a scratch directory (the `.trash_` prefix makes the next start remove it,
+        should this one die), all ranks load it."""
         import torch.distributed as dist
 
         scratch = path.parent / f".trash_universal_{path.name}"

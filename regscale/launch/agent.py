@@ -51,7 +51,7 @@ from regscale.config import Config
 from regscale.launch import runs
 from regscale.launch.worker import STACK_SIGNAL, stack_file
 from regscale.outcome import Outcome
-from regscale.rundir import LOGS, STOP_REPORT
+from regscale.rundir import LOGS
 from regscale.train.heartbeat import ENV as HEARTBEAT_ENV
 from regscale.train.heartbeat import beat_path, read_beat
 
@@ -161,11 +161,11 @@ class NodeAgent(LocalElasticAgent):
         for old in self.beats.glob("*.json"):
             old.unlink()
         step = runs.latest_step(self.run_dir)
+        if worker_group.group_rank == 0 and 0 < worker_group.group_world_size < self._nodes:
+            self._record_lost_nodes(self._nodes, worker_group.group_world_size)
+        self._nodes = worker_group.group_world_size
+        self.check_start(step)  # every agent: raises when the run must stop (a halt, repeated failures)
         if worker_group.group_rank == 0:
-            if 0 < worker_group.group_world_size < self._nodes:
-                self._record_lost_nodes(self._nodes, worker_group.group_world_size)
-            self._nodes = worker_group.group_world_size
-            self.check_start(step)  # raises when the run must stop (repeated failures at one step)
             runs.record_start(self.run_dir, self.node.job_id, self.node.restart, step, round=self.round,
                               world_size=worker_group.spec.local_world_size * worker_group.group_world_size,
                               nodes=worker_group.group_world_size, logs=self.node.round_logs(self.round))
@@ -272,11 +272,7 @@ class NodeAgent(LocalElasticAgent):
 
     def _record_failures(self, worker_group: WorkerGroup, failures: dict[int, ProcessFailure], dead: set[int]) -> None:
         """One end line per failed local process; `dead`: the ranks that ended by themselves (the
-        others were stopped with their group: a consequence). None once the run was stopped in this
-        round (the agent with rank 0 refused to start it: these processes waited for it in vain)."""
-        stop = self.run_dir / STOP_REPORT
-        if stop.is_file() and stop.stat().st_mtime >= self._started_at:
-            return
+        others were stopped with their group: a consequence)."""
         for worker in worker_group.workers:
             rank, failure = worker.global_rank, failures.get(worker.global_rank)
             if failure is None or rank in self._reported:

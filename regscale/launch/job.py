@@ -12,6 +12,8 @@ TrainJob acts on how the group ended:
 - interrupted (SIGINT): a checkpoint was saved; the job fails without a requeue (stop_report.json);
 - failed for good (in-job restarts used up, too few nodes left for the rendezvous): it requeues
   as well, unless the run keeps failing at the same checkpoint step.
+- halted (the loop saved a checkpoint and stopped itself: fp16's loss scale collapsed; its rank 0
+  wrote stop_report.json): never restarted or requeued, a retry would stop again.
 
 The bounds: slurm.max_restarts in-job restarts per job start, slurm.max_requeues job starts,
 slurm.max_failures_at_step attempts in a row failing from the same step (in-job restarts and
@@ -73,11 +75,25 @@ def stop_reason(attempts: list[runs.Attempt], start_step: int, restarts: int, cf
     return None
 
 
+def halted_reason(run_dir: Path, attempts: list[runs.Attempt]) -> Optional[str]:
+    """Why the loop stopped the run itself in its newest attempt (a stop report written since that
+    attempt started: an fp16 loss scale that collapsed), or None."""
+    report = run_dir / STOP_REPORT
+    if not attempts or not report.is_file() or report.stat().st_mtime < attempts[-1].started_at:
+        return None
+    try:
+        return str(json.loads(report.read_text())["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "stopped (stop_report.json unreadable)"
+
+
 def write_stop_report(run_dir: Path, reason: str, step: int) -> None:
-    """stop_report.json: why the launcher stopped the run, for `regscale status` and humans."""
+    """stop_report.json: why the launcher stopped the run, for `regscale status` and humans, with
+    the newest checkpoint's count of skipped steps (inf/nan gradients, fp16 overflows included)."""
     report = dict(reason=reason, step=step, stopped_at=time.time(),
                   job_id=os.environ.get("SLURM_JOB_ID"),
                   attempts=len(runs.read_attempts(run_dir)),
+                  skipped_steps=runs.skipped_steps(run_dir),
                   resume=f"fix the cause, then: regscale resume {run_dir}")
     write_atomic(run_dir / STOP_REPORT, json.dumps(report, indent=1) + "\n")
     print(f"regscale: run stopped: {reason}", file=sys.stderr, flush=True)
@@ -189,7 +205,12 @@ class TrainJob:
             close_unrecorded(run_dir, attempts)
 
         def check_start(step: int) -> None:
-            reason = stop_reason(runs.read_attempts(run_dir), step, restarts, cfg)
+            """Every agent, before each round (all read the same records): stop the run, or go on."""
+            attempts = runs.read_attempts(run_dir)
+            halted = halted_reason(run_dir, attempts)
+            if halted:
+                raise RunStopped(halted)
+            reason = stop_reason(attempts, step, restarts, cfg)
             if reason:
                 write_stop_report(run_dir, reason, step)
                 raise RunStopped(reason)

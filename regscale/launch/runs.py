@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 from regscale.config import Config, load_saved_config
 from regscale.errors import UserError
 from regscale.fsutil import write_atomic
-from regscale.rundir import ATTEMPTS, CHECKPOINTS, CONFIG, JOBS, JOBS_LOCK, step_of
+from regscale.rundir import ATTEMPTS, CHECKPOINTS, CONFIG, JOBS, JOBS_LOCK, step_name, step_of
 
 RESUMED = "resumed"  # the end recorded for `regscale resume`: a fresh streak of attempts
 
@@ -45,6 +45,16 @@ def latest_step(run_dir: Path) -> int:
         return 0
     steps = [step for p in root.iterdir() if (step := step_of(p.name)) is not None and p.is_dir()]
     return max(steps, default=0)
+
+
+def skipped_steps(run_dir: Path) -> Optional[int]:
+    """Steps skipped for an inf/nan gradient (fp16 overflows included) up to the newest published
+    checkpoint, from its manifest; None when there is none or it cannot be read."""
+    try:
+        manifest = json.loads((run_dir / CHECKPOINTS / step_name(latest_step(run_dir)) / "manifest.json").read_text())
+        return int(manifest["health"]["nonfinite_total"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 @dataclass

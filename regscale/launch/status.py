@@ -232,8 +232,10 @@ def _detail(st: RunStatus) -> list[str]:
                      + (f"  {ev.record}" if ev.record else ""))
     if st.stop_report:
         r = st.stop_report
+        skipped = r.get("skipped_steps")
+        skipped = f", skipped steps: {skipped}" if type(skipped) is int else ""
         lines.append(f"  STOPPED at step {r.get('step')} ({_when(r.get('stopped_at'))}, job {r.get('job_id')}, "
-                     f"{r.get('attempts')} attempts): {r.get('reason')}")
+                     f"{r.get('attempts')} attempts{skipped}): {r.get('reason')}")
         lines.append(f"  to continue      {r.get('resume')}")
     return lines + _efficiency(st.run_dir)
 

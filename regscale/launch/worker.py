@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Optional
 
-from regscale.errors import expected_failure, first_line
+from regscale.errors import RunHalted, expected_failure, first_line
 from regscale.rundir import STACKS
 
 STACK_SIGNAL = signal.SIGUSR1  # the agent asks for every thread's stack with it
@@ -61,7 +61,7 @@ def worker_pid(run_dir: Path, rank: int) -> Optional[int]:
 
 def main(run_dir: Path) -> int:
     from regscale.launch import runs
-    from regscale.launch.job import open_tracker
+    from regscale.launch.job import open_tracker, write_stop_report
     from regscale.train.heartbeat import Heartbeat
     from regscale.train.loop import train
     from regscale.train.preempt import StopFlag
@@ -79,6 +79,8 @@ def main(run_dir: Path) -> int:
     except BaseException as err:
         message = expected_failure(err)
         heartbeat.failed(f"{type(err).__name__}: {message or first_line(err)}")
+        if isinstance(err, RunHalted) and rank == 0:  # no restart, no requeue: a retry would stop again
+            write_stop_report(run_dir, str(err), runs.latest_step(run_dir))
         if message is None:
             traceback.print_exc()
         else:

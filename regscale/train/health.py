@@ -20,9 +20,10 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 class NonFiniteGuard:
-    """Counts skipped steps; `rollback_due` after too many in a row."""
+    """Counts skipped steps; `rollback_due` after `limit` in a row (None: never, fp16, whose loss
+    scale skips steps by design and has its own guard, LossScaleGuard)."""
 
-    def __init__(self, limit: int, total: int = 0) -> None:
+    def __init__(self, limit: Optional[int], total: int = 0) -> None:
         self.limit = limit
         self.in_a_row = 0
         self.total = total
@@ -36,7 +37,24 @@ class NonFiniteGuard:
 
     @property
     def rollback_due(self) -> bool:
-        return self.in_a_row >= self.limit
+        return self.limit is not None and self.in_a_row >= self.limit
+
+
+class LossScaleGuard:
+    """fp16: the loss scale has collapsed once the scale of `limit` steps in a row was below `floor`
+    (steps, not skips: a scale regrows only after 2000 good steps)."""
+
+    def __init__(self, floor: float, limit: int, low_steps: int = 0) -> None:
+        self.floor = floor
+        self.limit = limit
+        self.low_steps = low_steps
+
+    def record(self, scale: float) -> None:
+        self.low_steps = self.low_steps + 1 if scale < self.floor else 0
+
+    @property
+    def collapsed(self) -> bool:
+        return self.low_steps >= self.limit
 
 
 def train_flops_per_image(cfg: Config) -> float:

@@ -4,11 +4,13 @@
 
 A step: per micro-batch, draw latents from the VAE posterior, encode images with the frozen
 DINOv2 (under the model's autocast), compute the REG loss, backward; then the engine clips and
-steps (or skips a non-finite step), the EMA follows. Every random draw of a sample comes from a
-generator seeded by (seed, step, the sample's dataset index) (train/noise.py), each step's global
-batch is the same for any number of processes, and the data stream's position is in every
-checkpoint, so a resumed run replays exactly what the uninterrupted one would have done: bit for
-bit on the same number of processes, up to the order of reductions on another.
+steps (or skips a non-finite step), the EMA follows (in fp16 after a skipped step too, as the
+official loop does; there a loss scale that stays collapsed stops the run after a checkpoint).
+Every random draw of a sample comes from a generator seeded by (seed, step, the sample's dataset
+index) (train/noise.py), each step's global batch is the same for any number of processes, and
+the data stream's position is in every checkpoint, so a resumed run replays exactly what the
+uninterrupted one would have done: bit for bit on the same number of processes, up to the order
+of reductions on another.
 A step reads one number from the device (the gradient norm, to skip non-finite steps); the loss
 parts stay on the device until a log step. At each step boundary the ranks agree in one tiny
 all-reduce whether to stop (signal, Ctrl-C, deadline), whether to checkpoint (rank 0's
@@ -35,13 +37,15 @@ from regscale import dist, faults
 from regscale import metrics as M
 from regscale.config import (Config, ConfigError, batch_plan, changes_numbers, config_hash, flatten,
                              load_saved_config, resume_changes, to_yaml)
-from regscale.engine.base import BF16_NUMERICS, precision_autocast
+from regscale.engine.base import BF16_NUMERICS, LOSS_SCALER, deepspeed_fp16_mode, precision_autocast
+from regscale.errors import RunHalted
 from regscale.fsutil import read_jsonl, write_atomic
 from regscale.outcome import Outcome
 from regscale.reliability import CheckpointSchedule, measured_costs, predicted_save_cost
 from regscale.rundir import CONFIG, DRAWS, METRICS
 from regscale.train.checkpoint import Checkpointer, Published
-from regscale.train.health import MetricsLog, NonFiniteGuard, device_peak_flops, memory_gb, train_flops_per_image
+from regscale.train.health import (LossScaleGuard, MetricsLog, NonFiniteGuard, device_peak_flops, memory_gb,
+                                   train_flops_per_image)
 from regscale.train.heartbeat import Heartbeat
 from regscale.train.noise import DERIVATION, SampleNoise
 from regscale.train.preempt import Deadline, StopFlag, job_deadline
@@ -62,6 +66,7 @@ class Progress:
     images: int = 0
     nonfinite_total: int = 0
     rollbacks: int = 0
+    low_scale_steps: int = 0  # fp16: steps in a row with the loss scale below train.min_loss_scale
 
 
 def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop: Optional[StopFlag] = None,
@@ -190,12 +195,16 @@ class Trainer:
                               f"engine.kind={self.engine.kind}; export it and start a new run instead")
         changed = resume_changes(manifest.get("config", {}), flatten(self.cfg), f"checkpoint {path}")
         self.engine.load(path, manifest)
+        scaler = self.engine.scaler
+        if scaler is not None and manifest.get(LOSS_SCALER):
+            scaler.load_state_dict(manifest[LOSS_SCALER])
         data_states = manifest["data_state"]
         self.stream.load_state_dict(data_states[self.env.rank] if same_world else data_states[0])
         self._batches = None
         h = manifest["health"]
         self.progress = Progress(step=manifest["step"], images=manifest["images"],
-                                 nonfinite_total=h["nonfinite_total"], rollbacks=h["rollbacks"])
+                                 nonfinite_total=h["nonfinite_total"], rollbacks=h["rollbacks"],
+                                 low_scale_steps=h.get("low_scale_steps", 0))
         self.checkpointer.last_saved = manifest["step"]
         if self.env.is_main:
             notes = []
@@ -210,6 +219,11 @@ class Trainer:
             if self.cfg.train.precision == "bf16" and manifest["engine"].get("bf16_numerics") != BF16_NUMERICS:
                 notes.append("written with bf16 weights (regscale's bf16 before it was the official mixed "
                              "precision), continued with fp32 weights under autocast: NOT bit-exact")
+            if scaler is not None and not manifest.get(LOSS_SCALER):
+                legacy = (" with fp16 weights (DeepSpeed's fp16 mode, regscale's fp16 before it was the official "
+                          "mixed precision)" if deepspeed_fp16_mode(manifest) else "")
+                notes.append(f"written{legacy} without the fp16 loss scale: continued with fp32 weights under "
+                             f"autocast and a fresh loss scale ({scaler.get_scale():g}): NOT bit-exact")
             if manifest.get("torch", torch.__version__) != torch.__version__:
                 notes.append(f"written with torch {manifest['torch']}, now {torch.__version__}: NOT bit-exact")
             if self.device.type == "cpu" and manifest.get("threads", self.threads) != self.threads:
@@ -229,10 +243,11 @@ class Trainer:
             self._batches = iter(self.stream)
             return next(self._batches)
 
-    def _train_step(self, step: int, nan: bool) -> tuple[Any, torch.Tensor, float]:
+    def _train_step(self, step: int, fault: Optional[float]) -> tuple[Any, torch.Tensor, float]:
         """Forward/backward over the micro-batches and the engine step. Returns (StepResult,
         the loss parts [total, img, proj, cls] summed over micro-batches (on the device), data
-        wait in s). Reads nothing from the device but what the engine's step needs."""
+        wait in s). Reads nothing from the device but what the engine's step needs. `fault`: what
+        a test's NAN or OVERFLOW fault multiplies the loss by."""
         from regscale.objective import reg_loss, sample_latents
 
         cfg, plan = self.cfg, self.plan
@@ -253,7 +268,7 @@ class Trainer:
             with self.engine.autocast():
                 parts = reg_loss(self.engine.module, x, labels, tokens, draws=draws,
                                  loss_cfg=cfg.loss, class_dropout_prob=cfg.model.class_dropout_prob)
-            total = parts.total * math.nan if nan else parts.total
+            total = parts.total if fault is None else parts.total * fault
             self.engine.backward(total, last_micro=micro == plan.accumulation - 1,
                                  accumulation=plan.accumulation)
             sums += torch.stack([total, parts.img, parts.proj, parts.cls]).detach().float()
@@ -266,7 +281,9 @@ class Trainer:
         cfg, env = self.cfg, self.env
         t = cfg.train
         deadline = self.deadline
-        guard = NonFiniteGuard(t.max_nonfinite_steps, self.progress.nonfinite_total)
+        fp16 = self.engine.scaler is not None
+        guard = NonFiniteGuard(None if fp16 else t.max_nonfinite_steps, self.progress.nonfinite_total)
+        scale_guard = LossScaleGuard(t.min_loss_scale, t.max_low_scale_steps, self.progress.low_scale_steps)
         window = _Window(self.device)
         outcome = Outcome.COMPLETED
         if self.tracker is not None:
@@ -286,15 +303,18 @@ class Trainer:
             if cycle is not None:  # the previous step, boundary to boundary (not the first: it compiles)
                 self.schedule.observe_step(t0 - cycle)
             cycle = None if first else t0
-            result, sums, wait = self._train_step(p.step, faults.due("NAN", p.step))
+            result, sums, wait = self._train_step(p.step, faults.loss_factor(p.step))
             if slow_s:
                 time.sleep(slow_s)
             guard.record(result.applied)
-            if result.applied:
+            if result.applied or fp16:  # the official fp16 loop updates it whatever the scaler did
                 self.engine.update_ema(t.ema_decay)
             p.step += 1
             p.images += self.plan.global_batch
             p.nonfinite_total = guard.total
+            if fp16:
+                scale_guard.record(result.loss_scale)
+                p.low_scale_steps = scale_guard.low_steps
             step_s = time.perf_counter() - t0
             deadline.observe(step_s=step_s)
             window.add(result, sums, wait, step_s, self.plan.accumulation)
@@ -303,7 +323,10 @@ class Trainer:
                 first = False
                 self.metrics.log({M.FIRST_STEP_S: time.time() - _process_start(),
                                   M.FIRST_STEP_DURATION_S: step_s}, p.step)
-            if not result.applied:
+            if not result.applied and fp16:
+                log.warning("step %d: gradients overflowed at loss scale %g: step skipped, scale halved "
+                            "(%d in a row, %d in total)", p.step, result.loss_scale, guard.in_a_row, guard.total)
+            elif not result.applied:
                 log.warning("step %d: non-finite gradient norm, step skipped (%d in a row, %d "
                             "in total)", p.step, guard.in_a_row, guard.total)
             if guard.rollback_due:
@@ -320,6 +343,10 @@ class Trainer:
             if p.step % t.log_every == 0:
                 self._log(window, guard)
                 window = _Window(self.device)
+            if fp16 and scale_guard.collapsed:
+                self._save(blocking=True)
+                self._published(self.checkpointer.finish())  # this step's own save may be in flight
+                raise RunHalted(self._collapsed(scale_guard))
         self.heartbeat.waiting(t.first_step_timeout_s)
         self._published(self.checkpointer.finish())
         dist.barrier("finish training (the last checkpoint is published)")
@@ -339,6 +366,15 @@ class Trainer:
         if flags[2]:
             return Outcome.DEADLINE
         return None
+
+    def _collapsed(self, scale_guard: LossScaleGuard) -> str:
+        """Why the run stops when fp16's loss scale collapsed (a checkpoint of this step is saved)."""
+        p, t, scale = self.progress, self.cfg.train, self.engine.scaler.get_scale()
+        return (f"step {p.step}: the fp16 loss scale collapsed: below train.min_loss_scale={t.min_loss_scale:g} "
+                f"for {scale_guard.low_steps} steps in a row (train.max_low_scale_steps={t.max_low_scale_steps}; "
+                f"now {scale:g}; skipped steps in total: {p.nonfinite_total}); checkpoint step {p.step} is saved and "
+                f"the run stops. See loss and grad_norm in {self.run_dir / METRICS}; bf16 (a new run) has no "
+                f"such range limit; `regscale resume {self.run_dir} train.min_loss_scale=0` goes on regardless")
 
     def _say_stopped(self, outcome: Outcome) -> None:
         step = self.progress.step
@@ -365,7 +401,9 @@ class Trainer:
             "data_state": dist.gather_objects(self.stream.state_dict(), "gather the data positions"),
             "rng": {"seed": cfg.train.seed, "derivation": DERIVATION},
             "threads": self.threads,
-            "health": {"nonfinite_total": p.nonfinite_total, "rollbacks": p.rollbacks},
+            "health": {"nonfinite_total": p.nonfinite_total, "rollbacks": p.rollbacks,
+                       "low_scale_steps": p.low_scale_steps},
+            LOSS_SCALER: self.engine.scaler.state_dict() if self.engine.scaler else None,
             "created_unix": time.time(), "torch": torch.__version__,
         }
 
@@ -449,9 +487,12 @@ class Trainer:
         if self.stragglers is not None:
             m.update(self.stragglers.add(self.progress.step, [r[6] for r in ranks], [r[5] for r in ranks],
                                          max(window.steps, 1)))
+        if window.loss_scale is not None:
+            m[M.LOSS_SCALE] = window.loss_scale
         self.metrics.log(m, self.progress.step)
+        scale = f" loss scale {window.loss_scale:g}" if window.loss_scale is not None else ""
         self.metrics.say(f"step {self.progress.step}: loss {m[M.LOSS]:.4f} grad_norm "
-                         f"{m[M.GRAD_NORM]:.3f} {images_s:.1f} img/s")
+                         f"{m[M.GRAD_NORM]:.3f}{scale} {images_s:.1f} img/s")
 
     def _log_goodput(self, outcome: Optional[Outcome] = None) -> None:
         """Rank 0 with a tracker: the lineage's goodput so far, at the start and the end of each start."""
@@ -489,11 +530,13 @@ class _Window:
         self.time_s = 0.0
         self.steps = 0
         self.grad_norm = math.nan
+        self.loss_scale: Optional[float] = None
 
     def add(self, result: Any, sums: torch.Tensor, wait: float, step_s: float, micro: int) -> None:
         self.steps += 1
         self.time_s += step_s
         self.wait_s += wait
+        self.loss_scale = result.loss_scale
         if result.applied:
             self.loss_sums += sums
             self.micro_count += micro
