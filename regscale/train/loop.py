@@ -89,7 +89,6 @@ def train(cfg: Config, run_dir: Path, tracker: Optional["Tracker"] = None, stop:
     trainer = None
     outcome = Outcome.FAILED
     try:
-        heartbeat = heartbeat or Heartbeat.from_env(cfg.train.hang_timeout_s, cfg.train.first_step_timeout_s)
         trainer = Trainer(cfg, Path(run_dir), env, tracker if env.is_main else None, heartbeat)
         outcome = trainer.run(stop)
         return outcome
@@ -124,13 +123,14 @@ class Trainer:
     """The state of one training process; `run` is the loop."""
 
     def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, tracker: Optional["Tracker"],
-                 heartbeat: Heartbeat) -> None:
+                 heartbeat: Optional[Heartbeat] = None) -> None:
         from regscale.data.stream import TrainStream
         from regscale.engine import build_engine
         from regscale.models import build_model_from_config
         from regscale.models.encoders import load_dinov2
 
-        self.cfg, self.run_dir, self.env, self.tracker, self.heartbeat = cfg, run_dir, env, tracker, heartbeat
+        self.cfg, self.run_dir, self.env, self.tracker = cfg, run_dir, env, tracker
+        self.heartbeat = heartbeat or Heartbeat.from_env(cfg.train.hang_timeout_s, cfg.train.first_step_timeout_s)
         self.device = env.device
         self.plan = batch_plan(cfg.train, env.world_size)
         t = cfg.train
