@@ -185,6 +185,7 @@ def _write_chunk(source: Source, chunk: int, store: Store, opts: PrepareOptions,
         names = sorted(n for n in os.listdir(tmp) if n != "chunk.json")
         store.publish([f"{tmp.name}/{name}" for name in [*names, "chunk.json"]])
         shutil.rmtree(tmp, ignore_errors=True)
+        store.tidy()
         return
     try:
         os.rename(tmp, store.local / chunk_name(chunk))
@@ -344,8 +345,6 @@ def _finalize(store: Store, source: Source, num_chunks: int, opts: PrepareOption
                                "source": str(source.root), "fingerprint": source.fingerprint()})
     if store.remote is None:
         shutil.rmtree(store.local / ".tmp", ignore_errors=True)
-    else:  # the stage holds nothing once the dataset is complete (other parts' work aside)
-        store.tidy()
     return summary
 
 

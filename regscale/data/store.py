@@ -143,11 +143,6 @@ def chunk_name(chunk: int) -> str:
     return f"chunk-{chunk:06d}"
 
 
-def default_stage(out: str) -> Path:
-    digest = hashlib.sha256(out.encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"regscale-stage-{digest}"
-
-
 class Store:
     """A dataset root: `local` (the directory, or the stage of a remote OUT); `remote`, a URI,
     when OUT is in object storage (then the truth; see the module docstring)."""
@@ -155,7 +150,11 @@ class Store:
     def __init__(self, out: str, stage: Optional[str] = None) -> None:
         self.out = out
         self.remote = out.rstrip("/") if is_remote(out) else None
-        self.local = Path(out) if self.remote is None else Path(stage or default_stage(out))
+        if self.remote is None:
+            self.local = Path(out)
+        else:
+            digest = hashlib.sha256(out.encode()).hexdigest()[:12]
+            self.local = Path(stage or Path(tempfile.gettempdir()) / f"regscale-stage-{digest}")
         self._uploader: Any = None
 
     def uri(self, relpath: str) -> str:
@@ -192,15 +191,12 @@ class Store:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-            self.tidy()
 
     def tidy(self) -> None:
-        """Remove our empty upload folder, an empty .tmp/ and an empty default stage (a stage given
-        with --stage stays)."""
-        folders = (self.upload_dir(), self.local / ".tmp", self.local)
-        for folder in folders[:3 if self.local == default_stage(self.out) else 2]:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        """Remove this process's upload folder when empty (the stage and its .tmp/ stay: parts of
+        a SLURM array on this host share them)."""
+        with contextlib.suppress(OSError):
+            self.upload_dir().rmdir()
 
     def list_remote(self) -> list[str]:
         """Every object name under the remote OUT."""

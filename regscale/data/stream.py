@@ -87,7 +87,8 @@ def sync_cache(remote: str, local: str, retry_s: float) -> list[dict[str, Any]]:
         new = json.loads(fresh.read_bytes())
     except ValueError as err:
         fresh.unlink()
-        raise ShardError(f"{remote}/{INDEX}: not a valid MDS index ({err}); rebuild it with `regscale prepare`") from None
+        raise ShardError(f"{remote}/{INDEX}: not a valid MDS index ({err}); rebuild it with "
+                         "`regscale prepare`") from None
     shards = index_shards(new, f"{remote}/{INDEX}")
     cached = folder / INDEX
     old = cached.read_bytes() if cached.is_file() else None
