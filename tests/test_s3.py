@@ -38,7 +38,10 @@ from tests.fixtures.train import (ELASTIC_RTOL, launch_train, logged_step, losse
 from tests.test_data import _cfg, _in_own_group, _read_all, _rank_main, _run_ranks
 
 TRAIN_SAMPLES, TRAIN_CHUNK = 160, 10  # 16 equal shards: a quarter of the dataset holds 4 (streaming's minimum)
-BASE = ["train.max_steps=8", "train.ckpt_every=2", "train.keep_last=2", "data.synthetic=0"]
+# the shuffle block the stream advises for a cache of 4 shards (with the default, a window of the
+# whole dataset, most samples would need their shard downloaded again: same numbers, 10x the traffic)
+BASE = ["train.max_steps=8", "train.ckpt_every=2", "train.keep_last=2", "data.synthetic=0",
+        "data.shuffle_block_size=16"]
 TRACE = {"REGSCALE_TRACE_DRAWS": "1"}
 
 
@@ -301,6 +304,8 @@ def test_training_from_s3_through_slowdown_kill_outage_and_resharding_matches_lo
         assert difference <= ELASTIC_RTOL, (weights, difference)
     cached = sum(p.stat().st_size for p in cache.rglob("*.mds"))
     assert 0 < cached <= nbytes // 4, f"the cache holds {cached} bytes, past data.cache_limit {nbytes // 4}"
+    downloads = sum(r.startswith("HEAD ") and r.endswith(".mds") for r in s3.requests()[start:])
+    assert downloads > 4, f"{downloads} shard downloads: no shard was evicted from a cache of 4"
 
 
 @pytest.mark.parametrize("fault", ["outage past data.download_retry_s", "corrupted objects"])

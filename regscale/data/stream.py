@@ -30,6 +30,8 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
+import math
 import os
 import signal
 import sys
@@ -52,6 +54,9 @@ from regscale.data.shards import (CHEAP_HASH, IMAGE_SHAPE, INDEX, MOMENTS_SHAPE,
                                   decode_image, index_shards, shard_problems, verify_hint)
 from regscale.errors import UserError, first_line, one_line
 
+log = logging.getLogger("regscale.data")
+
+PY1E_SPREAD = 1.25  # streaming's py1e spreads a shard's samples over up to 1.25 x the shuffle block
 FAILED = ".regscale-download-failed"  # in a host's cache: why its downloads stopped (all its processes stop)
 
 
@@ -103,8 +108,9 @@ def sync_cache(remote: str, local: str, retry_s: float) -> list[dict[str, Any]]:
     return shards
 
 
-def check_cache_limit(data: DataConfig, shards: list[dict[str, Any]]) -> Optional[int]:
-    """data.cache_limit in bytes, refused when below what streaming needs: 4 x the largest shard."""
+def check_cache_limit(data: DataConfig, shards: list[dict[str, Any]], hosts: int, warn: bool) -> Optional[int]:
+    """data.cache_limit in bytes, refused when below what streaming needs: 4 x the largest shard.
+    `warn`: say when the shuffle's working set on a host does not fit in it (`shuffle_working_set`)."""
     limit = data.cache_limit_bytes
     if limit is None:
         return None
@@ -113,7 +119,28 @@ def check_cache_limit(data: DataConfig, shards: list[dict[str, Any]]) -> Optiona
         raise UserError(f"'data.cache_limit' ({data.cache_limit} = {limit} bytes) is too small for the dataset at "
                         f"{data.path}: the cache must hold 4 x its largest shard ({largest} bytes), "
                         f"at least {4 * largest} bytes")
+    per_shard = sum(info["samples"] for info in shards) / len(shards)
+    block, working = shuffle_working_set(data.shuffle_block_size, [info["samples"] for info in shards], hosts)
+    held = limit // largest
+    if warn and working > held:
+        log.warning("data.cache_limit %s holds %d shards of the dataset at %s, but its shuffle reads from about %d "
+                    "at a time on each host (data.shuffle_block_size %d, ~%.0f samples a shard): most samples will "
+                    "need their shard downloaded again; data.shuffle_block_size=%d or less fits (it sets the order "
+                    "of samples: choose it when the run starts)", data.cache_limit, held, data.path, working, block,
+                    per_shard, per_shard * (held - 2) / PY1E_SPREAD)
     return limit
+
+
+def shuffle_working_set(block_size: Optional[int], shard_samples: list[int], hosts: int) -> tuple[int, int]:
+    """(shuffle block, shards read from at a time on a host) of streaming's default shuffle (py1e,
+    one canonical node per host at the start): each shard's samples are spread over a window of up
+    to 1.25 x the block, so a host reads from up to 1.25 x block / samples-per-shard + 1 shards at
+    once (all of its share when the block is larger)."""
+    block = block_size or max(4_000_000 // hosts, 1 << 18)
+    per_shard = sum(shard_samples) / len(shard_samples)
+    per_host = sum(shard_samples) / hosts
+    return block, min(math.ceil(len(shard_samples) / hosts),
+                      math.ceil(PY1E_SPREAD * min(block, per_host) / per_shard) + 1)
 
 
 class _RemoteStream(Stream):
@@ -360,7 +387,8 @@ class TrainStream:
         options: dict[str, Any] = dict(shuffle=data.shuffle, shuffle_seed=seed, batch_size=batch_size,
                                        shuffle_block_size=data.shuffle_block_size)
         if remote:
-            limit = check_cache_limit(data, index_shards(json.loads(Path(local, INDEX).read_bytes()), path))
+            shards = index_shards(json.loads(Path(local, INDEX).read_bytes()), path)
+            limit = check_cache_limit(data, shards, self.world_size // self._world[3], warn=self.rank == 0)
             options.update(streams=[_RemoteStream(where=path, retry_s=data.download_retry_s, remote=path,
                                                   local=local)], cache_limit=limit)
         else:
