@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import tempfile
 import time
@@ -29,6 +28,8 @@ from regscale.fsutil import write_atomic
 
 CHUNK_RE = re.compile(r"(?:^|/)chunk-(\d{6})/chunk\.json$")
 _NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+_TRANSIENT_WORDS = ("Connection", "Timeout", "IncompleteRead", "ResponseStreaming", "RetriesExceeded",
+                    "ServiceUnavailable", "TooManyRequests", "Throttl")
 
 
 def is_not_found(err: BaseException) -> bool:
@@ -39,13 +40,16 @@ def is_not_found(err: BaseException) -> bool:
 
 
 def is_transient(err: BaseException) -> bool:
-    """A failure that may pass if retried: no connection, a timeout, a 5xx or throttling answer
-    (HTTP 503 SlowDown). Not: a missing object, refused credentials, a bad request."""
+    """A failure that may pass if retried: no connection, a timeout, a cut transfer, a 5xx or
+    throttling answer (HTTP 503 SlowDown). Not: a missing object, no or refused credentials, a bad
+    request. (Each store's client has its own classes: judged by the HTTP status, else by name.)"""
     response = getattr(err, "response", None)
-    if isinstance(response, dict):  # the store answered
+    if isinstance(response, dict):  # botocore: the store answered
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return isinstance(status, int) and (status >= 500 or status in (408, 429))
-    return not isinstance(err, (FileNotFoundError, PermissionError, ValueError, UserError))
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    return any(word in cls.__name__ for cls in type(err).__mro__ for word in _TRANSIENT_WORDS)
 
 
 def remote_failure(uri: str, err: BaseException) -> UserError:
@@ -123,9 +127,9 @@ def _fetch(uri: str, dest: Path) -> bool:
     try:
         _downloaders[key].download(uri, str(dest))
     except Exception as err:
-        _downloaders.pop(key).clean_up()  # a fresh client next time
         if is_not_found(err):
             return False
+        _downloaders.pop(key).clean_up()  # a fresh client next time
         raise
     return dest.is_file()
 
@@ -172,6 +176,7 @@ class Store:
             with remote_access(str(self.remote)), _quiet_streaming():
                 self._uploader = CloudUploader.get((str(self.upload_dir()), self.remote), keep_local=True,
                                                    exist_ok=True)
+            self.tidy()  # it makes the folder; writing a file there makes it again
         return self._uploader
 
     def publish(self, relpaths: list[str]) -> None:
@@ -183,14 +188,10 @@ class Store:
 
     @contextmanager
     def scratch(self) -> Iterator[Path]:
-        """A fresh folder of this process under the stage's .tmp/, removed afterwards."""
-        root = self.local / ".tmp"
-        root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"io.{socket.gethostname()}.", suffix=f".{os.getpid()}", dir=root))
-        try:
-            yield folder
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        """A fresh folder for downloads, removed afterwards: in the stage when there is one (a
+        --stage on a large disk), else in the system's temp folder."""
+        with tempfile.TemporaryDirectory(prefix="regscale-io-", dir=self.local if self.local.is_dir() else None) as tmp:
+            yield Path(tmp)
 
     def tidy(self) -> None:
         """Remove this process's upload folder when empty (the stage and its .tmp/ stay: parts of

@@ -68,20 +68,22 @@ def cache_dir(data: DataConfig) -> str:
 
 
 def _index_files(index: Any) -> set[str]:
-    """The shard files (raw and compressed) an MDS index names; none for an unreadable one."""
+    """The shard files (raw and compressed) an MDS index names inside its dataset; none for an
+    unreadable index."""
     try:
-        return {part["basename"] for info in index["shards"] for key in ("raw_data", "zip_data")
-                if isinstance(part := info.get(key), dict) and isinstance(part.get("basename"), str)}
+        names = {part["basename"] for info in index["shards"] for key in ("raw_data", "zip_data")
+                 if isinstance(part := info.get(key), dict) and isinstance(part.get("basename"), str)}
     except (KeyError, TypeError, AttributeError):
         return set()
+    return {name for name in names if not name.startswith("/") and ".." not in name.split("/")}
 
 
-def sync_cache(remote: str, local: str, retry_s: float) -> list[dict[str, Any]]:
+def sync_cache(remote: str, local: str, retry_s: float) -> None:
     """Bring a host's cache of the remote dataset in line with the store (its first rank, before
-    the others open it): the store's index.json replaces the cached one; when they differ (the
-    dataset at that URI was rebuilt, or the cache was another's), the shard files either names are
-    removed first. Clears a download failure left by an earlier run. Returns the shard entries.
-    The index download rides out an outage like the shards' (retry_s)."""
+    the others open it): the store's index.json (checked) replaces the cached one; when they differ
+    (the dataset at that URI was rebuilt, or the cache was another's), the shard files either names
+    are removed first. Clears a download failure left by an earlier run. The index download rides
+    out an outage like the shards' (retry_s)."""
     folder = Path(local)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / FAILED).unlink(missing_ok=True)
@@ -94,7 +96,7 @@ def sync_cache(remote: str, local: str, retry_s: float) -> list[dict[str, Any]]:
         fresh.unlink()
         raise ShardError(f"{remote}/{INDEX}: not a valid MDS index ({err}); rebuild it with "
                          "`regscale prepare`") from None
-    shards = index_shards(new, f"{remote}/{INDEX}")
+    index_shards(new, f"{remote}/{INDEX}")
     cached = folder / INDEX
     old = cached.read_bytes() if cached.is_file() else None
     if old != fresh.read_bytes():
@@ -105,7 +107,6 @@ def sync_cache(remote: str, local: str, retry_s: float) -> list[dict[str, Any]]:
         for name in stale | _index_files(new):
             (folder / name).unlink(missing_ok=True)
     os.replace(fresh, cached)
-    return shards
 
 
 def check_cache_limit(data: DataConfig, shards: list[dict[str, Any]], hosts: int, warn: bool) -> Optional[int]:
