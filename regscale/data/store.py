@@ -169,14 +169,16 @@ class Store:
         return self.local / ".tmp" / f"up.{socket.gethostname()}.{os.getpid()}"
 
     def _client(self) -> Any:
-        """streaming's uploader for the remote OUT (from upload_dir()), made once."""
+        """streaming's uploader for the remote OUT (uploading from upload_dir()), made once. It
+        makes its local folder at once: a temporary one, so that listing or a refusal leaves no
+        stage behind (writing a file makes the upload folder)."""
         from streaming.base.storage.upload import CloudUploader
 
         if self._uploader is None:
-            with remote_access(str(self.remote)), _quiet_streaming():
-                self._uploader = CloudUploader.get((str(self.upload_dir()), self.remote), keep_local=True,
-                                                   exist_ok=True)
-            self.tidy()  # it makes the folder; writing a file there makes it again
+            with remote_access(str(self.remote)), _quiet_streaming(), tempfile.TemporaryDirectory() as tmp:
+                uploader = CloudUploader.get((tmp, self.remote), keep_local=True, exist_ok=True)
+            uploader.local = str(self.upload_dir())
+            self._uploader = uploader
         return self._uploader
 
     def publish(self, relpaths: list[str]) -> None:
