@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import Callable, NoReturn
 
-from regscale.config import config_hash, load_config, to_yaml
+from regscale.config import ConfigError, check_no_credentials, config_hash, load_config, to_yaml
 from regscale.data import commands as data
 from regscale.errors import debug, expected_failure, has_control_character
 from regscale.eval import commands as evaluation
@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_texts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """No argument of the verb (a path, a name, a URI) may be empty or hold a control character;
-    the overrides are the configuration's to judge."""
+    """No argument of the verb (a path, a name, a URI) may be empty, hold a control character or
+    carry credentials; the overrides are the configuration's to judge."""
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for action in verbs.choices[args.verb]._actions:
         value = getattr(args, action.dest, None)
@@ -93,6 +93,12 @@ def check_texts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             if isinstance(item, str) and (not item.strip() or has_control_character(item)):
                 name = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
                 parser.error(f"{name} {item!r}: expected a non-empty value without control characters")
+            if isinstance(item, str):
+                try:
+                    check_no_credentials(item, action.option_strings[-1] if action.option_strings
+                                         else action.metavar or action.dest)
+                except ConfigError as err:
+                    parser.error(str(err))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,6 +42,19 @@ CKPT_AUTO = "auto"  # train.ckpt_every: the interval regscale.reliability choose
 
 REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "az://", "hf://", "sftp://", "dbfs:/")
 
+# Where each object store's client (streaming's) finds its credentials.
+STORE_CREDENTIALS = {
+    "s3": "AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS, gcloud's application-default login, or GCS_KEY + GCS_SECRET",
+    "oci": "~/.oci/config",
+    "azure": "AZURE_ACCOUNT_NAME + AZURE_ACCOUNT_ACCESS_KEY",
+    "az": "AZURE_ACCOUNT_NAME + AZURE_ACCOUNT_ACCESS_KEY",
+    "hf": "HF_TOKEN",
+    "sftp": "SFTP_USERNAME + SFTP_PASSWORD or an SSH key",
+}
+MLFLOW_CREDENTIALS = "MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
+
 
 @dataclass
 class ModelConfig:
@@ -210,7 +223,9 @@ class DataConfig:
     """MDS shards of (image, VAE moments, label), local or remote."""
 
     path: Optional[str] = None  # local directory or remote URI (s3://, gs://, ...)
-    local_cache: Optional[str] = None  # where remote shards are cached; None: a temp dir
+    local_cache: Optional[str] = None  # where remote shards are cached (one per host); None: a temp dir
+    cache_limit: Optional[str] = None  # bound on that cache ("50gb", "800mb", bytes); None: unbounded
+    download_retry_s: float = 600.0  # a failing shard download is retried (backoff) this long, then training stops
     num_workers: int = 4
     shuffle: bool = True
     shuffle_block_size: Optional[int] = None
@@ -219,8 +234,16 @@ class DataConfig:
     def check(self) -> None:
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.synthetic", self.synthetic, allow_zero=True)
+        _positive("data.download_retry_s", self.download_retry_s, allow_zero=True)
         if self.shuffle_block_size is not None:
             _positive("data.shuffle_block_size", self.shuffle_block_size)
+        if self.cache_limit is not None:
+            parse_size(self.cache_limit, "'data.cache_limit'")
+
+    @property
+    def cache_limit_bytes(self) -> Optional[int]:
+        """data.cache_limit in bytes (None: unbounded)."""
+        return None if self.cache_limit is None else parse_size(self.cache_limit, "'data.cache_limit'")
 
 
 @dataclass
@@ -635,9 +658,59 @@ def _seed(key: str, value: int) -> None:
         raise ConfigError(f"'{key}' must be in [0, 2^31); got {value}")
 
 
+def parse_size(text: Any, what: str) -> int:
+    """A size in bytes from an integer or a number with a unit (b, kb, mb, gb, tb; powers of 1024,
+    as streaming counts): "50gb", "1.5tb", "800mb", "1048576"."""
+    spec = str(text).strip().lower().replace(" ", "")
+    unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if spec.endswith(u)), "b")
+    number = spec[:-len(unit)] if spec.endswith(unit) else spec
+    try:
+        size = float(number)
+    except ValueError:
+        size = math.nan
+    if not math.isfinite(size) or size <= 0 or (unit == "b" and not size.is_integer()):
+        raise ConfigError(f"{what} must be a size such as 50gb, 800mb or a number of bytes; got {text!r}")
+    return int(size * SIZE_UNITS[unit])
+
+
+def embedded_credentials(text: str) -> Optional[str]:
+    """`text` with the secret masked when it is a URI that carries credentials (a password in
+    scheme://user:password@host, or any user part of an object store's URI: its access key); None
+    when it carries none."""
+    from urllib.parse import urlsplit
+
+    if "://" not in text:
+        return None
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return None
+    if "@" not in parts.netloc:
+        return None
+    user, _, password = parts.netloc.rpartition("@")[0].partition(":")
+    if not password and not is_remote(text):
+        return None  # a user name alone is no secret
+    masked = "***" if is_remote(text) else f"{user}:***"  # an object store's user part is its key id
+    return text.replace(parts.netloc, f"{masked}@{parts.netloc.rpartition('@')[2]}", 1)
+
+
+def check_no_credentials(text: str, what: str) -> None:
+    """Refuse a URI that embeds credentials (they would be written into configs, checkpoints,
+    MLflow and logs), naming the variables that carry them instead."""
+    masked = embedded_credentials(text)
+    if masked is None:
+        return
+    scheme = text.split("://", 1)[0].lower()
+    where = STORE_CREDENTIALS.get(scheme, MLFLOW_CREDENTIALS if scheme.startswith("http") else None)
+    hint = f"set {where} in the environment instead" if where else "pass them through the environment instead"
+    raise ConfigError(f"{what} {masked!r} holds credentials; they would be written down (config, checkpoints, "
+                      f"MLflow, logs): remove them from the URI and {hint}")
+
+
 def _check_leaves(cfg: Config) -> None:
     """What no key may hold: a non-finite number, an empty string, a control character (a newline
-    would be cut in a batch script or a log line, so it is refused rather than passed on)."""
+    would be cut in a batch script or a log line, so it is refused rather than passed on), a URI
+    with credentials."""
     for key, value in flatten(cfg).items():
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, (list, dict)):
@@ -647,6 +720,8 @@ def _check_leaves(cfg: Config) -> None:
             if isinstance(item, str) and (not item or has_control_character(item)):
                 raise ConfigError(f"'{key}' must be a non-empty string without control characters "
                                   f"(newlines, tabs, ...); got {item!r}")
+            if isinstance(item, str):
+                check_no_credentials(item, f"'{key}'")
             if isinstance(item, str) and is_remote(item) and not item.partition(":/")[2].strip("/"):
                 raise ConfigError(f"'{key}' {item!r}: a remote URI needs a bucket or host and a path")
 
@@ -656,9 +731,11 @@ TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "m
 
 
 def check_tracking_uri(uri: str, what: str) -> None:
-    """An MLflow tracking URI that MLflow can use: a known scheme, a host and a port in range."""
+    """An MLflow tracking URI that MLflow can use: a known scheme, a host and a port in range, no
+    credentials in it."""
     from urllib.parse import urlsplit
 
+    check_no_credentials(uri, what)
     try:
         parts = urlsplit(uri)
     except ValueError as err:  # an unclosed [IPv6] host
@@ -736,7 +813,7 @@ def batch_plan(train: TrainConfig, world_size: int, world: str = "") -> BatchPla
 # a whole section.
 RESUMABLE_KEYS = (
     "slurm.", "engine.", "mlflow.", "eval.", "run.dir",
-    "data.path", "data.local_cache", "data.num_workers",
+    "data.path", "data.local_cache", "data.cache_limit", "data.download_retry_s", "data.num_workers",
     "encoder.weights", "vae.encoder", "vae.decoder",
     "train.max_steps", "train.micro_batch_size", "train.ckpt_every", "train.keep_last",
     "train.keep_every", "train.log_every", "train.sample_every", "train.max_nonfinite_steps",

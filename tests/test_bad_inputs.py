@@ -29,6 +29,7 @@ from regscale import rundir
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
 RUN = "{D}/runs/r1"
+SECRET = "hunter2-n0t-pr1nted"  # a password in a URI: refused, never echoed
 NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
                   "AWS_CONFIG_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true",
                   "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent"}
@@ -176,7 +177,7 @@ def run_case(case: Case, materials: Path, read_only: Path, tmp_path: Path, capsy
     out, err = capsys.readouterr()
     names = case.names.replace("{D}", str(d)).replace("{RO}", str(read_only))
     assert code == case.code, f"exit {code}\nstdout: {out}\nstderr: {err}"
-    assert "Traceback" not in err
+    assert "Traceback" not in err and SECRET not in out + err
     if case.code == 2:
         errors = [line for line in err.splitlines() if "error:" in line]
         assert len(errors) == 1 and names in errors[0], err
@@ -671,6 +672,31 @@ TRAIN = [
 def test_train_refuses_before_making_the_run(case, materials, read_only, tmp_path, capsys, monkeypatch):
     run_case(case, materials, read_only, tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "out").exists()
+
+
+# Credentials in a URI would be written into the run's config, every checkpoint's manifest and
+# MLflow: refused wherever a URI goes, naming the variables that carry them (the secret unprinted).
+CREDENTIALS = [
+    Case("tracking-uri", cfg(f"mlflow.tracking_uri=http://alice:{SECRET}@127.0.0.1:5000"),
+         "MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD"),
+    Case("tracking-uri-in-recipe", ["config", "{D}/r.yaml"], "'mlflow.tracking_uri' 'https://alice:***@mlflow.example",
+         lambda d: _write(d / "r.yaml", f"mlflow:\n  tracking_uri: https://alice:{SECRET}@mlflow.example.org\n")),
+    Case("data-path-keys", cfg(f"data.path=s3://AKIAEXAMPLE:{SECRET}@bucket/ds"), "'s3://***@bucket/ds'"),
+    Case("submit", sub(f"mlflow.tracking_uri=http://alice:{SECRET}@127.0.0.1:5000", dry_run=False),
+         "MLFLOW_TRACKING_PASSWORD"),
+    Case("train", train(f"data.path=s3://{SECRET}@bucket/ds"), "AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY"),
+    Case("prepare-out", prep("{D}/src", f"s3://AKIAEXAMPLE:{SECRET}@bucket/ds"), "AWS_ACCESS_KEY_ID"),
+    Case("verify", ["prepare", "--verify", f"gs://{SECRET}@bucket/ds"], "GOOGLE_APPLICATION_CREDENTIALS"),
+    Case("compare", ["compare", "--tracking-uri", f"http://alice:{SECRET}@127.0.0.1:5000"], "MLFLOW_TRACKING_PASSWORD"),
+    Case("compare-env", ["compare"], "$MLFLOW_TRACKING_URI",
+         env={"MLFLOW_TRACKING_URI": f"https://alice:{SECRET}@mlflow.example.org"}),
+]
+
+
+@pytest.mark.parametrize("case", CREDENTIALS, ids=_ids(CREDENTIALS))
+def test_credentials_in_a_uri_are_refused_unprinted(case, materials, read_only, tmp_path, capsys, monkeypatch):
+    run_case(case, materials, read_only, tmp_path, capsys, monkeypatch)
+    assert not (tmp_path / "D" / "runs" / "new").exists() and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------

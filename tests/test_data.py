@@ -28,12 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 REG_INDICES = sorted(set(range(REG_SAMPLES + 1)) - {REG_SAMPLES // 2})  # the truncated image is skipped
 
 
-def _cfg(path: Path, workers: int = 2, seed: int = 0, shuffle: bool = True, batch: int = 8):
+def _cfg(path: Path | str, workers: int = 2, seed: int = 0, shuffle: bool = True, batch: int = 8,
+         overrides: tuple[str, ...] = ()):
     """A stream's config sections (data, train); `batch` is the global batch (an epoch is whole
     global batches)."""
     cfg = load_config(None, [f"data.path={path}", f"data.num_workers={workers}", f"train.seed={seed}",
                              f"data.shuffle={shuffle}", f"train.batch_size={batch}", "slurm.gpus_per_node=1",
-                             "run.name=t"])
+                             "run.name=t", *overrides])
     return cfg.data, cfg.train
 
 
@@ -45,9 +46,9 @@ def _indices(batches: list[dict]) -> list[int]:
     return [i for b in batches for i in b["index"].tolist()]
 
 
-def _read_all(out: Path) -> list[dict]:
+def _read_all(out: Path | str, *overrides: str) -> list[dict]:
     """Every sample of a prepared dataset, in order (one process, no shuffle)."""
-    stream = TrainStream(*_cfg(out, workers=0, shuffle=False, batch=1), 0, 1, 1)
+    stream = TrainStream(*_cfg(out, workers=0, shuffle=False, batch=1, overrides=overrides), 0, 1, 1)
     samples = _take(iter(stream), stream.num_samples)
     stream.close()
     return samples
@@ -174,14 +175,14 @@ def test_prepare_bad_inputs(tmp_path, capsys):
 # the training stream
 
 
-def _rank_main(rank: int, world: int, port: int, data: str, result: str) -> None:
+def _rank_main(rank: int, world: int, port: int, data: str, result: str, *overrides: str) -> None:
     """One training rank: 2 workers, 3 batches, save the stream state, then the rest of the epoch."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    stream = TrainStream(*_cfg(Path(data), workers=2, seed=7, batch=world * 8), rank, world, 8)
+    stream = TrainStream(*_cfg(data, workers=2, seed=7, batch=world * 8, overrides=overrides), rank, world, 8)
     it = iter(stream)
     first = _take(it, 3)
     state = stream.state_dict()
@@ -193,14 +194,14 @@ def _rank_main(rank: int, world: int, port: int, data: str, result: str) -> None
     dist.destroy_process_group()
 
 
-def _run_ranks(target, world: int, data: Path, out: Path) -> list[dict]:
-    """target(rank, world, port, data, out/r{rank}.json) in `world` forked processes (real gloo
-    ranks, without re-importing torch); returns what each rank wrote."""
+def _run_ranks(target, world: int, data: Path | str, out: Path, *extra) -> list[dict]:
+    """target(rank, world, port, data, out/r{rank}.json, *extra) in `world` forked processes (real
+    gloo ranks, without re-importing torch); returns what each rank wrote."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=target, args=(r, world, port, str(data), str(out / f"r{r}.json")))
+    procs = [ctx.Process(target=target, args=(r, world, port, str(data), str(out / f"r{r}.json"), *extra))
              for r in range(world)]
     for p in procs:
         p.start()

@@ -610,3 +610,27 @@ def test_sweep_is_one_job_array_and_cancel_stops_it(slurm_cluster: str, tmp_path
         assert all(job_state(j) in ("CANCELLED", "GONE") for j in jobs)
     finally:
         subprocess.run(["scancel", array.group(1)], timeout=30)
+
+
+def test_prepare_as_a_job_array_into_s3(slurm_cluster: str, s3, tmp_path: Path) -> None:
+    """`sbatch --array` of `regscale prepare SRC s3://...` (the README's form): each task takes its
+    share of the chunks (--part from the array index) and uploads them from its own stage; whoever
+    finds them all done merges the index. One dataset in the bucket, each sample exactly once."""
+    from regscale.cli import main
+    from tests.fixtures.data import make_reg_layout
+    from tests.test_data import _read_all
+
+    src = make_reg_layout(tmp_path / "src", 48, 4)
+    uri = f"s3://{s3.new_bucket()}/ds"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    wrap = f"{sys.executable} -m regscale.cli prepare {src} {uri} --chunk-size 8 --quiet"
+    array = subprocess.run(["sbatch", "--parsable", "--wait", "--partition=debug", "--array=0-2", "--ntasks=1",
+                            f"--chdir={REPO}", f"--output={logs}/%A_%a.out", "--wrap", wrap],
+                           capture_output=True, text=True, timeout=HANG_GUARD_S)  # --export=ALL: the S3 variables
+    outputs = {p.name: p.read_text() for p in sorted(logs.iterdir())}
+    assert array.returncode == 0 and len(outputs) == 3, f"{array.stderr}\n{outputs}"
+    assert any(f"{uri}: 48 samples in 4 classes" in out for out in outputs.values()), outputs
+    assert all("part " in out or "48 samples" in out for out in outputs.values()), outputs
+    assert main(["prepare", "--verify", uri]) == 0
+    assert [int(s["index"]) for s in _read_all(uri, f"data.local_cache={tmp_path / 'cache'}")] == list(range(48))

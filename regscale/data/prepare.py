@@ -7,6 +7,11 @@ a rerun does only the missing ones: no duplicate, no hole. Chunks are dealt roun
 (`--part i/n`, or the SLURM array index) and within a part to `--workers` processes. Whoever
 finds every chunk done merges the chunk indexes (streaming's merge_index) into OUT/index.json and
 writes classes.json and summary.json.
+
+A remote OUT (s3://, gs://, ...) is the truth: a chunk is written in the local stage's `.tmp/`,
+uploaded (shards and index, then chunk.json) and removed; what is done is what the store lists.
+So a rerun after a kill mid-upload redoes exactly the chunks without a chunk.json in the store,
+and a stage left over from another run (a bucket since emptied, another dataset) changes nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from typing import Any, Optional
 import numpy as np
 
 from regscale.data.images import UnreadableImage, load_image
-from regscale.data.shards import (CLASSES, HASHES, IMAGE_ENCODINGS, MANIFEST, MOMENTS_SHAPE, SHARD_SIZE_LIMIT, SUMMARY,
-                                  columns, encode_image)
+from regscale.data.shards import (CLASSES, HASHES, IMAGE_ENCODINGS, INDEX, MANIFEST, MOMENTS_SHAPE, SHARD_SIZE_LIMIT,
+                                  SUMMARY, columns, encode_image)
 from regscale.data.source import Source, scan_source
 from regscale.data.store import Store, chunk_name
 from regscale.errors import UserError
@@ -131,7 +136,8 @@ def _moments_from_npy(path: Path) -> np.ndarray:
 
 
 def _write_chunk(source: Source, chunk: int, store: Store, opts: PrepareOptions, vae: Any, report: Any) -> None:
-    """Encode one chunk into OUT/.tmp/<unique>/ and rename it to OUT/chunk-NNNNNN when complete."""
+    """Encode one chunk into OUT/.tmp/<unique>/, then publish it whole: renamed to OUT/chunk-NNNNNN,
+    or uploaded there (chunk.json last) for a remote OUT."""
     import torch
     from streaming import MDSWriter
 
@@ -139,7 +145,10 @@ def _write_chunk(source: Source, chunk: int, store: Store, opts: PrepareOptions,
 
     first = chunk * opts.chunk_size
     indices = range(first, min(first + opts.chunk_size, len(source.samples)))
-    tmp = store.local / ".tmp" / f"{chunk_name(chunk)}.{socket.gethostname()}.{os.getpid()}"
+    if store.remote is None:
+        tmp = store.local / ".tmp" / f"{chunk_name(chunk)}.{socket.gethostname()}.{os.getpid()}"
+    else:
+        tmp = store.upload_dir() / chunk_name(chunk)
     shutil.rmtree(tmp, ignore_errors=True)
     skipped: list[dict[str, str]] = []
     per_class: dict[str, int] = {}
@@ -172,23 +181,22 @@ def _write_chunk(source: Source, chunk: int, store: Store, opts: PrepareOptions,
     write_atomic(tmp / "chunk.json", json.dumps(
         {"chunk": chunk, "first": indices.start, "stop": indices.stop, "samples": written,
          "bytes": nbytes, "per_class": per_class, "skipped": skipped}, indent=1) + "\n")
-    final = store.local / chunk_name(chunk)
+    if store.remote is not None:  # shards and index first, chunk.json (the completion mark) last
+        names = sorted(n for n in os.listdir(tmp) if n != "chunk.json")
+        store.publish([f"{tmp.name}/{name}" for name in [*names, "chunk.json"]])
+        shutil.rmtree(tmp, ignore_errors=True)
+        store.tidy()
+        return
     try:
-        os.rename(tmp, final)
+        os.rename(tmp, store.local / chunk_name(chunk))
     except OSError:  # another process finished the same chunk first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
-        return
-    if store.remote is not None:  # shards and index first, chunk.json (the completion mark) last
-        for name in sorted(os.listdir(final)):
-            if name != "chunk.json":
-                store.publish(f"{final.name}/{name}")
-        store.publish(f"{final.name}/chunk.json")
 
 
 def _clean_own_tmp(store: Store) -> None:
-    """Remove this host's temporary chunks whose writer process is gone (a killed run)."""
+    """Remove this host's temporary chunks and folders whose writer process is gone (a killed run)."""
     host = socket.gethostname()
-    for tmp in (store.local / ".tmp").glob(f"chunk-*.{host}.*"):
+    for tmp in (store.local / ".tmp").glob(f"*.{host}.*"):
         pid = int(tmp.name.rsplit(".", 1)[1])
         try:
             os.kill(pid, 0)
@@ -292,16 +300,22 @@ def _run_chunks(src: str, out: str, source: Source, store: Store, opts: PrepareO
 
 
 def _merge(store: Store, num_chunks: int) -> None:
-    """OUT/index.json listing every chunk's shards (streaming's merge_index; uploaded if remote)."""
+    """OUT/index.json listing every chunk's shards (streaming's merge_index; for a remote OUT over
+    the chunk indexes downloaded from the store, and uploaded there)."""
     from streaming.base.util import merge_index
 
-    indexes = [str(store.local / chunk_name(c) / "index.json") for c in range(num_chunks)]
     if store.remote is None:
-        merge_index(indexes, str(store.local), keep_local=True)
-    else:
-        remote = store.remote.rstrip("/")
-        merge_index([(p, f"{remote}/{chunk_name(c)}/index.json") for c, p in enumerate(indexes)],
-                    (str(store.local), remote), keep_local=True)
+        merge_index([str(store.local / chunk_name(c) / INDEX) for c in range(num_chunks)], str(store.local),
+                    keep_local=True)
+        return
+    with store.scratch() as folder:
+        for c in range(num_chunks):
+            data = store.read_bytes(f"{chunk_name(c)}/{INDEX}")
+            if data is None:
+                raise UserError(f"{store.uri(chunk_name(c))}/{INDEX}: missing; rerun prepare to rebuild that chunk")
+            write_atomic(folder / chunk_name(c) / INDEX, data)
+        merge_index([str(folder / chunk_name(c) / INDEX) for c in range(num_chunks)], str(folder), keep_local=True)
+        store.write(INDEX, (folder / INDEX).read_bytes())
 
 
 def _finalize(store: Store, source: Source, num_chunks: int, opts: PrepareOptions) -> Summary:
@@ -329,7 +343,8 @@ def _finalize(store: Store, source: Source, num_chunks: int, opts: PrepareOption
     store.write_json(CLASSES, {"classes": source.classes, "count": per_class})
     store.write_json(SUMMARY, {**asdict(summary), "image_encoding": opts.image_encoding,
                                "source": str(source.root), "fingerprint": source.fingerprint()})
-    shutil.rmtree(store.local / ".tmp", ignore_errors=True)
+    if store.remote is None:
+        shutil.rmtree(store.local / ".tmp", ignore_errors=True)
     return summary
 
 
@@ -360,7 +375,7 @@ def prepare(src: str, out: str, opts: PrepareOptions) -> Summary:
     done = store.done_chunks()
     if len(done) < num_chunks:
         return Summary(complete=False, chunks_done=len(done), chunks=num_chunks)
-    if store.read_json(SUMMARY) is not None and not todo:
-        saved = store.read_json(SUMMARY)
+    saved = None if todo else store.read_json(SUMMARY)
+    if saved is not None:
         return Summary(**{k: saved[k] for k in Summary.__dataclass_fields__})
     return _finalize(store, source, num_chunks, opts)

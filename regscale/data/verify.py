@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from regscale.data.shards import INDEX, MANIFEST, SUMMARY, index_shards, shard_problems
-from regscale.data.store import Store
+from regscale.data.store import Store, download
 from regscale.errors import UserError
 
 
 def verify(out: str, stage: str | None = None) -> tuple[list[str], dict]:
-    """(problems, totals) for the dataset at OUT; remote shards are downloaded one at a time."""
+    """(problems, totals) for the dataset at OUT; remote shards are downloaded one at a time (the
+    store is what is checked: nothing is read from a local stage)."""
     store = Store(out, stage)
     index = store.read_json(INDEX)
     if index is None:
@@ -26,17 +24,13 @@ def verify(out: str, stage: str | None = None) -> tuple[list[str], dict]:
         nbytes += info["raw_data"]["bytes"]
         if store.remote is None:
             problems += shard_problems(store.local / basename, info)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                from streaming.base.storage.download import CloudDownloader
-
-                local = Path(tmp) / "shard.mds"
-                try:
-                    CloudDownloader.direct_download(f"{store.remote.rstrip('/')}/{basename}", str(local))
-                except Exception as err:
-                    problems.append(f"{basename}: cannot download ({type(err).__name__}: {err})")
-                    continue
+            continue
+        with store.scratch() as folder:
+            local = folder / "shard.mds"
+            if download(store.uri(basename), local):
                 problems += shard_problems(local, info)
+            else:
+                problems.append(f"{basename}: missing (no object {store.uri(basename)})")
     summary = store.read_json(SUMMARY)
     if summary is not None and not isinstance(summary, dict):
         raise UserError(f"{out.rstrip('/')}/{SUMMARY}: expected a JSON object, got {type(summary).__name__}")
@@ -47,4 +41,3 @@ def verify(out: str, stage: str | None = None) -> tuple[list[str], dict]:
     skipped = summary.get("skipped") if summary else None
     return problems, {"shards": len(shards), "samples": samples, "bytes": nbytes,
                       "skipped": len(skipped) if isinstance(skipped, list) else None}
-

@@ -76,9 +76,10 @@ class ShardImages:
         from streaming import StreamingDataset
 
         from regscale.data.shards import decode_image
+        from regscale.data.stream import cache_dir
 
         path = self.check(cfg)
-        kwargs = {"remote": path, "local": cfg.data.local_cache} if is_remote(path) else {"local": path}
+        kwargs = {"remote": path, "local": cache_dir(cfg.data)} if is_remote(path) else {"local": path}
         self._ds = StreamingDataset(shuffle=False, batch_size=1, **kwargs)
         self._decode = decode_image
         total = self._ds.num_samples
