@@ -10,11 +10,13 @@ to act between steps). Each fault hits one run once it is past step 10:
   hang     rank 1 stopped (SIGSTOP)                noticed after max(train.hang_timeout_s, 10 x p99
                                                    step), stacks dumped, group restarted
   node     node n2 set DOWN (slurm.min_nodes=1)    the job goes on with n1 alone
+  requeue  node n2 set DOWN (no slurm.min_nodes)   SLURM ends the job and requeues it (NODE_FAIL);
+                                                   it restarts once n2 is back (here: at once)
 
 and prints, for each: detected (fault -> the attempt's end recorded), restarted (-> the next
 attempt's start), first step (-> its first step done), steps lost.
 
-usage: python bench/bench_faults.py [--kinds rank0,rank1,hang,node] [--hang-timeout 60] [--keep]
+usage: python bench/bench_faults.py [--kinds rank0,rank1,hang,node,requeue] [--hang-timeout 60] [--keep]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from regscale.launch.worker import worker_pid  # noqa: E402
 from regscale.metrics import LOSS  # noqa: E402
 from regscale.rundir import METRICS  # noqa: E402
 
-KINDS = ("rank0", "rank1", "hang", "node")
+KINDS = ("rank0", "rank1", "hang", "node", "requeue")
 FAULT_AFTER = 10  # the step a run passes before its fault
 
 
@@ -64,7 +66,7 @@ def wait(predicate: Callable[[], bool], what: str, timeout_s: float = 1800) -> N
 
 
 def inject(kind: str, run_dir: Path) -> None:
-    if kind == "node":
+    if kind in ("node", "requeue"):
         sh("scontrol", "update", "NodeName=n2", "State=DOWN", "Reason=bench_faults")
         return
     pid = worker_pid(run_dir, 0 if kind == "rank0" else 1)
@@ -83,7 +85,6 @@ def measure(kind: str, root: Path, hang_timeout: float) -> dict[str, float]:
     sh("scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1))
     run_dir = root / kind
     wait(lambda: max((s for s, _ in steps(run_dir)), default=0) > FAULT_AFTER, f"{kind}: step {FAULT_AFTER}")
-    reached = max(s for s, _ in steps(run_dir))
     fault_at = time.time()
     inject(kind, run_dir)
     try:
@@ -91,13 +92,14 @@ def measure(kind: str, root: Path, hang_timeout: float) -> dict[str, float]:
         restarted = runs.read_attempts(run_dir)[1]
         wait(lambda: any(t > restarted.started_at for _, t in steps(run_dir)), f"{kind}: the first step after it")
     finally:
-        if kind == "node":
-            sh("scontrol", "update", "NodeName=n2", "State=RESUME")
+        if kind in ("node", "requeue"):  # back in service (SLURM may have brought it back already)
+            subprocess.run(["scontrol", "update", "NodeName=n2", "State=RESUME"], capture_output=True, timeout=60)
     first = next(t for _, t in steps(run_dir) if t > restarted.started_at)
+    reached = max(s for s, t in steps(run_dir) if t < restarted.started_at)  # done before the restart
     ended = runs.read_attempts(run_dir)[0].ended_at or restarted.started_at
     sh("scancel", job)
     return {"detected_s": ended - fault_at, "restarted_s": restarted.started_at - fault_at,
-            "first_step_s": first - fault_at, "steps_lost": reached - restarted.start_step}
+            "first_step_s": first - fault_at, "steps_lost": max(0, reached - restarted.start_step)}
 
 
 def main() -> int:
