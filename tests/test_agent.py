@@ -16,7 +16,7 @@ from pathlib import Path
 from regscale.config import load_config, to_yaml
 from regscale.launch import runs
 from regscale.launch.job import close_unrecorded
-from regscale.rundir import ATTEMPTS, CONFIG, STOP_REPORT
+from regscale.rundir import ATTEMPTS, CONFIG, LOGS, STOP_REPORT
 from regscale.train.heartbeat import Heartbeat, read_beat
 from tests.fixtures.train import SMOKE
 
@@ -73,7 +73,7 @@ def test_logs_follow_a_run_across_a_restart_until_it_stops(tmp_path: Path) -> No
     run_dir.mkdir()
     (run_dir / CONFIG).write_text(to_yaml(load_config(SMOKE)))
     runs.record_start(run_dir, "7", 0, 0, world_size=2, logs="logs/7.0.0")
-    first = run_dir / "logs" / "7.0.0" / "rank00001.log"
+    first = run_dir / LOGS / "7.0.0" / "rank00001.log"
     first.parent.mkdir(parents=True)
     first.write_text("step 1: loss 1.0\n")
     runs.record_end(run_dir, "failed", 0, "killed by SIGKILL", rank=1, host="n2", signal="SIGKILL",
@@ -83,7 +83,7 @@ def test_logs_follow_a_run_across_a_restart_until_it_stops(tmp_path: Path) -> No
     try:
         time.sleep(2)
         runs.record_start(run_dir, "7", 0, 0, round=1, world_size=2, logs="logs/7.0.1")
-        second = run_dir / "logs" / "7.0.1" / "rank00000.log"
+        second = run_dir / LOGS / "7.0.1" / "rank00000.log"
         second.parent.mkdir(parents=True)
         second.write_text("step 1: loss 0.9\n")
         time.sleep(2)

@@ -18,7 +18,7 @@ import pytest
 from regscale import metrics as M
 from regscale.config import load_config
 from regscale.launch import runs
-from regscale.rundir import ATTEMPTS
+from regscale.rundir import ATTEMPTS, METRICS
 from regscale.launch.goodput import PARTS, parse_sacct, run_goodput
 from regscale.reliability import CheckpointSchedule, RunCosts, SaveCost, expected_ratio, young_daly_s
 from tests.fixtures.train import SMOKE, launch_train, ok
@@ -92,7 +92,7 @@ def constructed_run(run_dir: Path, *, reached_step: bool = True) -> str:
              window(130, 606, 2.1), window(140, 626, 2.0), window(150, 646, 2.0)]
     rows += [first(121, 730, 10.0), window(130, 748, 2.8)]
     rows += [window(s, 748 + (s - 130) * 2, 2.0) for s in range(140, 201, 10)] + [stall(200, 893, 5.0)]
-    write_jsonl(run_dir / "metrics.jsonl", rows)
+    write_jsonl(run_dir / METRICS, rows)
     return "\n".join([sacct_line("101", 0, 100, 380), sacct_line("101", 380, 500, 900), sacct_line("102", 0, 950, 1250),
                       f"103|{clock(0)}|Unknown|Unknown|"])  # a job that never started
 
@@ -122,7 +122,7 @@ def test_status_shows_goodput_and_the_allocation_of_a_local_job(tmp_path: Path, 
     write_jsonl(run_dir / ATTEMPTS, [
         {"event": "start", "job_id": "4242", "restart": 0, "start_step": 0, "started_at": T0 + 110, "world_size": 2},
         {"event": "end", "end": "completed", "end_step": 20, "ended_at": T0 + 200}])
-    write_jsonl(run_dir / "metrics.jsonl", [first(1, 130, 5.0), window(10, 148, 2.3), window(20, 168, 2.0),
+    write_jsonl(run_dir / METRICS, [first(1, 130, 5.0), window(10, 148, 2.3), window(20, 168, 2.0),
                                             stall(20, 178, 10.0)])
     assert main(["status", str(run_dir)]) == 0
     out = capsys.readouterr().out
@@ -272,7 +272,7 @@ class Sim:
 
     def measured(self, run_dir: Path) -> float:
         write_jsonl(run_dir / ATTEMPTS, self.events)
-        write_jsonl(run_dir / "metrics.jsonl", self.rows)
+        write_jsonl(run_dir / METRICS, self.rows)
         runs.add_jobs(run_dir, [runs.JobRecord("7001", "train", "slurm", submitted_at=T0)])
         b = run_goodput(run_dir, default_gpus=1, now=T0 + 1e9, allocations=parse_sacct("\n".join(self.sacct)))
         # unexplained: only the stalls of saves that a failure kept from being published (and logged)
@@ -317,7 +317,7 @@ def test_slowed_rank_is_named_and_auto_checkpoints(smoke_data: Path, tmp_path: P
     ranks = [json.loads(line) for line in (run / "ranks.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ranks] == list(range(1, 7)) and len(ranks[0]["hosts"]) == 2
     assert all(r["step_s"][1] > r["step_s"][0] for r in ranks[1:]), ranks  # the sleep: rank 1 alone
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
     assert all(r[M.STRAGGLER_RANK] == 1.0 for r in rows if M.STRAGGLER_RANK in r and r["step"] > 1), rows
     # the auto interval: Young/Daly of the logged costs (MTBF 0.05 h on 1 node), first predicted, then measured
     choices = re.findall(r"a checkpoint every (\d+) steps \(([\d.e+-]+) s at ([\d.e+-]+) s/step\).*a save stalls "

@@ -31,6 +31,7 @@ from regscale.cli import main
 from regscale.data.prepare import PrepareOptions, prepare
 from regscale.engine.export import load_consolidated
 from regscale.errors import UserError
+from regscale.rundir import METRICS
 from tests.fixtures.data import make_reg_layout
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.train import (ELASTIC_RTOL, launch_train, logged_step, losses, max_relative_difference, ok,
@@ -224,7 +225,7 @@ def test_a_cache_of_an_older_dataset_at_the_same_uri_is_not_used(s3, tmp_path):
 
 
 def _metrics_size(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     return path.stat().st_size if path.is_file() else 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from regscale.data.prepare import PrepareOptions, prepare
-from regscale.track.lineage import RUN_ID_FILE
+from regscale.rundir import CONFIG, MLFLOW_RUN_ID
 from tests.fixtures.data import make_reg_layout
 from tests.fixtures.train import REPO, SMOKE, launch_train, losses, ok
 
@@ -48,10 +48,10 @@ def test_credentials_from_the_environment_work_end_to_end_and_are_written_nowher
     run = runs / "r"
     first = launch_train(run, uri, overrides, env=env, nproc=0, usr2_at=2, tracked=True)
     assert "regscale train: preempted" in first.stdout, ok(first)
-    run_id = (run / RUN_ID_FILE).read_text().strip()
+    run_id = (run / MLFLOW_RUN_ID).read_text().strip()
     last = launch_train(run, uri, overrides, env=env, nproc=0, tracked=True)
     assert last.returncode == 0, ok(last)
-    assert (run / RUN_ID_FILE).read_text().strip() == run_id, "the started-again run has another MLflow run"
+    assert (run / MLFLOW_RUN_ID).read_text().strip() == run_id, "the started-again run has another MLflow run"
 
     client = MlflowClient(mlflow_auth_server.url)
     tracked = client.get_run(run_id)
@@ -66,7 +66,7 @@ def test_credentials_from_the_environment_work_end_to_end_and_are_written_nowher
         "job output": "".join([wrong.stdout, wrong.stderr, first.stdout, first.stderr, last.stdout,
                                last.stderr]).encode(),
     }
-    assert {str(run / "config.yaml"), "artifact config/config.yaml"} <= written.keys()
+    assert {str(run / CONFIG), "artifact config/config.yaml"} <= written.keys()
     assert any(name.endswith("manifest.json") for name in written), "no checkpoint looked at"
     leaks = [(name, where) for name, secret in secrets.items() for where, data in written.items()
              if secret.encode() in data]

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from regscale.rundir import CHECKPOINTS, METRICS
+from regscale.rundir import CHECKPOINTS, METRICS, STOP_REPORT
 from tests.fixtures.train import launch_train, ok
 
 FP16_COLLAPSE = ["train.precision=fp16", "train.max_steps=8", "train.ckpt_every=1", "train.keep_last=8",
@@ -57,10 +57,10 @@ def test_a_collapsed_fp16_loss_scale_checkpoints_and_stops_the_run(smoke_data: P
                "(train.max_low_scale_steps=2; now 32768; skipped steps in total: 1); checkpoint step 4 is saved")
     assert f"regscale train: error: {message}" in halted.stderr, ok(halted)
     assert "step 2: gradients overflowed at loss scale 65536: step skipped, scale halved" in halted.stderr
-    manifest = json.loads((run / "checkpoints" / "step_00000004" / "manifest.json").read_text())
+    manifest = json.loads((run / CHECKPOINTS / "step_00000004" / "manifest.json").read_text())
     assert manifest["health"] == {"nonfinite_total": 1, "rollbacks": 0, "low_scale_steps": 2}
     assert manifest["loss_scaler"]["scale"] == 32768.0
-    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line][-1]
+    last = [json.loads(line) for line in (run / METRICS).read_text().splitlines() if "loss" in line][-1]
     assert last["step"] == 4 and last["loss_scale"] == 32768 and last["nonfinite_total"] == 1
     model, ema = ({step: load_consolidated(run, step, weights)[0] for step in (1, 2, 3)}
                   for weights in ("model", "ema"))
@@ -74,16 +74,16 @@ def test_a_collapsed_fp16_loss_scale_checkpoints_and_stops_the_run(smoke_data: P
     error = RunHalted(halted.stderr.split("regscale train: error: ")[1].strip())
     write_stop_report(run, str(error), 4)
     assert halted_reason(run, runs.read_attempts(run)).startswith(message)
-    report = json.loads((run / "stop_report.json").read_text())
+    report = json.loads((run / STOP_REPORT).read_text())
     assert report["reason"].startswith(message) and report["step"] == 4 and report["skipped_steps"] == 1
     assert "skipped steps: 1): step 4: the fp16 loss scale collapsed" in "\n".join(format_run(run_status(run), True))
 
     # going on regardless, from a checkpoint as old ones are (no loss scale in it): a fresh one
-    path = run / "checkpoints" / "step_00000004" / "manifest.json"
+    path = run / CHECKPOINTS / "step_00000004" / "manifest.json"
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "loss_scaler"}))
     going_on = launch_train(run, smoke_data, FP16_COLLAPSE + ["train.min_loss_scale=0"], nproc=0)
     assert going_on.returncode == 0, ok(going_on)
     assert ("written without the fp16 loss scale: continued with fp32 weights under autocast and a fresh loss "
             "scale (65536): NOT bit-exact") in going_on.stderr, ok(going_on)
-    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    rows = {r["step"]: r for r in map(json.loads, (run / METRICS).read_text().splitlines()) if "loss" in r}
     assert rows[5]["loss_scale"] == 65536 and rows[8]["nonfinite_total"] == 1

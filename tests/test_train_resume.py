@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from regscale.engine.export import load_consolidated
-from regscale.rundir import CHECKPOINTS, CONFIG
+from regscale.rundir import CHECKPOINTS, CONFIG, METRICS
 from tests.fixtures.train import (ELASTIC_RTOL, Launch, adam_state, assert_same_weights, launch_train,
                                   losses, max_relative_difference, ok, traced_draws)
 
@@ -181,8 +181,8 @@ OVERFLOW = {"REGSCALE_FAULT_OVERFLOW": "2"}  # the third step's gradients overfl
 def _from_step_4(run: Path, where: Path) -> Path:
     """A copy of a finished 6-step run as a kill after step 5 leaves it: checkpoints 2 and 4."""
     copy = shutil.copytree(run, where / run.name)
-    shutil.rmtree(copy / "checkpoints" / "step_00000006")
-    (copy / "checkpoints" / "latest").write_text("step_00000004\n")
+    shutil.rmtree(copy / CHECKPOINTS / "step_00000006")
+    (copy / CHECKPOINTS / "latest").write_text("step_00000004\n")
     return copy
 
 
@@ -194,7 +194,7 @@ def test_fp16_overflow_is_skipped_and_a_resumed_run_is_bit_identical(engine: str
     ref = launch_train(tmp_path / "ref" / "run", smoke_data, overrides, env=OVERFLOW)
     assert ref.returncode == 0, ok(ref)
     assert "step 3: gradients overflowed at loss scale 65536: step skipped, scale halved" in ref.stderr
-    rows = {r["step"]: r for r in map(json.loads, (ref.run_dir / "metrics.jsonl").read_text().splitlines())
+    rows = {r["step"]: r for r in map(json.loads, (ref.run_dir / METRICS).read_text().splitlines())
             if "loss" in r}
     assert [rows[s]["loss_scale"] for s in range(1, 7)] == [65536, 65536, 65536, 32768, 32768, 32768]
     assert rows[6]["nonfinite_total"] == 1 and all(rows[s]["loss"] == rows[s]["loss"] for s in (4, 5, 6))
