@@ -5,7 +5,7 @@ inside functions count too). Read from the source with `ast`, no import needed.
     5  regscale.launch                                    jobs, submission, requeue
     4  regscale.train, regscale.eval                      the training and evaluation processes
     3  regscale.engine, regscale.track                    parallelism + checkpoint files; MLflow delivery
-    2  regscale.checkpoints, models, objective, sampling, data
+    2  regscale.checkpoints, models, objective, sampling, data, reliability
     1  regscale.fsutil, paths, dist, config              files, processes, configuration
     0  regscale (version), errors, outcome, faults, metrics, rundir   names shared by all
 """
@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "regscale"
 LAYERS = [
     {"regscale", "regscale.errors", "regscale.outcome", "regscale.faults", "regscale.metrics", "regscale.rundir"},
     {"regscale.fsutil", "regscale.paths", "regscale.dist", "regscale.config"},
-    {"regscale.checkpoints", "regscale.models", "regscale.objective", "regscale.sampling", "regscale.data"},
+    {"regscale.checkpoints", "regscale.models", "regscale.objective", "regscale.sampling", "regscale.data",
+     "regscale.reliability"},
     {"regscale.engine", "regscale.track"},
     {"regscale.train", "regscale.eval"},
     {"regscale.launch"},

@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from streaming.base.constant import BARRIER_FILELOCK
+
 SHM_DIR = Path("/dev/shm")
 PREFIX_RE = re.compile(r"^(\d{6})_")
 
@@ -60,11 +62,12 @@ def _locals_of(prefix: int) -> Optional[list[str]]:
 
 
 def _remove_prefix(prefix: int) -> list[str]:
-    """A dead run's shared memory segments. Its filelocks stay, as a tombstone: streaming skips a
-    prefix that has them, so the number is never reused, and the dead run's resource tracker, which
-    unlinks the run's segment names once its last process is gone (seconds later), can never
-    unlink a new run's segment of the same name (a spawned DataLoader worker attaching it would
-    find it gone)."""
+    """A dead run's shared memory segments. Its barrier filelock stays (made if it is not there), as
+    a tombstone: streaming skips a prefix that has one, so the number is never reused, and the dead
+    run's resource tracker, which unlinks the segment names its processes attached once the last of
+    them is gone (seconds later: a DataLoader worker outlives its killed rank by up to 5 s), can
+    never unlink a new run's segment of the same name (a spawned worker attaching it would find it
+    gone)."""
     removed = []
     for name in os.listdir(SHM_DIR) if SHM_DIR.is_dir() else []:
         if name.startswith(f"{prefix:06d}_"):
@@ -73,6 +76,7 @@ def _remove_prefix(prefix: int) -> list[str]:
                 removed.append(str(SHM_DIR / name))
             except OSError:
                 pass
+    (Path(tempfile.gettempdir()) / f"{prefix:06d}_{BARRIER_FILELOCK}").touch()
     return removed
 
 

@@ -313,9 +313,9 @@ def run_goodput(run_dir: Path, default_gpus: int, now: Optional[float] = None, s
 
 
 def log_goodput(tracker: "Tracker", run_dir: Path, default_gpus: int, step: int, *, completed: bool = False) -> None:
-    """The lineage's goodput so far as MLflow metrics at `step`: rank 0 of the training job at the
-    start and end of each start (`completed`: training's last end, left to the final evaluation job
-    when there is one, which logs it with its own time), and that job. Never stops a job."""
+    """The lineage's goodput so far as MLflow metrics at `step`: rank 0 of the training job as each
+    attempt starts, and the final evaluation job (`completed`: training's last end is left to that
+    job when there is one, which logs it with its own time). Never stops a job."""
     try:
         if completed and any(j.kind == "eval" and j.step is None for j in runs.read_jobs(run_dir)):
             return

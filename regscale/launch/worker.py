@@ -61,6 +61,7 @@ def worker_pid(run_dir: Path, rank: int) -> Optional[int]:
 
 def main(run_dir: Path) -> int:
     from regscale.launch import runs
+    from regscale.launch.goodput import log_goodput
     from regscale.launch.job import open_tracker, write_stop_report
     from regscale.train.heartbeat import Heartbeat
     from regscale.train.loop import train
@@ -73,9 +74,11 @@ def main(run_dir: Path) -> int:
     heartbeat = Heartbeat.from_env(cfg.train.hang_timeout_s, cfg.train.first_step_timeout_s)
     heartbeat.starting()
     stacks = dump_stacks_on_request(run_dir, rank)  # noqa: F841 (kept open until the process exits)
+    tracker = open_tracker(cfg, run_dir) if rank == 0 else None
+    if tracker is not None:  # the lineage's goodput so far, the breakdown of every earlier attempt
+        log_goodput(tracker, run_dir, int(os.environ.get("WORLD_SIZE", "1")), runs.latest_step(run_dir))
     try:
-        outcome = train(cfg, run_dir, open_tracker(cfg, run_dir) if rank == 0 else None, stop=stop,
-                        heartbeat=heartbeat)
+        outcome = train(cfg, run_dir, tracker, stop=stop, heartbeat=heartbeat)
     except BaseException as err:
         message = expected_failure(err)
         heartbeat.failed(f"{type(err).__name__}: {message or first_line(err)}")

@@ -296,7 +296,6 @@ class Trainer:
                      self.plan.global_batch, self.engine.kind)
         first, cycle = True, None
         slow_s = faults.slow_step_s(env.rank)
-        self._log_goodput()
         while self.progress.step < t.max_steps:
             p = self.progress
             t0 = time.perf_counter()
@@ -494,16 +493,7 @@ class Trainer:
         self.metrics.say(f"step {self.progress.step}: loss {m[M.LOSS]:.4f} grad_norm "
                          f"{m[M.GRAD_NORM]:.3f}{scale} {images_s:.1f} img/s")
 
-    def _log_goodput(self, outcome: Optional[Outcome] = None) -> None:
-        """Rank 0 with a tracker: the lineage's goodput so far, at the start and the end of each start."""
-        if self.tracker is not None:
-            from regscale.launch.goodput import log_goodput
-
-            log_goodput(self.tracker, self.run_dir, self.env.world_size, self.progress.step,
-                        completed=outcome is Outcome.COMPLETED)
-
     def close(self, outcome: Outcome) -> None:
-        self._log_goodput(outcome)
         if self._grid is not None and self._grid.is_alive():
             log.info("waiting (at most %.0f s) for the sample grid still being made", GRID_WAIT_S)
             self._grid.join(GRID_WAIT_S)
