@@ -13,9 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from regscale.config import load_config, to_yaml
 from regscale.launch import runs
-from regscale.launch.job import close_unrecorded
+from regscale.launch.agent import NodeJob
+from regscale.launch.job import RunStopped, check_round_start, close_unrecorded
 from regscale.rundir import ATTEMPTS, CONFIG, LOGS, STOP_REPORT
 from regscale.train.heartbeat import Heartbeat, read_beat
 from tests.fixtures.train import SMOKE
@@ -50,6 +53,22 @@ def test_an_attempts_cause_is_the_earliest_end_that_is_not_a_consequence(tmp_pat
     (tmp_path / ATTEMPTS).write_text(json.dumps(old) + "\n")
     (attempt,) = runs.read_attempts(tmp_path)
     assert attempt.round == 0 and attempt.end is None and attempt.logs is None
+
+
+def test_a_rounds_own_start_is_not_counted_as_a_failure_by_the_other_agents(tmp_path: Path) -> None:
+    """Node 0's agent records a round's start; node 1's agent checks the same round a moment later
+    and must not count that start (no end yet) as a second failure at the step."""
+    cfg = load_config(SMOKE, ["slurm.max_failures_at_step=2", "run.name=t"])
+    node1 = NodeJob("7", 0, 1, 2, "127.0.0.1", 1)
+    runs.record_start(tmp_path, "7", 0, 0, round=0)
+    runs.record_end(tmp_path, "failed", 0, "ShardError: changed", rank=1)
+    runs.record_start(tmp_path, "7", 0, 0, round=1)  # node 0, first to the round
+    check_round_start(tmp_path, cfg, node1, 0, 0, 1)  # node 1: one failure so far, go on
+    assert not (tmp_path / STOP_REPORT).exists()
+    runs.record_end(tmp_path, "failed", 0, "ShardError: changed", rank=0)
+    with pytest.raises(RunStopped, match="2 attempts in a row failed from the checkpoint at step 0"):
+        check_round_start(tmp_path, cfg, node1, 0, 0, 2)
+    assert "ShardError" in json.loads((tmp_path / STOP_REPORT).read_text())["reason"]
 
 
 def test_fork_is_safe_only_where_cpython_fixed_gh_112275() -> None:

@@ -10,10 +10,12 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from regscale.config import load_config
 from regscale.data.images import center_crop_arr, load_image
 from regscale.data.prepare import PrepareOptions, prepare
 from regscale.data.stream import ShardError, TrainStream
+from regscale.train.preempt import StopFlag
 from tests.fixtures.data import REG_SAMPLES, make_imagefolder, make_reg_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +228,41 @@ def test_two_ranks_two_workers_exactly_once_then_elastic_resume(reg_dataset, tmp
     stream.close()
     seen = [i for r in ranks for i in r["first"]]
     assert sorted(seen + rest) == REG_INDICES
+
+
+def test_dataloader_workers_outlive_stop_signals_from_their_birth(reg_dataset):
+    """SLURM signals every process of a job: a preemption (SIGUSR2, SIGTERM) that reaches the
+    DataLoader workers while they start (a spawned worker imports torch for seconds) must leave
+    them to their training process, which saves at a step boundary."""
+    flag = StopFlag().install()
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    hit: set[int] = set()
+    done = False
+
+    def signal_new_workers() -> None:
+        while not done:
+            for child in me.children():
+                if child.pid not in before and "resource_tracker" not in " ".join(child.cmdline()):
+                    for sig in (signal.SIGUSR2, signal.SIGTERM):
+                        os.kill(child.pid, sig)
+                    hit.add(child.pid)
+            time.sleep(0.005)
+
+    stream = TrainStream(*_cfg(reg_dataset, workers=2, seed=7), 0, 1, 8)
+    signaller = threading.Thread(target=signal_new_workers, daemon=True)
+    signaller.start()
+    try:
+        batches = _take(iter(stream), 4)
+        time.sleep(0.5)  # a last round of signals to the running workers
+    finally:
+        done = True
+        signaller.join()
+        flag.restore()
+    alive = {p.pid for p in me.children() if p.status() != psutil.STATUS_ZOMBIE}
+    assert len(hit) >= 2 and hit <= alive, (hit, alive)
+    assert len(_indices(batches)) == 32 and not flag.raised  # the training process saw no signal
+    stream.close()
 
 
 ODD_SAMPLES = 31  # 31 % 8 = 7 > 8 - 2: streaming gives 2 ranks 16 samples each (one repeated)

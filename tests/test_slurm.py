@@ -211,18 +211,20 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
                   (0, "loader", signal.SIGSTOP, 30), (None, "job", signal.SIGUSR2, 34)]
 
     def drive_faults() -> None:
-        """The next planned fault, once the newest attempt is past its step."""
+        """Each planned fault in turn, once the newest attempt is past its step (a thread of its own:
+        the window between two faults is a few seconds of training)."""
         done = seen["faults_done"]
-        if len(done) == len(fault_plan) or job_state(faults.train) in TERMINAL:
-            return
-        rank, process, sig, at = fault_plan[len(done)]
-        attempts = runs.read_attempts(faults.run_dir)
-        if len(attempts) == len(done) + 1 and last_step(faults.run_dir) >= at \
-                and runs.latest_step(faults.run_dir) >= at - 4:
+        while len(done) < len(fault_plan) and job_state(faults.train) not in TERMINAL:
+            time.sleep(0.2)
+            rank, process, sig, at = fault_plan[len(done)]
+            attempts = runs.read_attempts(faults.run_dir)
+            if len(attempts) != len(done) + 1 or last_step(faults.run_dir) < at \
+                    or runs.latest_step(faults.run_dir) < at - 4:
+                continue
             if process == "job":  # a preemption: every process of the job gets the signal
                 subprocess.run(["scancel", f"--signal={sig.name[3:]}", faults.train], check=True, timeout=30)
                 done.append((rank, process, sig.name, last_step(faults.run_dir), time.time()))
-                return
+                continue
             pid = worker_pid(faults.run_dir, rank)
             if pid is not None and process == "loader":  # its DataLoader worker: a dead-locked loader
                 pid = loader_pid(pid)
@@ -230,6 +232,9 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
                 os.kill(pid, sig)
                 done.append((rank, process, sig.name, last_step(faults.run_dir), time.time(),
                              runs.latest_step(faults.run_dir)))
+
+    signallers.append(threading.Thread(target=drive_faults, daemon=True))
+    signallers[2].start()
     # long enough (200 steps) that the limit falls inside training, whatever the load
     # steps of at least 0.5 s (REGSCALE_FAULT_SLOW_STEP_S): 200 steps always outlast the 2-minute limit
     others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45",
@@ -258,7 +263,6 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             seen["resume_out"] = out
             seen["resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
             subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
-        drive_faults()
         jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"],
                 faults.train, faults.eval)
         return all(j is not None and job_state(j) in TERMINAL for j in jobs)

@@ -42,6 +42,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from streaming import Stream, StreamingDataset
 from streaming.base.dataloader import StreamingDataLoader
 from streaming.base.constant import TICK
@@ -312,12 +313,35 @@ def _leave_stop_signals(handled: tuple[int, ...], worker_id: int) -> None:
 @contextlib.contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
     """While DataLoader workers start: a stop signal stays pending in this thread (delivered after)
-    and a worker starts with it blocked, so that none dies of one before `_leave_stop_signals`."""
+    and a worker starts with it blocked, so that none dies of one before `_leave_stop_signals`.
+    multiprocessing's resource tracker is started first: starting it unblocks SIGINT and SIGTERM
+    in the calling thread (the tracker's own start blocks and then unblocks them)."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _Loader(StreamingDataLoader):
+    """streaming's loader (it counts the samples yielded, for its state_dict), whose workers start
+    when it is iterated, under `_stop_signals_blocked`, not at the first batch: streaming's
+    `__iter__` is a generator, which starts torch's iterator (and the workers) only when asked for
+    a batch."""
+
+    def __iter__(self) -> Iterator[Any]:
+        self.num_samples_yielded = 0
+        with _stop_signals_blocked():
+            batches = DataLoader.__iter__(self)  # starts the workers, or wakes the persistent ones
+        return self._counted(batches)
+
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            self.num_samples_yielded += self._get_batch_size(batch)
+            yield batch
 
 
 def fork_is_safe(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
@@ -396,7 +420,7 @@ class TrainStream:
         with _world_env(*self._world):
             self._open(data, train.seed, batch_size, first_on_host=self._world[2] == 0)
         handled = tuple(sig for sig in STOP_SIGNALS if signal.getsignal(sig) not in (signal.SIG_DFL, None))
-        self.loader = StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=data.num_workers,
+        self.loader = _Loader(self.dataset, batch_size=batch_size, num_workers=data.num_workers,
                                           collate_fn=_collate, drop_last=True, pin_memory=torch.cuda.is_available(),
                                           persistent_workers=data.num_workers > 0,
                                           multiprocessing_context=_worker_context(data.num_workers),
@@ -468,9 +492,7 @@ class TrainStream:
 
     def _epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
-            with _stop_signals_blocked():  # the first epoch starts the (persistent) workers
-                batches = iter(self.loader)
-            yield from batches
+            yield from iter(self.loader)
         except UserError as err:  # raised in a worker: DataLoader wraps it with the worker's traceback
             last = str(err).strip().splitlines()[-1]
             raise ShardError(last.split(": ", 1)[1] if "Error: " in last else last) from None

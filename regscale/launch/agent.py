@@ -21,7 +21,9 @@ On top of torch's agent, this one
 - writes one log per rank and round, <run>/logs/<job>.<requeue>.<round>/rank<R>.log (also copied,
   prefixed, to the job's log);
 - forwards the stop signals (SIGUSR2, SIGTERM, SIGINT) to its processes, which save at the next
-  step boundary and end in order (SLURM also signals them directly; one more is harmless).
+  step boundary and end in order (SLURM also signals them directly; one more is harmless). After
+  one, the job is ending (a preemption, the time limit): a group that then fails is not restarted
+  inside it, the job goes back to SLURM at once.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ class NodeAgent(LocalElasticAgent):
     """torch's LocalElasticAgent with hang detection, attempt records and signal forwarding."""
 
     def __init__(self, spec: WorkerSpec, cfg: Config, run_dir: Path, node: NodeJob, beats: Path,
-                 check_start: Callable[[int], None]) -> None:
+                 check_start: Callable[[int, int], None]) -> None:
         self.cfg, self.run_dir, self.node, self.beats = cfg, run_dir, node, beats
         self.check_start = check_start
         self.round = -1
@@ -128,6 +130,7 @@ class NodeAgent(LocalElasticAgent):
         self.logs = RunLogs(run_dir, node, lambda: self.round)
         self._reported: set[int] = set()  # ranks whose end this round is recorded
         self._pending: list[int] = []  # stop signals that came before the processes existed
+        self.stop_signal: Optional[str] = None  # the first stop signal this agent got
         self._nodes = node.nodes  # in the last round
         super().__init__(spec, self.logs, start_method="spawn", exit_barrier_timeout=300,
                          log_line_prefix_template="[rank${rank}]:")
@@ -140,6 +143,8 @@ class NodeAgent(LocalElasticAgent):
             signal.signal(sig, self._forward)
 
     def _forward(self, signum: int, frame: object) -> None:
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
+        self._remaining_restarts = 0  # the job is ending: a restart would not have the time to save
         pids = self._worker_pids()
         if not pids:
             self._pending.append(signum)
@@ -164,7 +169,7 @@ class NodeAgent(LocalElasticAgent):
         if worker_group.group_rank == 0 and 0 < worker_group.group_world_size < self._nodes:
             self._record_lost_nodes(self._nodes, worker_group.group_world_size)
         self._nodes = worker_group.group_world_size
-        self.check_start(step)  # every agent: raises when the run must stop (a halt, repeated failures)
+        self.check_start(step, self.round)  # every agent: raises when the run must stop (a halt, repeated failures)
         if worker_group.group_rank == 0:
             runs.record_start(self.run_dir, self.node.job_id, self.node.restart, step, round=self.round,
                               world_size=worker_group.spec.local_world_size * worker_group.group_world_size,
@@ -388,7 +393,7 @@ def _waited_in_collective(path: Path) -> bool:
     return False
 
 
-def run_agent(cfg: Config, run_dir: Path, node: NodeJob, check_start: Callable[[int], None]) -> Optional[str]:
+def run_agent(cfg: Config, run_dir: Path, node: NodeJob, check_start: Callable[[int, int], None]) -> Optional[str]:
     """Start this node's processes and watch them until the group ends in order (None: how is in
     attempts.jsonl, written by the agent that holds rank 0, whichever node the rendezvous made it)
     or fails for good (why)."""
@@ -424,6 +429,8 @@ def run_agent(cfg: Config, run_dir: Path, node: NodeJob, check_start: Callable[[
         for beat in beats.glob("*"):
             beat.unlink()
         beats.rmdir()
+    if result.is_failed() and agent.stop_signal:
+        return f"the processes failed after {agent.stop_signal} (the job is ending: no restart inside it)"
     if result.is_failed():
         return (f"the processes failed {cfg.slurm.max_restarts + 1} times in this job start "
                 f"(slurm.max_restarts={cfg.slurm.max_restarts})")

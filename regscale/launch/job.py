@@ -87,6 +87,21 @@ def halted_reason(run_dir: Path, attempts: list[runs.Attempt]) -> Optional[str]:
         return "stopped (stop_report.json unreadable)"
 
 
+def check_round_start(run_dir: Path, cfg: Config, node: NodeJob, restarts: int, step: int, round_: int) -> None:
+    """Every node's agent, before each round of this job start (all read the same records): raise
+    RunStopped when the run must stop (a halt, a bound reached), writing the stop report. The round's
+    own start, which node 0's agent may have recorded already, is not a failed attempt."""
+    this = (node.job_id, node.restart, round_)
+    attempts = [a for a in runs.read_attempts(run_dir) if (a.job_id, a.restart, a.round) != this]
+    halted = halted_reason(run_dir, attempts)
+    if halted:
+        raise RunStopped(halted)
+    reason = stop_reason(attempts, step, restarts, cfg)
+    if reason:
+        write_stop_report(run_dir, reason, step)
+        raise RunStopped(reason)
+
+
 def write_stop_report(run_dir: Path, reason: str, step: int) -> None:
     """stop_report.json: why the launcher stopped the run, for `regscale status` and humans, with
     the newest checkpoint's count of skipped steps (inf/nan gradients, fp16 overflows included)."""
@@ -204,16 +219,8 @@ class TrainJob:
             restarts = max(restarts, sum(a.job_id == node.job_id and a.round == 0 for a in attempts))
             close_unrecorded(run_dir, attempts)
 
-        def check_start(step: int) -> None:
-            """Every agent, before each round (all read the same records): stop the run, or go on."""
-            attempts = runs.read_attempts(run_dir)
-            halted = halted_reason(run_dir, attempts)
-            if halted:
-                raise RunStopped(halted)
-            reason = stop_reason(attempts, step, restarts, cfg)
-            if reason:
-                write_stop_report(run_dir, reason, step)
-                raise RunStopped(reason)
+        def check_start(step: int, round_: int) -> None:
+            check_round_start(run_dir, cfg, node, restarts, step, round_)
 
         watcher = EvalWatcher(run_dir, cfg) if rank0 and env.cluster == "slurm" and cfg.eval.at_steps else None
         if watcher:

@@ -60,15 +60,17 @@ def worker_pid(run_dir: Path, rank: int) -> Optional[int]:
 
 
 def main(run_dir: Path) -> int:
+    from regscale.train.preempt import StopFlag
+
+    stop = StopFlag().install()  # before the heavy imports: a preemption while they run counts
+
     from regscale.launch import runs
     from regscale.launch.goodput import log_goodput
     from regscale.launch.job import open_tracker, write_stop_report
     from regscale.train.heartbeat import Heartbeat
     from regscale.train.loop import train
-    from regscale.train.preempt import StopFlag
 
     sys.stdout = sys.stderr  # one log per rank (the agent keeps stderr per rank)
-    stop = StopFlag().install()
     rank = int(os.environ.get("RANK", "0"))
     cfg = runs.load_run_config(run_dir)
     heartbeat = Heartbeat.from_env(cfg.train.hang_timeout_s, cfg.train.first_step_timeout_s)
