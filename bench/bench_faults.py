@@ -79,7 +79,8 @@ def measure(kind: str, root: Path, hang_timeout: float) -> dict[str, float]:
     extra = ["slurm.min_nodes=1"] if kind == "node" else []
     out = sh(sys.executable, "-m", "regscale.cli", "submit", str(REPO / "recipes" / "smoke.yaml"),
              f"run.dir={root}", f"run.name={kind}", f"data.path={root / 'data'}", "data.synthetic=32",
-             "train.log_every=1", "train.ckpt_every=4", "train.max_steps=30", f"train.hang_timeout_s={hang_timeout}",
+             "data.num_workers=1", "train.log_every=1", "train.ckpt_every=4", "train.max_steps=30",
+             f"train.hang_timeout_s={hang_timeout}",
              "slurm.cluster=slurm", "slurm.profile=dev", "slurm.nodes=2", "slurm.gpus_per_node=1", *extra)
     job = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
     sh("scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1))

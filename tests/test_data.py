@@ -10,6 +10,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -395,6 +397,18 @@ def test_stale_shared_memory_of_a_killed_run_is_cleaned(reg_dataset):
 def _as_rank(rank: int, fn, *args) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # a launcher sets both, or neither
     fn(*args)
+
+
+def test_streaming_is_loaded_without_its_nlp_and_video_datasets():
+    """Every rank, DataLoader worker and prepare imports streaming: its core only (the same
+    classes), not the text datasets that pull in transformers' generation utilities and sklearn."""
+    code = ("import sys, regscale.data.stream, streaming\n"
+            "from streaming.base import MDSWriter, StreamingDataset\n"
+            "assert 'streaming.text' not in sys.modules and 'sklearn' not in sys.modules\n"
+            "assert streaming.StreamingDataset is StreamingDataset and streaming.MDSWriter is MDSWriter\n"
+            "print(streaming.text.__name__, streaming.__version__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("streaming.text "), done.stderr
 
 
 def test_synthetic_dataset_rank_safe_and_idempotent(tmp_path):

@@ -493,9 +493,12 @@ class TrainStream:
     def _epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
             yield from iter(self.loader)
-        except UserError as err:  # raised in a worker: DataLoader wraps it with the worker's traceback
-            last = str(err).strip().splitlines()[-1]
-            raise ShardError(last.split(": ", 1)[1] if "Error: " in last else last) from None
+        except UserError as err:
+            message = str(err).strip()
+            if "Original Traceback" not in message:  # raised in this process (data.num_workers=0)
+                raise
+            # raised in a worker: DataLoader wraps it in the worker's traceback, ending "module.ShardError: message"
+            raise ShardError(message.splitlines()[-1].split(": ", 1)[1]) from None
 
     def state_dict(self) -> dict[str, Any]:
         """Where this stream is: epoch and samples consumed in it (all ranks), plus the world it ran on."""

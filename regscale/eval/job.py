@@ -73,6 +73,9 @@ class ShardImages:
     """Evenly spaced images of the training shards (MDS, read with `streaming`), as uint8 NHWC."""
 
     def __init__(self, cfg: Config, limit: int = MAX_SHARD_REFERENCE) -> None:
+        from regscale.data.streaming_core import use_streaming_core
+
+        use_streaming_core()
         from streaming import StreamingDataset
 
         from regscale.data.shards import decode_image
