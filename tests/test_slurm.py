@@ -1,7 +1,8 @@
 """`regscale submit` against the real single-host SLURM cluster (slurm/start.sh: 2 fake nodes),
 with the real training loop and evaluation job. Runs of the smoke recipe on 2 nodes x 1 task:
-`elastic` first, alone on the idle cluster (it drains n2 for a while); then four go in together
-and one driver loop acts on them while they run:
+`elastic` and `lost` first, alone on the idle cluster (they drain n2 and set it DOWN); once
+elastic is resumed on both nodes, the others go in together (the longest first) and one driver
+loop acts on them while they run:
 
   base     trains to the end; its chained evaluation (afterok) starts only after training ended
   preempt  gets `scancel --signal=USR2` mid-training: saves, requeues itself, resumes, same weights
@@ -195,7 +196,7 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
         lost_done = all(job_state(j) in TERMINAL for j in (lost.train, lost.eval))
         if job_state(elastic.train) in TERMINAL and not seen["elastic_cancelled"]:
             return lost_done  # it ended by itself (the test says how)
-        return lost_done and seen["elastic_resumed"] is not None and job_state(seen["elastic_resumed"]) in TERMINAL
+        return lost_done and seen["elastic_resumed"] is not None  # its end is awaited with the others
 
     try:
         wait_until(drive_elastic, "the elastic run to finish")
@@ -204,6 +205,14 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             set_node("n2", "RESUME")
             seen["n2_back"] = True
 
+    # the longest scenario first: long enough (200 steps) that the limit falls inside training, whatever the load
+    # steps of at least 0.5 s (REGSCALE_FAULT_SLOW_STEP_S): 200 steps always outlast the 2-minute limit
+    others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45",
+                           "train.max_steps=200", "slurm.max_failures_at_step=20",
+                           env={**os.environ, "REGSCALE_FAULT_SLOW_STEP_S": "0.5"}),
+              submit_async(common, "broken", f"data.path={broken}", "data.synthetic=0",
+                           "slurm.max_failures_at_step=2")]
+    limit, failing = (submitted(p) for p in others)
     base = submit(common, "base")
     preempt = submit(common, "preempt", "train.log_every=1", env=every_core)
     signallers.append(threading.Thread(target=usr2_mid_training, args=(preempt,), daemon=True))
@@ -241,14 +250,6 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
 
     signallers.append(threading.Thread(target=drive_faults, daemon=True))
     signallers[2].start()
-    # long enough (200 steps) that the limit falls inside training, whatever the load
-    # steps of at least 0.5 s (REGSCALE_FAULT_SLOW_STEP_S): 200 steps always outlast the 2-minute limit
-    others = [submit_async(common, "limit", "slurm.time_limit_min=2", "slurm.signal_lead_s=45",
-                           "train.max_steps=200", "slurm.max_failures_at_step=20",
-                           env={**os.environ, "REGSCALE_FAULT_SLOW_STEP_S": "0.5"}),
-              submit_async(common, "broken", f"data.path={broken}", "data.synthetic=0",
-                           "slurm.max_failures_at_step=2")]
-    limit, failing = (submitted(p) for p in others)
     # the local executor chain (what `regscale submit recipes/smoke.yaml` does without SLURM) runs
     # beside the SLURM scenarios
     local_cmd = [sys.executable, "-m", "regscale.cli", "submit", SMOKE, "run.name=local",
@@ -270,7 +271,7 @@ def scenarios(slurm_cluster: str, scenario_root: Path) -> dict:
             seen["resumed"] = re.search(r"^train job\s+(\S+)", out, re.M).group(1)
             subprocess.run(["scancel", re.search(r"^eval job\s+(\S+)", out, re.M).group(1)], timeout=30)
         jobs = (base.train, base.eval, preempt.train, limit.train, failing.train, failing.eval, seen["resumed"],
-                faults.train, faults.eval)
+                faults.train, faults.eval, seen["elastic_resumed"] or elastic.train)
         return all(j is not None and job_state(j) in TERMINAL for j in jobs)
 
     try:
@@ -380,12 +381,13 @@ def test_requeued_on_fewer_nodes_and_resumed_on_more_keeps_samples_and_noise(sce
     first, requeued = attempts[:2]
     assert first.end == "preempted" and (requeued.job_id, requeued.restart) == (run.train, 1)
     assert requeued.start_step == first.end_step
-    log = (run.run_dir / JOB_FOLDER / f"{run.train}_0_log.err").read_text()  # both attempts of the job
-    assert "resharded from 2 to 1 processes: same samples and noise; reduction order differs" in log
+    rank0_log = run.run_dir / requeued.logs / "rank00000.log"  # the rendezvous puts rank 0 on either node
+    assert "resharded from 2 to 1 processes: same samples and noise; reduction order differs" in rank0_log.read_text()
     resumed = scenarios["elastic_resumed"]
     assert job_state(resumed) == "COMPLETED" and sacct(resumed, "NNodes") == ["2"]
-    log = (run.run_dir / JOB_FOLDER / f"{resumed}_0_log.err").read_text()
-    assert "resharded from 1 to 2 processes: same samples and noise; reduction order differs" in log
+    rank0_log = run.run_dir / attempts[-1].logs / "rank00000.log"
+    assert attempts[-1].job_id == resumed and "resharded from 1 to 2 processes: same samples and noise; " \
+        "reduction order differs" in rank0_log.read_text()
     assert attempts[-1].end == "completed" and attempts[-1].end_step == 40
     draws, ref_draws = traced_draws(run.run_dir), traced_draws(torchrun.run_dir)
     assert {step for step, _ in draws} == set(range(40))
