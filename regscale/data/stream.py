@@ -334,7 +334,7 @@ class _Loader(StreamingDataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         self.num_samples_yielded = 0
-        with _stop_signals_blocked():
+        with _stop_signals_blocked() if self.num_workers else contextlib.nullcontext():
             batches = DataLoader.__iter__(self)  # starts the workers, or wakes the persistent ones
         return self._counted(batches)
 
@@ -421,10 +421,10 @@ class TrainStream:
             self._open(data, train.seed, batch_size, first_on_host=self._world[2] == 0)
         handled = tuple(sig for sig in STOP_SIGNALS if signal.getsignal(sig) not in (signal.SIG_DFL, None))
         self.loader = _Loader(self.dataset, batch_size=batch_size, num_workers=data.num_workers,
-                                          collate_fn=_collate, drop_last=True, pin_memory=torch.cuda.is_available(),
-                                          persistent_workers=data.num_workers > 0,
-                                          multiprocessing_context=_worker_context(data.num_workers),
-                                          worker_init_fn=functools.partial(_leave_stop_signals, handled))
+                              collate_fn=_collate, drop_last=True, pin_memory=torch.cuda.is_available(),
+                              persistent_workers=data.num_workers > 0,
+                              multiprocessing_context=_worker_context(data.num_workers),
+                              worker_init_fn=functools.partial(_leave_stop_signals, handled))
 
     def _open(self, data: DataConfig, seed: int, batch_size: int, first_on_host: bool) -> None:
         """Create the StreamingDataset. The host's first rank removes dead runs' shared memory

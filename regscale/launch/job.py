@@ -26,6 +26,7 @@ its end from SLURM's accounting at the next start.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -219,14 +220,11 @@ class TrainJob:
             restarts = max(restarts, sum(a.job_id == node.job_id and a.round == 0 for a in attempts))
             close_unrecorded(run_dir, attempts)
 
-        def check_start(step: int, round_: int) -> None:
-            check_round_start(run_dir, cfg, node, restarts, step, round_)
-
         watcher = EvalWatcher(run_dir, cfg) if rank0 and env.cluster == "slurm" and cfg.eval.at_steps else None
         if watcher:
             watcher.start()
         try:
-            failure = run_agent(cfg, run_dir, node, check_start)
+            failure = run_agent(cfg, run_dir, node, functools.partial(check_round_start, run_dir, cfg, node, restarts))
         except RunStopped:
             raise
         except Exception as err:  # no rendezvous (too few nodes), the agent itself failed
